@@ -1,0 +1,56 @@
+"""The bundled tiny policy's character-level tokenizer.
+
+One token per character of a small alphabet, plus special tokens for the tags, so that a
+reasoning step ends on exactly one token (``</step>``). It is a plain
+``PreTrainedTokenizerFast``: load it with :func:`load_char_tokenizer`, never ``AutoTokenizer``
+(which, next to a Qwen2 ``config.json``, picks Qwen's tokenizer class and drops spaces).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+TAGS = ("<step>", "</step>", "<answer>", "</answer>")
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, *TAGS)
+#: every character the prompts and completions of the tiny policy use
+ALPHABET = "0123456789+-*/()=,[]:<> \n" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.?!'"
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in ALPHABET:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # every character is its own pre-token ([\s\S] so that "\n" is one too); tags are added tokens
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(TAGS),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_char_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    path = Path(path)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(path / "tokenizer.json"),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(TAGS),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    return tok

@@ -1,0 +1,57 @@
+"""The rollout interface: a batch of problems in, complete graded trajectories out.
+
+A rollout (``GroupRollout``, ``BestOfNRollout``, ``MCTSRollout``) searches or samples with a
+:class:`~tsd.samplers.base.Sampler`, grades with the env and emits
+:class:`~tsd.rl.trajectory.Trajectory` records. It never trains and never knows about ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tsd.envs.countdown import CountdownEnv, Problem, Score
+from tsd.rl.trajectory import Trajectory
+from tsd.samplers.base import Sampler
+
+
+@dataclass
+class RolloutOutput:
+    trajectories: list[Trajectory]
+    #: aggregate statistics, keys already prefixed (``rollout/...``, ``search/...``)
+    stats: dict[str, float] = field(default_factory=dict)
+    #: every token the sampler generated for this batch (the compute axis for comparisons)
+    generated_tokens: int = 0
+
+
+class Rollout(ABC):
+    #: short name recorded on each trajectory (for logging only; never branched on)
+    name: str = "rollout"
+
+    @abstractmethod
+    def run(self, problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv) -> RolloutOutput:
+        """Produce graded trajectories for ``problems`` with the sampler's current weights."""
+
+
+def encode_prompt(env: CountdownEnv, problem: Problem, tokenizer) -> list[int]:
+    """Token ids of the rendered prompt; the BOS token leads when the tokenizer has one and the
+    rendered text does not already start with it (chat templates carry their own)."""
+    text = env.render_prompt(problem, tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and not env.uses_chat_template(tokenizer) and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def decode_completion(tokenizer, completion_ids: Sequence[int]) -> str:
+    """Completion text with the tags kept (they are special tokens for the tiny tokenizer) but
+    pad/BOS/EOS removed. Only this text is ever graded, never the prompt."""
+    drop = {getattr(tokenizer, n, None) for n in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    ids = [i for i in completion_ids if i not in drop]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def grade(env: CountdownEnv, problem: Problem, tokenizer, completion_ids: Sequence[int]) -> Score:
+    return env.score(decode_completion(tokenizer, completion_ids), problem)

@@ -1,0 +1,73 @@
+"""The generation backend interface every rollout uses.
+
+A sampler turns token states (prompt + completion so far) into K sampled continuations each,
+with the per-token log-probs of the distribution it actually sampled from (the *behaviour*
+log-probs that CISPO's importance ratio needs), why each continuation stopped, and the value
+head's estimate of a state. It knows nothing about trees, rewards or ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+#: why a continuation stopped: it closed a step (``</step>``), closed the answer (``</answer>``),
+#: produced EOS, or hit the per-call token cap.
+FinishReason = Literal["step", "answer", "eos", "length"]
+
+#: ``"step"``: stop after ``</step>``, ``</answer>`` or EOS (one reasoning step, MCTS expansion);
+#: ``"answer"``: stop only after ``</answer>`` or EOS (a whole completion).
+StopMode = Literal["step", "answer"]
+
+
+@dataclass
+class Continuation:
+    """One sampled continuation of a state."""
+
+    token_ids: list[int]
+    #: fp32 log-prob of each sampled token under the sampling distribution (temperature applied)
+    logprobs: list[float]
+    finish_reason: FinishReason
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(
+                f"Continuation: token_ids ({len(self.token_ids)}) and logprobs ({len(self.logprobs)}) differ in length"
+            )
+
+
+class Sampler(ABC):
+    """Samples continuations of token states and values them with the value head.
+
+    Implementations: :class:`tsd.samplers.hf.HFSampler` (transformers, CPU/GPU) and
+    :class:`tsd.samplers.vllm.VLLMSampler` (vLLM, GPU).
+    """
+
+    #: the tokenizer the states are written in (a transformers tokenizer)
+    tokenizer: object
+    #: policy version of the weights currently loaded (bumped by :meth:`load_weights`)
+    version: int = 0
+    #: sampling temperature; behaviour log-probs are of softmax(logits / temperature)
+    temperature: float = 1.0
+
+    @abstractmethod
+    def sample(
+        self,
+        states: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode = "step",
+    ) -> list[list[Continuation]]:
+        """Sample ``n`` continuations for each state; returns ``len(states)`` lists of ``n``."""
+
+    @abstractmethod
+    def value(self, states: Sequence[Sequence[int]]) -> list[float]:
+        """Value-head estimate V(s) in [-1, 1] of each state (at its last token)."""
+
+    @abstractmethod
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Swap in new policy + value-head weights (keys as in ``PolicyValueModel.state_dict()``)."""
