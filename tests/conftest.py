@@ -1,0 +1,54 @@
+"""Shared fixtures: deterministic seeds, one torch thread (the CI box has 2 cores), and a small
+random Qwen2 policy with the bundled character tokenizer for fast tests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    random.seed(0)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from tsd.models.char_tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+def make_random_policy(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A freshly initialised Qwen2 policy + value head over ``tokenizer`` (untrained)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tsd.models.policy_value import PolicyValueModel
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return PolicyValueModel(Qwen2ForCausalLM(cfg)).eval()
+
+
+@pytest.fixture
+def random_policy(char_tokenizer):
+    return make_random_policy(char_tokenizer)
