@@ -1,0 +1,109 @@
+"""The buffer interface: moves :class:`~tsd.rl.trajectory.Trajectory` records from producers
+(rollout workers) to consumers (trainers), losing none.
+
+Delivery semantics (every implementation):
+
+- **at-least-once.** ``get`` hands out items that stay *pending* until ``ack``. A consumer
+  acks only after the optimiser step that used them has completed, so a trainer that dies
+  mid-step loses nothing: its pending items go back to a live consumer
+  (``RedisBuffer`` reclaims them after ``claim_idle_ms``; ``MemoryBuffer.requeue_pending``).
+  The flip side is that an item can be delivered twice (a slow consumer whose items were
+  reclaimed, a crash after the step but before the ack); trainers must tolerate a rare
+  duplicate, which for on-policy RL is one extra sample.
+- **bounded.** Capacity counts undelivered plus pending items; ``put`` blocks (back-pressure on
+  the generators) until there is room, up to ``put_timeout`` seconds, then raises
+  :class:`BufferFullError`. Nothing is ever dropped to make room.
+- **FIFO** per buffer for fresh items; reclaimed / requeued items come first.
+- ``stats`` counts, for this process's handle only: ``put``, ``delivered`` (including reclaimed),
+  ``acked``, ``dropped_invalid`` (malformed records discarded on the way out) and ``reclaimed``.
+
+Typical consumer loop::
+
+    items = buffer.get(32, timeout=1.0)
+    loss = step([it.trajectory for it in items])   # forward, backward, optimiser.step()
+    buffer.ack([it.id for it in items])
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tsd.rl.trajectory import Trajectory
+
+STAT_KEYS = ("put", "delivered", "acked", "dropped_invalid", "reclaimed")
+
+
+class BufferClosedError(RuntimeError):
+    """The buffer was used after ``close()``."""
+
+
+class BufferConnectionError(RuntimeError):
+    """The buffer's backing service (Redis) is unreachable or refused us."""
+
+
+class BufferFullError(TimeoutError):
+    """``put`` waited ``put_timeout`` seconds for room and got none.
+
+    ``ids`` are the items of that call that *were* added before the time ran out (a batch can
+    be partly accepted); the rest were not.
+    """
+
+    def __init__(self, message: str, ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.ids = list(ids)
+
+
+@dataclass
+class BufferItem:
+    """One delivered trajectory; ``id`` is what the consumer acks."""
+
+    #: buffer-assigned id: the Redis stream entry id, or a counter for the memory buffer
+    id: str
+    trajectory: Trajectory
+
+
+class Buffer(ABC):
+    """Moves trajectories between producers (rollouts) and consumers (trainers), losing none."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    @abstractmethod
+    def put(self, trajectories: Sequence[Trajectory]) -> list[str]:
+        """Append trajectories in order and return their ids; blocks while the buffer is full
+        (back-pressure), at most ``put_timeout`` seconds, then raises :class:`BufferFullError`."""
+
+    @abstractmethod
+    def get(self, n: int, timeout: float | None = None) -> list[BufferItem]:
+        """Up to ``n`` items. Waits up to ``timeout`` seconds for at least one (``None``: return
+        at once, possibly ``[]``). The items are pending until :meth:`ack`."""
+
+    @abstractmethod
+    def ack(self, ids: Sequence[str]) -> None:
+        """The consumer is done with these items (call after the optimiser step that used them).
+        Unknown or already-acked ids are ignored."""
+
+    @abstractmethod
+    def pending(self) -> int:
+        """Items delivered but not yet acked (all consumers)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Items not yet delivered to any consumer."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release resources; idempotent. Items in the buffer are kept (Redis) or dropped with the
+        process (memory)."""
+
+    def __bool__(self) -> bool:
+        # a buffer object is always truthy; without this ``if buffer:`` would mean "is non-empty"
+        return True
+
+    def __enter__(self) -> Buffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,125 @@
+"""In-process trajectory buffer for one-process (laptop) runs and tests.
+
+Same delivery semantics as :class:`~tsd.buffers.redis.RedisBuffer` (see :mod:`tsd.buffers.base`):
+at-least-once, items pending until acked, bounded with back-pressure. Thread-safe (one
+``threading.Condition``); it does not cross processes. Items are passed by reference, not copied:
+consumers must not mutate the trajectories they get.
+
+``requeue_pending()`` is the in-process counterpart of Redis reclaiming a dead consumer's
+entries: it puts every delivered-but-unacked item back at the front of the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+from tsd.buffers.base import Buffer, BufferClosedError, BufferFullError, BufferItem
+from tsd.rl.trajectory import Trajectory
+
+
+class MemoryBuffer(Buffer):
+    """Thread-safe FIFO of trajectories with pending/ack bookkeeping.
+
+    Args:
+        capacity: most items held at once, undelivered plus pending; 0 is unbounded.
+        put_timeout: seconds ``put`` waits for room before raising :class:`BufferFullError`.
+    """
+
+    def __init__(self, capacity: int = 0, put_timeout: float = 60.0) -> None:
+        super().__init__()
+        if capacity < 0:
+            raise ValueError(f"MemoryBuffer: capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.put_timeout = put_timeout
+        self._cond = threading.Condition()
+        self._queue: deque[BufferItem] = deque()  # not yet delivered, FIFO
+        self._pending: OrderedDict[str, BufferItem] = OrderedDict()  # delivered, in delivery order
+        self._ids = itertools.count()
+        self._closed = False
+
+    def _room(self) -> int:
+        if not self.capacity:
+            return 1 << 62
+        return self.capacity - len(self._queue) - len(self._pending)
+
+    def put(self, trajectories: Sequence[Trajectory]) -> list[str]:
+        ids: list[str] = []
+        deadline = time.monotonic() + self.put_timeout
+        with self._cond:
+            for traj in trajectories:
+                while True:
+                    if self._closed:
+                        raise BufferClosedError("MemoryBuffer.put: buffer is closed")
+                    if self._room() > 0:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BufferFullError(
+                            f"MemoryBuffer.put: full ({self.capacity} items undelivered or un-acked) for "
+                            f"{self.put_timeout:g}s; {len(ids)} of {len(trajectories)} were added. "
+                            "Are the consumers calling get() and ack()?",
+                            ids,
+                        )
+                    self._cond.wait(left)
+                item = BufferItem(str(next(self._ids)), traj)
+                self._queue.append(item)
+                ids.append(item.id)
+                self.stats["put"] += 1
+                self._cond.notify_all()
+        return ids
+
+    def get(self, n: int, timeout: float | None = None) -> list[BufferItem]:
+        if n <= 0:
+            return []
+        deadline = time.monotonic() + (timeout or 0.0)
+        with self._cond:
+            while not self._queue and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            out = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            for item in out:
+                self._pending[item.id] = item
+            self.stats["delivered"] += len(out)
+            return out
+
+    def ack(self, ids: Sequence[str]) -> None:
+        with self._cond:
+            done = sum(self._pending.pop(i, None) is not None for i in ids)
+            self.stats["acked"] += done
+            if done:
+                self._cond.notify_all()  # wake producers waiting for room
+
+    def requeue_pending(self) -> int:
+        """Put every delivered-but-unacked item back at the front, in delivery order; returns how
+        many. Use when a consumer died mid-batch (the counterpart of Redis XAUTOCLAIM)."""
+        with self._cond:
+            items = list(self._pending.values())
+            self._pending.clear()
+            self._queue.extendleft(reversed(items))
+            self.stats["reclaimed"] += len(items)
+            if items:
+                self._cond.notify_all()
+            return len(items)
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self) -> None:
+        """Wake every waiter; ``put`` then raises, ``get`` still drains what is left."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __repr__(self) -> str:
+        return f"MemoryBuffer(capacity={self.capacity}, len={len(self)}, pending={self.pending()})"

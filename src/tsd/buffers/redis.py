@@ -1,0 +1,392 @@
+"""Trajectory buffer on a Redis stream: generators on any node ``put``, trainers ``get`` / ``ack``.
+
+Layout: one stream (``tsd:trajectories``); each entry has field ``t`` (the
+:meth:`Trajectory.to_json` record; JSON, never pickle) and ``v`` (the policy version, so
+``XRANGE`` shows staleness at a glance). Trainers read through one consumer group
+(``trainers``), one consumer name per process.
+
+Delivery semantics: **at-least-once**, the same as :mod:`tsd.buffers.base`:
+
+- ``get`` = ``XAUTOCLAIM`` (entries of *other* consumers idle for more than ``claim_idle_ms``,
+  i.e. delivered to a trainer that died before acking) then ``XREADGROUP >``. Delivered entries
+  sit in the group's pending list (PEL) until acked.
+- ``ack`` = ``XACK`` + ``XDEL`` in one transaction, after the optimiser step that used them: the
+  stream holds only undelivered and pending entries, so its length is the buffer's occupancy.
+- A consumer that holds an entry longer than ``claim_idle_ms`` without calling ``get`` may see it
+  reclaimed by another trainer, so an entry can be trained on twice; ``get`` refreshes the idle
+  time of this consumer's own pending entries, so a live trainer that keeps calling ``get`` keeps
+  them. Set ``claim_idle_ms`` well above the longest optimiser step.
+- Back-pressure instead of trimming: ``put`` waits while undelivered + pending >= ``maxlen``.
+- A malformed entry (corrupt or hostile) is logged, counted in ``stats["dropped_invalid"]``, and
+  acked + deleted so no trainer sees it again; it never raises into the trainer.
+
+Quick look at a live buffer::
+
+    redis-cli XLEN tsd:trajectories; redis-cli XINFO GROUPS tsd:trajectories
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
+
+from tsd.buffers.base import (
+    Buffer,
+    BufferClosedError,
+    BufferConnectionError,
+    BufferFullError,
+    BufferItem,
+)
+from tsd.rl.trajectory import Trajectory, TrajectoryError
+
+__all__ = ["DEFAULT_URL", "ENV_URL", "BufferConnectionError", "RedisBuffer", "redact_url"]
+
+log = logging.getLogger(__name__)
+
+ENV_URL = "TSD_REDIS_URL"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+#: records per put round trip: bounds one script's run time (Redis is single-threaded)
+PUT_CHUNK = 256
+
+# Adds as many records as fit under the cap and returns their ids, atomically: with many
+# producers a separate "XLEN, then XADD" could overshoot the cap by one batch per producer.
+# The cap is on XLEN, which (acked entries being deleted) is exactly undelivered + pending.
+# We never use XADD MAXLEN: trimming drops the *oldest* entries whether or not a trainer has
+# read or acked them, silently losing trajectories; we make the producers wait instead.
+_PUT_SCRIPT = """
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
+local n = math.min(room, (#ARGV - 1) / 2)
+local ids = {}
+for i = 1, n do
+  ids[i] = redis.call('XADD', KEYS[1], '*', 't', ARGV[2 * i], 'v', ARGV[2 * i + 1])
+end
+return ids
+"""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (userinfo or ``?password=``) replaced by ``***``, for messages."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = netloc.rpartition("@")[2]
+            netloc = f"{parts.username or ''}:***@{host}"
+        query = parts.query
+        if "password" in query:
+            query = urlencode(
+                [(k, "***" if k == "password" else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparseable redis URL>"
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+class RedisBuffer(Buffer):
+    """Buffer on a Redis stream + consumer group; each process builds its own (see :meth:`config`).
+
+    Args:
+        url: ``redis://[[user]:password@]host:port/db``; default ``$TSD_REDIS_URL``, else
+            ``redis://127.0.0.1:6379/0``.
+        stream: stream key shared by producers and consumers.
+        group: consumer group; trainers in one group split the entries between them.
+        consumer: this process's name in the group; default ``<host>-<pid>-<random>``.
+        maxlen: most entries held, undelivered plus pending; ``put`` waits above it.
+        block_ms: longest single ``XREADGROUP BLOCK`` (``get`` loops up to its ``timeout``).
+        claim_idle_ms: a pending entry idle this long is taken over from its (presumed dead)
+            consumer by the next ``get``.
+        connect_timeout: seconds to connect (and to answer the first PING) before raising
+            :class:`BufferConnectionError`.
+        put_timeout: seconds ``put`` waits for room before raising :class:`BufferFullError`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        stream: str = "tsd:trajectories",
+        group: str = "trainers",
+        consumer: str | None = None,
+        maxlen: int = 10000,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30000,
+        connect_timeout: float = 5.0,
+        put_timeout: float = 60.0,
+    ) -> None:
+        super().__init__()
+        if maxlen < 1 or block_ms < 1 or claim_idle_ms < 0:
+            raise ValueError("RedisBuffer: need maxlen >= 1, block_ms >= 1 and claim_idle_ms >= 0")
+        self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
+        self.safe_url = redact_url(self.url)
+        self.stream, self.group = stream, group
+        self._explicit_consumer = consumer is not None
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.maxlen, self.block_ms, self.claim_idle_ms = maxlen, block_ms, claim_idle_ms
+        self.connect_timeout, self.put_timeout = connect_timeout, put_timeout
+        self._closed = False
+        # ids delivered to this handle and not acked by it: XAUTOCLAIM also returns our own idle
+        # entries (refreshing their idle time); those are not handed out a second time
+        self._outstanding: set[str] = set()
+        self._next_claim = 0.0  # monotonic time of the next XAUTOCLAIM scan
+
+        # First contact through a probe without retries, so an unreachable server fails within
+        # ~connect_timeout instead of after the main client's retries and backoff.
+        probe = self._client(retry=Retry(NoBackoff(), 0), socket_timeout=connect_timeout)
+        try:
+            self._call(probe.ping)
+        finally:
+            probe.close()
+        # the working client: retries transient errors; reads may block for block_ms
+        self._r = self._client(
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+            socket_timeout=block_ms / 1000 + max(5.0, connect_timeout),
+        )
+        self._put_script = self._r.register_script(_PUT_SCRIPT)
+        self._create_group()
+        log.info(
+            "RedisBuffer: %s stream=%s group=%s consumer=%s", self.safe_url, stream, group, self.consumer
+        )
+
+    # ------------------------------------------------------------------ connection
+    def _client(self, retry: Retry, socket_timeout: float) -> redis.Redis:
+        try:
+            return redis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=self.connect_timeout,
+                socket_timeout=socket_timeout,
+                retry=retry,
+                decode_responses=False,  # records stay bytes: a hostile entry can't break decoding here
+            )
+        except ValueError as e:
+            raise ValueError(f"RedisBuffer: bad URL {self.safe_url}: {self._scrub(e)}") from None
+
+    def _scrub(self, e: BaseException | str) -> str:
+        msg = str(e)
+        password = urlsplit(self.url).password
+        return msg.replace(password, "***") if password else msg
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one Redis call, turning connection/auth failures into BufferConnectionError."""
+        if self._closed:
+            raise BufferClosedError(f"RedisBuffer({self.safe_url}): buffer is closed")
+        try:
+            return fn(*args, **kwargs)
+        except redis.AuthenticationError as e:
+            raise BufferConnectionError(
+                f"RedisBuffer: authentication to {self.safe_url} failed ({self._scrub(e)}); "
+                f"check the password in the URL or ${ENV_URL}"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise BufferConnectionError(
+                f"RedisBuffer: cannot reach Redis at {self.safe_url} (connect_timeout="
+                f"{self.connect_timeout:g}s: {self._scrub(e)}); "
+                f"is redis-server running? (URL from the argument, ${ENV_URL}, or {DEFAULT_URL})"
+            ) from None
+        except redis.ResponseError as e:
+            if str(e).startswith(("NOAUTH", "WRONGPASS")):
+                raise BufferConnectionError(
+                    f"RedisBuffer: authentication to {self.safe_url} failed ({self._scrub(e)}); "
+                    f"check the password in the URL or ${ENV_URL}"
+                ) from None
+            raise
+
+    def _create_group(self) -> None:
+        # id 0: a group created after producers started still sees every entry already there
+        try:
+            self._call(self._r.xgroup_create, self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def _grouped(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`_call` for commands that need the group; recreates it if the stream key was
+        deleted under us (FLUSHDB, a cleanup script) instead of failing every trainer."""
+        try:
+            return self._call(fn, *args, **kwargs)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e) and "no such key" not in str(e):
+                raise
+        log.warning("RedisBuffer: group %s on %s vanished; recreating it", self.group, self.stream)
+        self._create_group()
+        return self._call(fn, *args, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable) to rebuild this buffer in another process:
+        ``RedisBuffer(**cfg)``. ``consumer`` is ``None`` unless it was given explicitly, so each
+        process gets its own name. The URL may hold a password: don't log the dict."""
+        return {
+            "url": self.url,
+            "stream": self.stream,
+            "group": self.group,
+            "consumer": self.consumer if self._explicit_consumer else None,
+            "maxlen": self.maxlen,
+            "block_ms": self.block_ms,
+            "claim_idle_ms": self.claim_idle_ms,
+            "connect_timeout": self.connect_timeout,
+            "put_timeout": self.put_timeout,
+        }
+
+    # ------------------------------------------------------------------ producer side
+    def put(self, trajectories: Sequence[Trajectory]) -> list[str]:
+        payload: list[str] = []
+        for traj in trajectories:
+            payload += [traj.to_json(), str(traj.policy_version)]
+        ids: list[str] = []
+        deadline = time.monotonic() + self.put_timeout
+        delay = 0.005
+        while len(ids) < len(trajectories):
+            chunk = payload[2 * len(ids) : 2 * (len(ids) + PUT_CHUNK)]
+            added = self._call(self._put_script, keys=[self.stream], args=[self.maxlen, *chunk])
+            ids += [_s(i) for i in added]
+            self.stats["put"] += len(added)
+            if 2 * len(added) == len(chunk):
+                delay = 0.005
+                continue
+            # full: poll with backoff until trainers ack (Redis has no "wait for room" primitive)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BufferFullError(
+                    f"RedisBuffer.put: stream {self.stream!r} on {self.safe_url} held {self.maxlen} "
+                    f"undelivered or un-acked entries for {self.put_timeout:g}s; {len(ids)} of "
+                    f"{len(trajectories)} were added. Are the trainers consuming and acking?",
+                    ids,
+                )
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 0.1)
+        return ids
+
+    # ------------------------------------------------------------------ consumer side
+    def get(self, n: int, timeout: float | None = None) -> list[BufferItem]:
+        if n <= 0:
+            return []
+        deadline = time.monotonic() + (timeout or 0.0)
+        while True:
+            raw = self._claim(n)
+            if len(raw) < n:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                # block only when there is nothing in hand yet; BLOCK 0 would mean "forever"
+                block = min(left_ms, self.block_ms) if not raw and left_ms >= 1 else None
+                raw += self._read(n - len(raw), block)
+            items = self._decode(raw)
+            if items or time.monotonic() >= deadline:
+                return items
+
+    def _claim(self, n: int) -> list[tuple[Any, Any]]:
+        """Entries idle > claim_idle_ms in any consumer's PEL, now ours. Scans at most every
+        claim_idle_ms / 4 (nothing can become claimable faster than that matters)."""
+        now = time.monotonic()
+        if now < self._next_claim:
+            return []
+        out: list[tuple[Any, Any]] = []
+        start: Any = "0-0"
+        while True:
+            resp = self._grouped(
+                self._r.xautoclaim,
+                self.stream,
+                self.group,
+                self.consumer,
+                self.claim_idle_ms,
+                start_id=start,
+                count=n - len(out),
+            )
+            start, entries = resp[0], resp[1]
+            for eid, fields in entries:
+                if fields is None:  # deleted while pending (Redis 6.2 reports it like this)
+                    self._call(self._r.xack, self.stream, self.group, eid)
+                elif _s(eid) not in self._outstanding:  # our own: still ours, don't hand out again
+                    out.append((eid, fields))
+            if _s(start) == "0-0" or len(out) >= n:
+                break
+        if len(out) < n:  # PEL fully scanned; if it was full, scan again on the next call
+            self._next_claim = now + self.claim_idle_ms / 4000
+        if out:
+            self.stats["reclaimed"] += len(out)
+            log.warning(
+                "RedisBuffer: consumer %s reclaimed %d entries idle > %d ms from other consumers",
+                self.consumer,
+                len(out),
+                self.claim_idle_ms,
+            )
+        return out
+
+    def _read(self, count: int, block: int | None) -> list[tuple[Any, Any]]:
+        resp = self._grouped(
+            self._r.xreadgroup, self.group, self.consumer, {self.stream: ">"}, count=count, block=block
+        )
+        return list(resp[0][1]) if resp else []
+
+    def _decode(self, raw: list[tuple[Any, Any]]) -> list[BufferItem]:
+        items: list[BufferItem] = []
+        bad: list[str] = []
+        for eid, fields in raw:
+            eid = _s(eid)
+            try:
+                data = fields.get(b"t")
+                if data is None:
+                    raise TrajectoryError(f"no 't' field (fields: {sorted(_s(k) for k in fields)[:8]})")
+                traj = Trajectory.from_json(data)
+            except Exception as e:  # hostile input: anything (even a RecursionError) drops the entry
+                bad.append(eid)
+                log.warning("RedisBuffer: dropping malformed entry %s on %s: %.200s", eid, self.stream, e)
+                continue
+            items.append(BufferItem(eid, traj))
+        if bad:
+            self._ack_delete(bad)  # acked and deleted so it can't be redelivered forever
+            self.stats["dropped_invalid"] += len(bad)
+        self._outstanding.update(it.id for it in items)
+        self.stats["delivered"] += len(items)
+        return items
+
+    def ack(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        self.stats["acked"] += self._ack_delete(ids)
+        self._outstanding.difference_update(ids)
+
+    def _ack_delete(self, ids: Sequence[str]) -> int:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xack(self.stream, self.group, *ids)
+        pipe.xdel(self.stream, *ids)  # keeps the stream = undelivered + pending, i.e. bounded
+        acked, _ = self._call(pipe.execute)
+        return int(acked)
+
+    # ------------------------------------------------------------------ inspection
+    def pending(self) -> int:
+        return int(self._grouped(self._r.xpending, self.stream, self.group)["pending"])
+
+    def __len__(self) -> int:
+        for g in self._grouped(self._r.xinfo_groups, self.stream):
+            if _s(g["name"]) == self.group and g.get("lag") is not None:
+                return int(g["lag"])
+        # lag is null after some deletions (and absent before Redis 7); the stream holds exactly
+        # the undelivered plus the pending entries, since acked ones are deleted
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xlen(self.stream)
+        pipe.xpending(self.stream, self.group)
+        length, pend = self._call(pipe.execute)
+        return max(0, int(length) - int(pend["pending"]))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._r.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisBuffer(url={self.safe_url!r}, stream={self.stream!r}, group={self.group!r}, "
+            f"consumer={self.consumer!r})"
+        )
