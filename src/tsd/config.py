@@ -1,0 +1,60 @@
+"""Config helpers: where the configs live, and instantiation that names the failing field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tsd import PACKAGE_DIR
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or malformed; the message names the field."""
+
+
+def config_dir() -> str:
+    """The repository's ``configs/`` (``$TSD_CONFIG_DIR`` overrides)."""
+    env = os.environ.get("TSD_CONFIG_DIR")
+    if env:
+        return str(Path(env).resolve())
+    for cand in (PACKAGE_DIR.parents[1] / "configs", Path.cwd() / "configs"):
+        if (cand / "train.yaml").exists():
+            return str(cand.resolve())
+    raise ConfigError("cannot find the configs/ directory: run from the repository or set TSD_CONFIG_DIR")
+
+
+def build(cfg: DictConfig | None, field: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose errors say which config group failed and why."""
+    if cfg is None:
+        raise ConfigError(f"{field}: missing")
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{field}: {cause}") from cause
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{field}: {e}") from e
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_of(name: str, field: str = "model.dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"{field}: {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def require(cond: bool, field: str, accepted: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {value!r} is out of range (accepted: {accepted})")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,155 @@
+"""Streaming DataModule: batches of B trajectories from the buffer.
+
+The stream is an ``IterableDataset`` over the buffer. A batch's buffer entries are acknowledged
+only after the optimiser step that used them (:class:`~tsd.callbacks.RolloutSync`), so a crash
+loses nothing. Trajectories more than ``max_lag`` policy versions behind the trainer are dropped
+and counted. In the single-process mode the DataModule owns a :class:`RolloutWorker` (a generator
+copy of the policy, refreshed every ``sync_every`` optimiser steps) and runs it whenever the buffer
+cannot fill a batch; in distributed mode the generator ranks fill the buffer and the DataModule
+never generates by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from tsd.buffers.base import Buffer, BufferItem
+from tsd.data.collate import collate_trajectories
+from tsd.rollouts.worker import RolloutWorker
+
+log = logging.getLogger(__name__)
+
+
+class TrajectoryStream(IterableDataset):
+    def __init__(self, dm: TrajectoryDataModule) -> None:
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield self.dm.next_batch()
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        buffer: Buffer,
+        batch_size: int = 32,
+        max_lag: int = 4,
+        pad_id: int = 0,
+        worker: RolloutWorker | None = None,
+        get_timeout: float = 1.0,
+        max_wait: float = 600.0,
+    ) -> None:
+        """
+        Args:
+            buffer: where trajectories come from.
+            batch_size: trajectories per optimiser step (B; article: 32 for MCTS/best-of-N, 2048 =
+                128 prompts x 16 for group sampling).
+            max_lag: drop trajectories more than this many policy versions behind the trainer.
+            pad_id: the tokenizer's pad id.
+            worker: in-process generator (single-process mode); None in distributed mode.
+            get_timeout: seconds one buffer read waits.
+            max_wait: with no worker, seconds without any trajectory before the run stops with an
+                error (a dead generator must not hang the trainers).
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
+        if max_lag < 0:
+            raise ValueError(f"data.max_lag: must be >= 0, got {max_lag}")
+        if not max_wait > 0:
+            raise ValueError(f"data.max_wait: must be > 0 seconds, got {max_wait}")
+        self.buffer, self.batch_size, self.max_lag = buffer, batch_size, max_lag
+        self.pad_id, self.worker = pad_id, worker
+        self.get_timeout, self.max_wait = get_timeout, max_wait
+        #: the trainer's policy version (set by the sync callback)
+        self.trainer_version = 0
+        self.dropped_stale = 0
+        self.consumed = 0
+        self.generated_tokens_remote = 0  # reported by generator ranks, if any
+        self._held: list[BufferItem] = []
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the stream yields whole collated batches; workers=0 keeps the generator
+        # in this process, where the sync callback can reach it
+        return DataLoader(TrajectoryStream(self), batch_size=None, num_workers=0)
+
+    # ------------------------------------------------------------------ batching
+    def _fresh(self, items: list[BufferItem]) -> list[BufferItem]:
+        keep, stale = [], []
+        for it in items:
+            lag = self.trainer_version - it.trajectory.policy_version
+            (stale if lag > self.max_lag else keep).append(it)
+        if stale:
+            self.buffer.ack([it.id for it in stale])
+            self.dropped_stale += len(stale)
+        return keep
+
+    def next_batch(self) -> dict:
+        items = self._held
+        self._held = []
+        waited_since = time.monotonic()
+        while len(items) < self.batch_size:
+            need = self.batch_size - len(items)
+            got = self._fresh(self.buffer.get(need, timeout=0 if self.worker else self.get_timeout))
+            items += got
+            if len(items) >= self.batch_size:
+                break
+            if self.worker is not None:
+                if not got:
+                    self.worker.produce()
+            elif got:
+                waited_since = time.monotonic()
+            elif time.monotonic() - waited_since > self.max_wait:
+                raise RuntimeError(
+                    f"no trajectory arrived for {self.max_wait:.0f}s (data.max_wait): "
+                    "are the generators alive?"
+                )
+        items, self._held = items[: self.batch_size], items[self.batch_size :]
+        trajs = [it.trajectory for it in items]
+        batch = collate_trajectories(trajs, self.pad_id)
+        batch["buffer_ids"] = [it.id for it in items]
+        self.consumed += len(items)
+        batch["stats"] = self.stats()
+        return batch
+
+    def ack(self, ids: list[str]) -> None:
+        self.buffer.ack(ids)
+
+    def stats(self) -> dict[str, float]:
+        s: dict[str, float] = {"train/dropped_stale": float(self.dropped_stale)}
+        if self.worker is not None:
+            s.update(self.worker.last_stats)
+            s["compute/generated_tokens"] = float(self.worker.generated_tokens)
+            s["rollout/version"] = float(self.worker.version)
+        else:
+            s["compute/generated_tokens"] = float(self.generated_tokens_remote)
+        return s
+
+    # ------------------------------------------------------------------ weights
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        self.trainer_version = version
+        if self.worker is not None:
+            self.worker.load_weights(state_dict, version)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "trainer_version": self.trainer_version,
+            "dropped_stale": self.dropped_stale,
+            "consumed": self.consumed,
+            "worker": self.worker.state_dict() if self.worker is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.trainer_version = int(state["trainer_version"])
+        self.dropped_stale = int(state["dropped_stale"])
+        self.consumed = int(state["consumed"])
+        if self.worker is not None and state.get("worker") is not None:
+            self.worker.load_state_dict(state["worker"])

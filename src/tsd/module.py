@@ -1,0 +1,203 @@
+"""PolicyValueModule: the LightningModule that distils rollouts into the policy.
+
+It holds the policy with its value head, a frozen copy of the initial policy for the KL term,
+the loss (:class:`~tsd.rl.losses.RLObjective`, chosen in config) and the optimiser. It does not
+know which rollout produced a batch: a batch carries the behaviour log-probs recorded by the
+sampler, the rewards, and either a sequence-level advantage (group sampling) or NaN, meaning the
+value baseline ``A_t = r - sg(V_old(s_t))`` (best-of-N, MCTS).
+
+One optimiser step per batch (the article's single PPO inner step), so ``V_old`` is the value of
+the current weights, detached. Steps whose loss or gradient is not finite are skipped and
+counted; ``max_bad_steps`` in a row stop the run with a clear message. Weights never see NaN.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from tsd.models.policy_value import PolicyValueModel, token_logprobs
+from tsd.rl.losses import RLObjective
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimiser steps had a NaN/inf loss or gradient."""
+
+
+def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` optimiser steps, then constant."""
+    if warmup_steps < 0:
+        raise ValueError(f"module.scheduler.warmup_steps: must be >= 0, got {warmup_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 1000, min_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak at ``total_steps``."""
+    if total_steps < 1 or not 0.0 <= min_ratio <= 1.0:
+        raise ValueError("module.scheduler: total_steps must be >= 1 and min_ratio in [0, 1]")
+
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / (warmup_steps + 1)
+        prog = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+class PolicyValueModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: PolicyValueModel,
+        objective: RLObjective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        temperature: float = 1.0,
+        grad_clip: float = 1.0,
+        max_bad_steps: int = 5,
+    ) -> None:
+        """
+        Args:
+            policy: causal LM + value head being trained.
+            objective: ``c_ppo * L_pg + c_value * L_value + c_kl * KL`` (see ``tsd.rl.losses``).
+            optimizer: partial of the optimiser (AdamW in the article), called with the parameters.
+            scheduler: partial of the LR schedule, called with the optimiser; stepped per optimiser step.
+            temperature: the sampler's temperature; the trainer's log-probs use the same one so that
+                ``rho_t = pi_theta / pi_behaviour`` compares like with like.
+            grad_clip: max global gradient norm (0 disables clipping).
+            max_bad_steps: consecutive non-finite steps tolerated before the run stops.
+        """
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"module.temperature: must be > 0, got {temperature}")
+        if not grad_clip >= 0:
+            raise ValueError(f"module.grad_clip: must be >= 0, got {grad_clip}")
+        if max_bad_steps < 1:
+            raise ValueError(f"module.max_bad_steps: must be >= 1, got {max_bad_steps}")
+        self.automatic_optimization = False
+        self.policy = policy.train()
+        self.objective = objective
+        # frozen pi_ref for the KL term: the initial policy (no copy at all when c_kl == 0)
+        self.ref = None
+        if objective.c_kl > 0:
+            self.ref = copy.deepcopy(policy.lm).eval().requires_grad_(False)
+        self._optimizer, self._scheduler = optimizer, scheduler
+        self.temperature, self.grad_clip, self.max_bad_steps = temperature, grad_clip, max_bad_steps
+        self.bad_steps_in_row = 0
+        self.skipped_steps = 0
+        self.trained_tokens = 0
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        opt = self._optimizer(self.policy.parameters())
+        if self._scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}
+
+    def forward_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-token log-probs, values and reference log-probs over the target positions."""
+        input_ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, L)
+        logits, values, _ = self.policy(input_ids, attention_mask=attn)  # (B, L, V), (B, L)
+        targets = input_ids[:, 1:]  # (B, T)
+        logp = token_logprobs(logits[:, :-1], targets, self.temperature)  # (B, T)
+        out = {"logp": logp, "values": values[:, :-1]}  # V(s_t) at the position predicting a_t
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logits = self.ref(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
+                out["ref_logp"] = token_logprobs(ref_logits, targets, self.temperature)  # (B, T)
+        return out
+
+    def compute_loss(self, batch: dict):
+        fwd = self.forward_batch(batch)
+        adv = batch["advantages"]  # (B,), NaN -> value baseline
+        nan = torch.isnan(adv)
+        if bool(nan.any()) and not bool(nan.all()):
+            raise ValueError("a batch mixes trajectories with and without rollout advantages")
+        return self.objective(
+            logp=fwd["logp"],
+            behaviour_logp=batch["behaviour_logp"],
+            ref_logp=fwd.get("ref_logp"),
+            values=fwd["values"],
+            old_values=fwd["values"].detach(),
+            rewards=batch["rewards"],
+            advantages=None if bool(nan.all()) else adv,
+            mask=batch["mask"],
+        )
+
+    def _skip(self, why: str) -> None:
+        self.bad_steps_in_row += 1
+        self.skipped_steps += 1
+        log.warning("skipping optimiser step %d: %s", self.global_step, why)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=1)
+        if self.bad_steps_in_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_steps_in_row} optimiser steps in a row had a non-finite loss or gradient "
+                f"(module.max_bad_steps={self.max_bad_steps}); last: {why}. Lower the learning rate or "
+                "check the rewards and behaviour log-probs."
+            )
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt = self.optimizers()
+        out = self.compute_loss(batch)
+        if not torch.isfinite(out.loss):
+            opt.zero_grad(set_to_none=True)
+            return self._skip(f"loss is {out.loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(out.loss)
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            opt.zero_grad(set_to_none=True)
+            return self._skip(f"gradient norm is {grad_norm.item()}")
+        opt.step()
+        sch = self.lr_schedulers()
+        if sch is not None:
+            sch.step()
+        self.bad_steps_in_row = 0
+
+        mask = batch["mask"]
+        B = mask.shape[0]
+        self.trained_tokens += int(mask.sum().item())
+        trainer_version = getattr(self.trainer.datamodule, "trainer_version", 0) if self._trainer else 0
+        metrics = {
+            "train/loss": out.loss.detach(),
+            **{f"train/{k}": v for k, v in out.metrics.items()},
+            "train/reward": batch["rewards"].mean(),
+            "train/correct": batch["correct"].mean(),
+            "train/policy_lag": (trainer_version - batch["versions"].float()).mean(),
+            "train/grad_norm": grad_norm.detach(),
+            "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
+            "train/completion_tokens_mean": mask.sum(1).mean(),
+            "compute/trained_tokens": float(self.trained_tokens),
+        }
+        metrics.update({k: float(v) for k, v in batch.get("stats", {}).items()})
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=B)
+        self.log("reward", batch["rewards"].mean(), prog_bar=True, logger=False, batch_size=B)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tsd"] = {
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "trained_tokens": self.trained_tokens,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("tsd")
+        if state:
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["python_rng"])
+            self.trained_tokens = int(state["trained_tokens"])
+            self.skipped_steps = int(state["skipped_steps"])

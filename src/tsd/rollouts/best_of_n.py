@@ -1,0 +1,62 @@
+"""Best-of-N distillation baseline: sample N completions, keep the best by dense reward.
+
+Article: N=64, then the same trainer as MCTS (value-baseline advantages ``A_t = r - sg(V(s_t))``).
+It isolates what the *tree* adds over plain selection from the same sampling budget.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.rl.trajectory import Trajectory
+from tsd.rollouts.base import Rollout, RolloutOutput
+from tsd.rollouts.sampling import check_positive, sample_and_grade
+from tsd.samplers.base import Sampler
+
+
+class BestOfNRollout(Rollout):
+    name = "best_of_n"
+
+    def __init__(self, n: int = 64, max_new_tokens: int = 256) -> None:
+        """
+        Args:
+            n: completions sampled per prompt (article: 64); the best one by dense reward is kept
+               (ties: the first sampled).
+            max_new_tokens: token cap of one completion.
+        """
+        check_positive("n", n, "BestOfNRollout")
+        check_positive("max_new_tokens", max_new_tokens, "BestOfNRollout")
+        self.n, self.max_new_tokens = n, max_new_tokens
+
+    def run(self, problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv) -> RolloutOutput:
+        groups = sample_and_grade(problems, sampler, env, self.n, self.max_new_tokens)
+        trajs, tokens, all_r, best_r, any_correct = [], 0, [], [], []
+        for g in groups:
+            tokens += sum(len(s.continuation.token_ids) for s in g)
+            all_r += [s.score.dense for s in g]
+            best = max(g, key=lambda s: s.score.dense)  # max keeps the first of equals
+            best_r.append(best.score.dense)
+            any_correct.append(float(any(s.score.correct for s in g)))
+            trajs.append(
+                Trajectory(
+                    problem_id=best.problem.id,
+                    prompt_ids=best.prompt_ids,
+                    completion_ids=best.continuation.token_ids,
+                    behaviour_logprobs=best.continuation.logprobs,
+                    reward=best.score.dense,
+                    correct=best.score.correct,
+                    policy_version=sampler.version,
+                    rollout=self.name,
+                    advantage=None,
+                    finish_reason=best.continuation.finish_reason,
+                )
+            )
+        stats = {
+            "rollout/reward_mean": statistics.fmean(all_r),
+            "rollout/selected_reward_mean": statistics.fmean(best_r),
+            "rollout/correct_mean": statistics.fmean(t.correct for t in trajs),
+            "rollout/any_correct": statistics.fmean(any_correct),
+        }
+        return RolloutOutput(trajs, stats, generated_tokens=tokens)

@@ -1,0 +1,83 @@
+"""Group sampling (GRPO/CISPO baseline): G completions per prompt, group-normalised advantages.
+
+Article baseline: 128 prompts x group 16, CISPO with eps_high 5.0. The advantage of sample i in
+group g is ``(r_i - mean_g) / (std_g + eps)`` (GRPO, Shao et al. 2024); ``scale_by_std=False``
+gives ``r_i - mean_g`` (Dr. GRPO, Liu et al. 2025).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.rl.trajectory import Trajectory
+from tsd.rollouts.base import Rollout, RolloutOutput
+from tsd.rollouts.sampling import check_positive, sample_and_grade
+from tsd.samplers.base import Sampler
+
+
+class GroupRollout(Rollout):
+    name = "group"
+
+    def __init__(
+        self,
+        group_size: int = 16,
+        max_new_tokens: int = 256,
+        scale_by_std: bool = True,
+        drop_zero_variance: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        """
+        Args:
+            group_size: completions sampled per prompt (G; article: 16).
+            max_new_tokens: token cap of one completion.
+            scale_by_std: divide by the group's reward std (GRPO) or not (Dr. GRPO).
+            drop_zero_variance: drop groups whose rewards are all equal (they carry no signal).
+            eps: added to the std.
+        """
+        check_positive("group_size", group_size, "GroupRollout")
+        check_positive("max_new_tokens", max_new_tokens, "GroupRollout")
+        if not eps > 0:
+            raise ValueError(f"GroupRollout.eps: must be > 0, got {eps!r}")
+        self.group_size, self.max_new_tokens = group_size, max_new_tokens
+        self.scale_by_std, self.drop_zero_variance, self.eps = scale_by_std, drop_zero_variance, eps
+
+    def run(self, problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv) -> RolloutOutput:
+        groups = sample_and_grade(problems, sampler, env, self.group_size, self.max_new_tokens)
+        trajs: list[Trajectory] = []
+        dropped, tokens, rewards, correct = 0, 0, [], []
+        for g in groups:
+            r = [s.score.dense for s in g]
+            tokens += sum(len(s.continuation.token_ids) for s in g)
+            rewards += r
+            correct += [s.score.correct for s in g]
+            mean = statistics.fmean(r)
+            std = statistics.pstdev(r) if len(r) > 1 else 0.0
+            if self.drop_zero_variance and std == 0.0:
+                dropped += 1
+                continue
+            for s, ri in zip(g, r):
+                adv = (ri - mean) / (std + self.eps) if self.scale_by_std else ri - mean
+                trajs.append(
+                    Trajectory(
+                        problem_id=s.problem.id,
+                        prompt_ids=s.prompt_ids,
+                        completion_ids=s.continuation.token_ids,
+                        behaviour_logprobs=s.continuation.logprobs,
+                        reward=s.score.dense,
+                        correct=s.score.correct,
+                        policy_version=sampler.version,
+                        rollout=self.name,
+                        advantage=adv,
+                        finish_reason=s.continuation.finish_reason,
+                        group_id=s.problem.id,
+                    )
+                )
+        stats = {
+            "rollout/reward_mean": statistics.fmean(rewards),
+            "rollout/correct_mean": statistics.fmean(map(float, correct)),
+            "rollout/dropped_groups": float(dropped),
+            "rollout/completion_tokens_mean": tokens / max(1, len(rewards)),
+        }
+        return RolloutOutput(trajs, stats, generated_tokens=tokens)

@@ -1,0 +1,37 @@
+"""What the sampling baselines share: sample whole completions for every prompt and grade them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tsd.envs.countdown import CountdownEnv, Problem, Score
+from tsd.rollouts.base import encode_prompt, grade
+from tsd.samplers.base import Continuation, Sampler
+
+
+@dataclass
+class GradedSample:
+    problem: Problem
+    prompt_ids: list[int]
+    continuation: Continuation
+    score: Score
+
+
+def sample_and_grade(
+    problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv, n: int, max_new_tokens: int
+) -> list[list[GradedSample]]:
+    """``n`` whole completions (stop at ``</answer>`` or EOS) per problem, graded with the env;
+    one ``sample`` call so the backend sees the widest batch."""
+    tok = sampler.tokenizer
+    prompts = [encode_prompt(env, p, tok) for p in problems]
+    outs = sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens, stop="answer")
+    return [
+        [GradedSample(p, ids, c, grade(env, p, tok, c.token_ids)) for c in conts]
+        for p, ids, conts in zip(problems, prompts, outs)
+    ]
+
+
+def check_positive(name: str, value: int, owner: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}.{name}: must be an integer >= 1, got {value!r}")

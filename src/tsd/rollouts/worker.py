@@ -1,0 +1,105 @@
+"""A rollout worker: the generator side of the loop, in one object.
+
+It owns a sampler (holding its own copy of the policy), a rollout strategy, the env and a
+deterministic, resumable stream of training problems. ``produce()`` runs the rollout on the next
+``problems_per_rollout`` problems with the weights it currently has and pushes the graded
+trajectories to the buffer. The single-process DataModule calls it when the buffer runs dry; a
+generator rank of :class:`~tsd.distributed.strategy.GeneratorTrainerStrategy` calls it in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+
+import torch
+
+from tsd.buffers.base import Buffer
+from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.rollouts.base import Rollout
+from tsd.samplers.base import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        rollout: Rollout,
+        sampler: Sampler,
+        env: CountdownEnv,
+        buffer: Buffer,
+        problems_per_rollout: int,
+        seed: int = 0,
+    ) -> None:
+        if problems_per_rollout < 1:
+            raise ValueError(f"data.problems_per_rollout: must be >= 1, got {problems_per_rollout}")
+        self.rollout, self.sampler, self.env, self.buffer = rollout, sampler, env, buffer
+        self.problems_per_rollout = problems_per_rollout
+        self.seed = seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._shuffled(0)
+        self.generated_tokens = 0
+        self.trajectories = 0
+        self.rollouts = 0
+        self.last_stats: dict[str, float] = {}
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.env.train)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_problems(self) -> list[Problem]:
+        out = []
+        while len(out) < self.problems_per_rollout:
+            if self.cursor >= len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            out.append(self.env.train[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def produce(self) -> int:
+        """One rollout on the next problems; returns how many trajectories went to the buffer."""
+        problems = self.next_problems()
+        t0 = time.perf_counter()
+        out = self.rollout.run(problems, self.sampler, self.env)
+        dt = time.perf_counter() - t0
+        if out.trajectories:
+            self.buffer.put(out.trajectories)
+        self.generated_tokens += out.generated_tokens
+        self.trajectories += len(out.trajectories)
+        self.rollouts += 1
+        self.last_stats = {
+            **out.stats,
+            "perf/rollout_seconds": dt,
+            "perf/generated_tokens_per_s": out.generated_tokens / max(dt, 1e-9),
+        }
+        log.debug("rollout %d: %d trajectories in %.2fs", self.rollouts, len(out.trajectories), dt)
+        return len(out.trajectories)
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        self.sampler.load_weights(state_dict, version)
+
+    @property
+    def version(self) -> int:
+        return self.sampler.version
+
+    # resumable: the problem stream and counters (weights come from the trainer's checkpoint)
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "generated_tokens": self.generated_tokens,
+            "trajectories": self.trajectories,
+            "rollouts": self.rollouts,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._shuffled(self.epoch)
+        self.generated_tokens = int(state["generated_tokens"])
+        self.trajectories = int(state["trajectories"])
+        self.rollouts = int(state["rollouts"])

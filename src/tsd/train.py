@@ -1,0 +1,135 @@
+"""Train a policy by distilling rollouts (MCTS, best-of-N or group sampling) with online RL.
+
+    python train.py                                # the default experiment on the bundled tiny policy
+    python train.py experiment=cispo_countdown     # group-sampling CISPO baseline
+    python train.py experiment=mcts_countdown debug=smoke
+    python train.py -m experiment=mcts_countdown rollout.workers=1,4 rollout.iterations=4,8
+
+Compose, validate, instantiate in order, fit, evaluate, export; returns the final metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from tsd.callbacks import ExportPolicy, MeanAtKEval
+from tsd.config import ConfigError, build, config_dir, dtype_of, require
+from tsd.data.datamodule import TrajectoryDataModule
+from tsd.models.loading import load_policy
+from tsd.module import PolicyValueModule
+from tsd.rollouts.worker import RolloutWorker
+
+log = logging.getLogger("tsd.train")
+
+# noise that says nothing about a tsd run: manual optimisation is deliberate (one step per batch,
+# NaN steps skipped), and the frozen reference policy is in eval mode on purpose
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Cheap checks of plain values, before any model is loaded."""
+    d = cfg.data
+    for k in ("batch_size", "problems_per_rollout", "sync_every"):
+        require(isinstance(d[k], int) and d[k] >= 1, f"data.{k}", "an integer >= 1", d[k])
+    require(isinstance(d.max_lag, int) and d.max_lag >= 0, "data.max_lag", "an integer >= 0", d.max_lag)
+    ms = cfg.trainer.get("max_steps", -1)
+    require(isinstance(ms, int) and ms >= 1, "trainer.max_steps", "an integer >= 1", ms)
+    lr = cfg.module.optimizer.get("lr")
+    require(isinstance(lr, (int, float)) and 0 < lr < 1, "module.optimizer.lr", "0 < lr < 1", lr)
+    t = cfg.sampler.get("temperature", 1.0)
+    require(isinstance(t, (int, float)) and t > 0, "sampler.temperature", "> 0", t)
+    dtype_of(cfg.model.dtype)
+
+
+def train(cfg: DictConfig) -> dict:
+    _validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # light objects first: a bad value fails here, before any compute
+    env = build(cfg.env, "env")
+    rollout = build(cfg.rollout, "rollout")
+    objective = build(cfg.loss, "loss")
+    make_sampler = build(cfg.sampler, "sampler")
+    strategy = build(cfg.strategy, "strategy") if cfg.get("strategy") and cfg.strategy.get("_target_") else None
+    callbacks = {k: build(v, f"callbacks.{k}") for k, v in (cfg.get("callbacks") or {}).items() if v}
+    loggers = [build(v, f"logger.{k}") for k, v in (cfg.get("logger") or {}).items() if v]
+
+    policy, tokenizer = load_policy(cfg.model.name_or_path, dtype=dtype_of(cfg.model.dtype))
+    module = PolicyValueModule(
+        policy,
+        objective,
+        optimizer=build(cfg.module.optimizer, "module.optimizer"),
+        scheduler=build(cfg.module.scheduler, "module.scheduler") if cfg.module.get("scheduler") else None,
+        temperature=cfg.sampler.temperature,
+        grad_clip=cfg.module.grad_clip,
+        max_bad_steps=cfg.module.max_bad_steps,
+    )
+
+    buffer = build(cfg.buffer, "buffer")
+    if strategy is None:
+        # single process: a generator copy of the policy, refreshed every data.sync_every steps
+        gen_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+        sampler = make_sampler(gen_policy, tokenizer)
+        worker = RolloutWorker(rollout, sampler, env, buffer, cfg.data.problems_per_rollout, seed=cfg.seed)
+    else:
+        worker = None
+        strategy.configure_generation(
+            rollout=rollout, env=env, buffer=buffer, make_sampler=make_sampler, tokenizer=tokenizer,
+            problems_per_rollout=cfg.data.problems_per_rollout, seed=cfg.seed,
+        )
+    datamodule = TrajectoryDataModule(
+        buffer, batch_size=cfg.data.batch_size, max_lag=cfg.data.max_lag,
+        pad_id=tokenizer.pad_token_id, worker=worker, max_wait=cfg.data.max_wait,
+    )
+    for cb in callbacks.values():
+        if isinstance(cb, MeanAtKEval):
+            cb.setup_eval(env, tokenizer)
+        if isinstance(cb, ExportPolicy):
+            cb.tokenizer = tokenizer
+    trainer_kwargs = {"callbacks": list(callbacks.values()), "logger": loggers or False}
+    if strategy is not None:
+        trainer_kwargs["strategy"] = strategy
+    trainer = build(cfg.trainer, "trainer", **trainer_kwargs)
+
+    log.info("output dir: %s", out_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    result: dict = {"global_step": trainer.global_step, "skipped_steps": module.skipped_steps}
+    result.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
+    if ev is not None and ev.history:
+        result["eval_history"] = ev.history
+        result.update({f"final/{k}": v for k, v in ev.history[-1].items() if k != "step"})
+        result.update({f"base/{k}": v for k, v in ev.history[0].items() if k != "step"})
+    if trainer.is_global_zero:
+        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        log.info("results: %s", json.dumps({k: v for k, v in result.items() if k != "eval_history"}))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        result = train(cfg)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        raise SystemExit(2) from None
+    # the value Hydra sweepers optimise
+    metric = cfg.get("optimized_metric")
+    return result.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()
