@@ -65,6 +65,7 @@ class PolicyValueModule(L.LightningModule):
         temperature: float = 1.0,
         grad_clip: float = 1.0,
         max_bad_steps: int = 5,
+        banned_token_ids: list[int] | None = None,
     ) -> None:
         """
         Args:
@@ -76,6 +77,8 @@ class PolicyValueModule(L.LightningModule):
                 ``rho_t = pi_theta / pi_behaviour`` compares like with like.
             grad_clip: max global gradient norm (0 disables clipping).
             max_bad_steps: consecutive non-finite steps tolerated before the run stops.
+            banned_token_ids: ids the sampler never samples (pad, BOS); masked here too so that the
+                ratio compares the same distributions.
         """
         super().__init__()
         if not temperature > 0:
@@ -93,6 +96,7 @@ class PolicyValueModule(L.LightningModule):
             self.ref = copy.deepcopy(policy.lm).eval().requires_grad_(False)
         self._optimizer, self._scheduler = optimizer, scheduler
         self.temperature, self.grad_clip, self.max_bad_steps = temperature, grad_clip, max_bad_steps
+        self.banned_token_ids = list(banned_token_ids or [])
         self.bad_steps_in_row = 0
         self.skipped_steps = 0
         self.trained_tokens = 0
@@ -109,12 +113,12 @@ class PolicyValueModule(L.LightningModule):
         input_ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, L)
         logits, values, _ = self.policy(input_ids, attention_mask=attn)  # (B, L, V), (B, L)
         targets = input_ids[:, 1:]  # (B, T)
-        logp = token_logprobs(logits[:, :-1], targets, self.temperature)  # (B, T)
+        logp = token_logprobs(logits[:, :-1], targets, self.temperature, self.banned_token_ids)  # (B, T)
         out = {"logp": logp, "values": values[:, :-1]}  # V(s_t) at the position predicting a_t
         if self.ref is not None:
             with torch.no_grad():
                 ref_logits = self.ref(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
-                out["ref_logp"] = token_logprobs(ref_logits, targets, self.temperature)  # (B, T)
+                out["ref_logp"] = token_logprobs(ref_logits, targets, self.temperature, self.banned_token_ids)
         return out
 
     def compute_loss(self, batch: dict):

@@ -26,6 +26,7 @@ from tsd.data.datamodule import TrajectoryDataModule
 from tsd.models.loading import load_policy
 from tsd.module import PolicyValueModule
 from tsd.rollouts.worker import RolloutWorker
+from tsd.samplers.hf import banned_token_ids, eos_token_ids
 
 log = logging.getLogger("tsd.train")
 
@@ -75,6 +76,7 @@ def train(cfg: DictConfig) -> dict:
         temperature=cfg.sampler.temperature,
         grad_clip=cfg.module.grad_clip,
         max_bad_steps=cfg.module.max_bad_steps,
+        banned_token_ids=banned_token_ids(tokenizer, eos_token_ids(tokenizer, policy)),
     )
 
     buffer = build(cfg.buffer, "buffer")

@@ -82,7 +82,7 @@ class PolicyValueModel(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm.lm_head(hidden).float()  # (B, T, V) fp32 for log-probs
         values = self.value_head(hidden)  # (B, T)
-        return logits, values, out.past_key_values
+        return logits, values, getattr(out, _CACHE_KWARG, None)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> None:
@@ -112,10 +112,20 @@ class PolicyValueModel(nn.Module):
         return cls(lm, head).to(device)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    banned_ids: list[int] | None = None,
+) -> torch.Tensor:
     """Log-prob of each target under ``softmax(logits / temperature)`` in fp32.
 
     ``logits`` (B, T, V) at the positions that predict ``targets`` (B, T); returns (B, T).
+    ``banned_ids`` (pad, BOS) are masked out first, exactly as the sampler does, so that the
+    trainer's pi_theta and the recorded pi_behaviour are the same distribution.
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
+    logits = logits.float() / temperature  # (B, T, V)
+    if banned_ids:
+        logits = logits.index_fill(-1, torch.tensor(banned_ids, device=logits.device), float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)

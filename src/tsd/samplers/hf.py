@@ -1,0 +1,295 @@
+"""HFSampler: sampling with a transformers ``PolicyValueModel`` and its KV cache (CPU or GPU).
+
+The laptop-scale sampler, and the reference the vLLM sampler is checked against. One call to
+:meth:`HFSampler.sample` repeats each state ``n`` times, left-pads the rows into batches of at
+most ``max_batch_size``, and runs a plain autoregressive loop with the model's KV cache:
+
+    prefill:  model(prompt rows, attention mask, position ids = cumsum(mask) - 1)   # (B, T) -> (B, V)
+    per step: model(last token, cache, logits_to_keep=1) -> logits (B, V) fp32
+              logits / temperature -> pad/BOS banned (-inf) -> top-p nucleus -> sample
+              record log p(sampled token) under exactly that distribution
+
+The recorded log-probs are the *behaviour* log-probs CISPO's ratio ``pi_theta / pi_behaviour``
+needs (DESIGN.md). They are of the distribution actually sampled from, so they include the
+temperature, the top-p renormalisation and the pad/BOS ban: with pad/BOS banned the behaviour
+policy puts zero mass on them and renormalises over the rest (for a trained model the banned mass
+is ~0, so this is ~ log_softmax(logits / T)). ``temperature=0`` means greedy decoding (argmax);
+its log-probs are reported under ``softmax(logits)`` (T = 1, pad/BOS banned), since a greedy
+"distribution" has none to report. Use greedy for evaluation, not for training data.
+
+A row stops after it emits EOS, a step stop string (``</step>``; only with ``stop="step"``), an
+answer stop string (``</answer>``), or ``max_new_tokens`` tokens; the stop token(s) and EOS are
+kept in ``token_ids``. Stop strings that are one token (the bundled char tokenizer's tags) are
+matched by id; others (Qwen: ``</step>`` is several BPE tokens) by decoding each row's last few
+tokens.
+
+Sampling is deterministic given ``seed`` and the same sequence of calls (one ``torch.Generator``
+is advanced by every call), but not across different batchings of the same rows.
+
+    python -c "from tsd.samplers.hf import HFSampler; help(HFSampler)"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from tsd.models.policy_value import PolicyValueModel
+from tsd.samplers.base import Continuation, FinishReason, Sampler, StopMode
+
+
+def eos_token_ids(tokenizer, model: torch.nn.Module | None = None) -> set[int]:
+    """Every id that ends a sequence: the tokenizer's EOS plus the model config's and generation
+    config's ``eos_token_id`` (an int or a list; Qwen-Instruct lists both ``<|im_end|>`` and
+    ``<|endoftext|>``)."""
+    ids: set[int] = set()
+    sources = [getattr(tokenizer, "eos_token_id", None)]
+    lm = getattr(model, "lm", model)
+    for cfg in (getattr(lm, "config", None), getattr(lm, "generation_config", None)):
+        sources.append(getattr(cfg, "eos_token_id", None))
+    for src in sources:
+        if src is None:
+            continue
+        ids.update(int(i) for i in (src if isinstance(src, (list, tuple, set)) else [src]))
+    return ids
+
+
+def banned_token_ids(tokenizer, eos_ids: Iterable[int]) -> list[int]:
+    """Pad and BOS ids, never sampled; an id that is also an EOS (pad == eos is common) stays
+    allowed, or the model could never stop."""
+    eos = set(eos_ids)
+    ids = {getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id")}
+    return sorted(int(i) for i in ids if i is not None and int(i) not in eos)
+
+
+def split_stop_strings(tokenizer, stops: Sequence[str]) -> tuple[set[int], list[str]]:
+    """Split stop strings into single-token ones (matched by id) and the rest (matched by text)."""
+    single: set[int] = set()
+    multi: list[str] = []
+    for s in stops:
+        ids = tokenizer.encode(s, add_special_tokens=False)
+        if len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=False) == s:
+            single.add(int(ids[0]))
+        else:
+            multi.append(s)
+    return single, multi
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """Left-pad token rows; returns input ids, attention mask and position ids (cumsum - 1), (B, T)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
+    return input_ids.to(device), mask.to(device), position_ids.to(device)
+
+
+class HFSampler(Sampler):
+    """Samples continuations with a transformers :class:`PolicyValueModel` and a KV cache.
+
+    Args:
+        model: the policy + value head (moved to ``device``; put in eval mode while sampling, its
+            previous mode restored afterwards, so it may be shared with a trainer on one process).
+        tokenizer: the tokenizer the states are written in (needs ``pad_token_id``).
+        temperature: softmax temperature, ``>= 0``; ``0`` means greedy (log-probs under T = 1).
+        top_p: nucleus sampling mass in ``(0, 1]``; ``1`` disables it.
+        max_batch_size: most rows (state x continuation) per forward pass, ``>= 1``.
+        device: where the model runs.
+        seed: seeds this sampler's ``torch.Generator``; ``None`` draws a fresh seed.
+        stop_strings: end a step (``stop="step"`` only).
+        answer_stop_strings: end the answer (both stop modes).
+    """
+
+    tokenizer: Any
+
+    def __init__(
+        self,
+        model: PolicyValueModel,
+        tokenizer,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        seed: int | None = None,
+        stop_strings: tuple[str, ...] = ("</step>",),
+        answer_stop_strings: tuple[str, ...] = ("</answer>",),
+    ) -> None:
+        if not temperature >= 0.0:
+            raise ValueError(f"HFSampler: temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"HFSampler: top_p must be in (0, 1], got {top_p}")
+        if max_batch_size < 1:
+            raise ValueError(f"HFSampler: max_batch_size must be >= 1, got {max_batch_size}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("HFSampler: the tokenizer needs a pad_token_id (used for left padding)")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.max_batch_size = int(max_batch_size)
+        self.stop_strings = tuple(stop_strings)
+        self.answer_stop_strings = tuple(answer_stop_strings)
+        self.version = 0
+        #: every token emitted by :meth:`sample` so far (the compute axis of comparisons)
+        self.generated_tokens = 0
+
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
+        banned = banned_token_ids(tokenizer, self.eos_ids)
+        self._banned = torch.tensor(banned, dtype=torch.long, device=self.device)
+        self._step_ids, self._step_texts = split_stop_strings(tokenizer, self.stop_strings)
+        self._answer_ids, self._answer_texts = split_stop_strings(tokenizer, self.answer_stop_strings)
+        # tokens to decode for the text match: every token of a stop string adds >= 1 character
+        texts = self._step_texts + self._answer_texts
+        self._tail = max((len(s) for s in texts), default=0) + 1
+
+        self.generator = torch.Generator(device=self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+
+    # ------------------------------------------------------------------ public API
+    def sample(
+        self,
+        states: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode = "step",
+    ) -> list[list[Continuation]]:
+        if n < 1:
+            raise ValueError(f"HFSampler.sample: n must be >= 1, got {n}")
+        if max_new_tokens < 1:
+            raise ValueError(f"HFSampler.sample: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop not in ("step", "answer"):
+            raise ValueError(f"HFSampler.sample: stop must be 'step' or 'answer', got {stop!r}")
+        rows = [list(s) for s in states for _ in range(n)]  # each state n times, adjacent
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("HFSampler.sample: every state needs at least one token")
+
+        flat: list[Continuation] = []
+        with self._eval_mode(), torch.inference_mode():
+            for start in range(0, len(rows), self.max_batch_size):
+                flat.extend(self._generate(rows[start : start + self.max_batch_size], max_new_tokens, stop))
+        self.generated_tokens += sum(len(c.token_ids) for c in flat)
+        return [flat[i * n : (i + 1) * n] for i in range(len(states))]
+
+    def value(self, states: Sequence[Sequence[int]]) -> list[float]:
+        if any(len(s) == 0 for s in states):
+            raise ValueError("HFSampler.value: every state needs at least one token")
+        out: list[float] = []
+        with self._eval_mode(), torch.inference_mode():
+            for start in range(0, len(states), self.max_batch_size):
+                chunk = states[start : start + self.max_batch_size]
+                ids, mask, pos = left_pad(chunk, self.pad_id, self.device)  # (B, T) each
+                _, values, _ = self.model(ids, mask, pos, logits_to_keep=1)  # values: (B, 1)
+                out.extend(values[:, -1].float().tolist())
+        return out
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        self.model.load_state_dict(state_dict, strict=True)
+        self.version = int(version)
+
+    # ------------------------------------------------------------------ internals
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the duration (no dropout), then the model's previous mode back."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one token per row from fp32 ``logits`` (B, V); returns ids (B,) and their
+        log-probs (B,) under the distribution sampled from."""
+        logits = logits.float()
+        if self._banned.numel():
+            logits = logits.index_fill(-1, self._banned, float("-inf"))  # (B, V) pad/BOS never sampled
+        if self.temperature == 0.0:  # greedy; log-prob under T = 1
+            tok = logits.argmax(-1)  # (B,)
+            logp = torch.log_softmax(logits, -1)  # (B, V)
+            return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+        logits = logits / self.temperature  # (B, V)
+        if self.top_p < 1.0:
+            logits = self._top_p_filter(logits)
+        logp = torch.log_softmax(logits, -1)  # (B, V), renormalised over what may be sampled
+        tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)  # (B,)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+    def _top_p_filter(self, logits: torch.Tensor) -> torch.Tensor:
+        """Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (Holtzman et
+        al. 2020); the rest get -inf. ``logits`` (B, V), already temperature-scaled."""
+        sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)  # (B, V)
+        mass_before = probs.cumsum(-1) - probs  # (B, V): mass of the strictly more likely tokens
+        drop_sorted = mass_before >= self.top_p  # (B, V); the top token always has 0 before it
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
+        return logits.masked_fill(drop, float("-inf"))
+
+    def _generate(self, rows: list[list[int]], max_new_tokens: int, stop: StopMode) -> list[Continuation]:
+        """One left-padded batch of rows through the cached autoregressive loop."""
+        B = len(rows)
+        dev = self.device
+        input_ids, mask, pos = left_pad(rows, self.pad_id, dev)  # (B, T) each
+        logits, _, cache = self.model(input_ids, mask, pos, use_cache=True, logits_to_keep=1)  # (B, 1, V)
+        next_pos = pos[:, -1:] + 1  # (B, 1)
+
+        step_ids = self._step_ids if stop == "step" else set()
+        step_texts = self._step_texts if stop == "step" else []
+        step_t = torch.tensor(sorted(step_ids), dtype=torch.long, device=dev)
+        answer_t = torch.tensor(sorted(self._answer_ids), dtype=torch.long, device=dev)
+
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list[float]] = [[] for _ in range(B)]
+        reasons: list[FinishReason | None] = [None] * B
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
+        for t in range(max_new_tokens):
+            tok, lp = self._pick(logits[:, -1])  # (B,), (B,)
+            is_eos = torch.isin(tok, self._eos)  # (B,)
+            is_answer = torch.isin(tok, answer_t)  # (B,)
+            is_step = torch.isin(tok, step_t)  # (B,)
+            live = (~finished).nonzero().squeeze(-1).tolist()
+            tok_l, lp_l = tok.tolist(), lp.tolist()
+            eos_l, ans_l, step_l = is_eos.tolist(), is_answer.tolist(), is_step.tolist()
+            for i in live:
+                tokens[i].append(tok_l[i])
+                logprobs[i].append(lp_l[i])
+                if eos_l[i]:
+                    reasons[i] = "eos"
+                elif ans_l[i] or self._ends_with(tokens[i], self._answer_texts):
+                    reasons[i] = "answer"
+                elif step_l[i] or self._ends_with(tokens[i], step_texts):
+                    reasons[i] = "step"
+                elif t == max_new_tokens - 1:
+                    reasons[i] = "length"
+                if reasons[i] is not None:
+                    finished[i] = True
+            if bool(finished.all()):
+                break
+            # finished rows keep decoding a pad token (cheap at these sizes); their outputs are ignored
+            feed = tok.masked_fill(finished, self.pad_id)[:, None]  # (B, 1)
+            mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)  # (B, T + t + 1)
+            logits, _, cache = self.model(
+                feed, mask, next_pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )  # (B, 1, V)
+            next_pos = next_pos + 1
+        return [Continuation(tokens[i], logprobs[i], reasons[i] or "length") for i in range(B)]
+
+    def _ends_with(self, tokens: list[int], texts: list[str]) -> bool:
+        """Whether the row's newest tokens complete a multi-token stop string (general path)."""
+        if not texts:
+            return False
+        tail = self.tokenizer.decode(tokens[-self._tail :], skip_special_tokens=False)
+        # 'in', not endswith: a BPE token may carry text past the stop string ("</step>\n")
+        return any(s in tail for s in texts)
