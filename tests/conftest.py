@@ -52,3 +52,36 @@ def make_random_policy(tokenizer, hidden: int = 32, layers: int = 2, seed: int =
 @pytest.fixture
 def random_policy(char_tokenizer):
     return make_random_policy(char_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory):
+    """The bundled tiny policy when it has been built, else a random one saved the same way."""
+    import json
+
+    from tsd import TINY_POLICY_DIR
+    from tsd.models.char_tokenizer import build_char_tokenizer
+
+    if (TINY_POLICY_DIR / "model.safetensors").exists():
+        return str(TINY_POLICY_DIR)
+    d = tmp_path_factory.mktemp("random_policy")
+    tok = build_char_tokenizer()
+    make_random_policy(tok, hidden=64).save_pretrained(d)
+    tok.save_pretrained(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["tsd_char_tokenizer"] = True
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def compose_train(overrides: list[str], output_dir) -> object:
+    """The train config as ``python train.py OVERRIDES`` would build it, writing to output_dir."""
+    from hydra import compose, initialize_config_dir
+
+    from tsd.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(
+            config_name="train",
+            overrides=[*overrides, f"paths.output_dir={output_dir}", "logger=csv"],
+        )

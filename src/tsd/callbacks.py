@@ -33,6 +33,17 @@ class RolloutSync(L.Callback):
             raise ValueError(f"data.sync_every: must be >= 1, got {sync_every}")
         self.sync_every = sync_every
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # resumed: the generator copy was made before the checkpoint was loaded; give it the
+        # restored weights under the restored version
+        dm = trainer.datamodule
+        if trainer.global_step > 0:
+            sync = getattr(trainer.strategy, "sync_weights", None)
+            if sync is not None:
+                sync(pl_module, dm.trainer_version)
+            else:
+                dm.sync_weights(pl_module.policy.state_dict(), dm.trainer_version)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         dm = trainer.datamodule
         dm.ack(batch["buffer_ids"])
@@ -106,8 +117,13 @@ class MeanAtKEval(L.Callback):
         )
         problems = self.env.test if self.num_problems is None else self.env.test[: self.num_problems]
         res = evaluate_mean_at_k(
-            sampler, self.env, problems, k=self.k, max_new_tokens=self.max_new_tokens,
-            problems_per_batch=self.ppb, progress=False,
+            sampler,
+            self.env,
+            problems,
+            k=self.k,
+            max_new_tokens=self.max_new_tokens,
+            problems_per_batch=self.ppb,
+            progress=False,
         )
         pl_module.policy.train(was_training)
         gen = float(trainer.datamodule.stats().get("compute/generated_tokens", 0.0))
@@ -122,8 +138,13 @@ class MeanAtKEval(L.Callback):
         self.history.append(row)
         log.info(
             "eval step %d: mean@%d=%.4f pass@%d=%.4f (%d problems, %.1fs)",
-            trainer.global_step, self.k, res[f"mean@{self.k}"], self.k, res[f"pass@{self.k}"],
-            len(problems), res["seconds"],
+            trainer.global_step,
+            self.k,
+            res[f"mean@{self.k}"],
+            self.k,
+            res[f"pass@{self.k}"],
+            len(problems),
+            res["seconds"],
         )
         for lg in trainer.loggers:
             lg.log_metrics({k: v for k, v in row.items() if k != "step"}, step=trainer.global_step)
@@ -187,11 +208,20 @@ class LogLine(L.Callback):
         step = trainer.global_step
         if step % self.every or not trainer.is_global_zero:
             return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+        m = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if isinstance(v, (int, float, torch.Tensor))
+        }
         log.info(
             "step %d/%s | loss %.4f | reward %.3f | correct %.3f | kl %.4f | lag %.2f | gen tok %d | %.0fs",
-            step, trainer.max_steps, m.get("train/loss", float("nan")), m.get("train/reward", float("nan")),
-            m.get("train/correct", float("nan")), m.get("train/kl", float("nan")),
-            m.get("train/policy_lag", float("nan")), int(m.get("compute/generated_tokens", 0)),
+            step,
+            trainer.max_steps,
+            m.get("train/loss", float("nan")),
+            m.get("train/reward", float("nan")),
+            m.get("train/correct", float("nan")),
+            m.get("train/kl", float("nan")),
+            m.get("train/policy_lag", float("nan")),
+            int(m.get("compute/generated_tokens", 0)),
             time.perf_counter() - self.t0,
         )

@@ -37,25 +37,44 @@ def evaluate_with_search(cfg: DictConfig, sampler, env, problems) -> dict:
         dense += sum(t.reward for t in out.trajectories)
         tokens += out.generated_tokens
     n = len(problems)
-    return {"search@1": correct / n, "search_dense_mean": dense / n, "search_generated_tokens": tokens,
-            "search_seconds": time.perf_counter() - t0}
+    return {
+        "search@1": correct / n,
+        "search_dense_mean": dense / n,
+        "search_generated_tokens": tokens,
+        "search_seconds": time.perf_counter() - t0,
+    }
 
 
 def run_eval(cfg: DictConfig) -> dict:
     e = cfg.eval
     require(isinstance(e.k, int) and e.k >= 1, "eval.k", "an integer >= 1", e.k)
-    require(e.num_problems is None or (isinstance(e.num_problems, int) and e.num_problems >= 1),
-            "eval.num_problems", "null or an integer >= 1", e.num_problems)
-    require(isinstance(e.max_new_tokens, int) and e.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1",
-            e.max_new_tokens)
+    require(
+        e.num_problems is None or (isinstance(e.num_problems, int) and e.num_problems >= 1),
+        "eval.num_problems",
+        "null or an integer >= 1",
+        e.num_problems,
+    )
+    require(
+        isinstance(e.max_new_tokens, int) and e.max_new_tokens >= 1,
+        "eval.max_new_tokens",
+        ">= 1",
+        e.max_new_tokens,
+    )
     torch.manual_seed(cfg.seed)
     env = build(cfg.env, "env")
     make_sampler = build(cfg.sampler, "sampler")
     policy, tokenizer = load_policy(cfg.model.name_or_path, dtype=dtype_of(cfg.model.dtype))
     sampler = make_sampler(policy.eval(), tokenizer)
     problems = env.test if e.num_problems is None else env.test[: e.num_problems]
-    res = evaluate_mean_at_k(sampler, env, problems, k=e.k, max_new_tokens=e.max_new_tokens,
-                             problems_per_batch=e.problems_per_batch, return_samples=bool(e.save_samples))
+    res = evaluate_mean_at_k(
+        sampler,
+        env,
+        problems,
+        k=e.k,
+        max_new_tokens=e.max_new_tokens,
+        problems_per_batch=e.problems_per_batch,
+        return_samples=bool(e.save_samples),
+    )
     samples = res.pop("samples", None)
     res["model"] = str(cfg.model.name_or_path)
     res["temperature"] = float(cfg.sampler.temperature)
@@ -70,8 +89,12 @@ def run_eval(cfg: DictConfig) -> dict:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
     width = max(len(k) for k in res)
-    print("\n" + "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                           for k, v in res.items()))
+    print(
+        "\n"
+        + "\n".join(
+            f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in res.items()
+        )
+    )
     print(f"\nresults: {out / 'results.json'}")
     return res
 

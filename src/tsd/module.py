@@ -32,7 +32,9 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimiser steps had a NaN/inf loss or gradient."""
 
 
-def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_constant(
+    optimizer: torch.optim.Optimizer, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps`` optimiser steps, then constant."""
     if warmup_steps < 0:
         raise ValueError(f"module.scheduler.warmup_steps: must be >= 0, got {warmup_steps}")

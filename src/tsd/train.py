@@ -18,7 +18,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tsd.callbacks import ExportPolicy, MeanAtKEval
 from tsd.config import ConfigError, build, config_dir, dtype_of, require
@@ -63,7 +63,9 @@ def train(cfg: DictConfig) -> dict:
     rollout = build(cfg.rollout, "rollout")
     objective = build(cfg.loss, "loss")
     make_sampler = build(cfg.sampler, "sampler")
-    strategy = build(cfg.strategy, "strategy") if cfg.get("strategy") and cfg.strategy.get("_target_") else None
+    strategy = (
+        build(cfg.strategy, "strategy") if cfg.get("strategy") and cfg.strategy.get("_target_") else None
+    )
     callbacks = {k: build(v, f"callbacks.{k}") for k, v in (cfg.get("callbacks") or {}).items() if v}
     loggers = [build(v, f"logger.{k}") for k, v in (cfg.get("logger") or {}).items() if v]
 
@@ -88,12 +90,21 @@ def train(cfg: DictConfig) -> dict:
     else:
         worker = None
         strategy.configure_generation(
-            rollout=rollout, env=env, buffer=buffer, make_sampler=make_sampler, tokenizer=tokenizer,
-            problems_per_rollout=cfg.data.problems_per_rollout, seed=cfg.seed,
+            rollout=rollout,
+            env=env,
+            buffer=buffer,
+            make_sampler=make_sampler,
+            tokenizer=tokenizer,
+            problems_per_rollout=cfg.data.problems_per_rollout,
+            seed=cfg.seed,
         )
     datamodule = TrajectoryDataModule(
-        buffer, batch_size=cfg.data.batch_size, max_lag=cfg.data.max_lag,
-        pad_id=tokenizer.pad_token_id, worker=worker, max_wait=cfg.data.max_wait,
+        buffer,
+        batch_size=cfg.data.batch_size,
+        max_lag=cfg.data.max_lag,
+        pad_id=tokenizer.pad_token_id,
+        worker=worker,
+        max_wait=cfg.data.max_wait,
     )
     for cb in callbacks.values():
         if isinstance(cb, MeanAtKEval):

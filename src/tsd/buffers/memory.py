@@ -107,6 +107,21 @@ class MemoryBuffer(Buffer):
                 self._cond.notify_all()
             return len(items)
 
+    def snapshot(self) -> list[str]:
+        """Every trajectory not yet acked (pending first, then undelivered), as JSON records: what a
+        checkpoint keeps so that a resumed run trains on exactly what this one would have."""
+        with self._cond:
+            return [it.trajectory.to_json() for it in (*self._pending.values(), *self._queue)]
+
+    def restore(self, records: Sequence[str]) -> None:
+        """Replace the contents with ``records`` (from :meth:`snapshot`), all undelivered."""
+        with self._cond:
+            self._pending.clear()
+            self._queue.clear()
+            for r in records:
+                self._queue.append(BufferItem(str(next(self._ids)), Trajectory.from_json(r)))
+            self._cond.notify_all()
+
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)

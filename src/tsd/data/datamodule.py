@@ -145,6 +145,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             "dropped_stale": self.dropped_stale,
             "consumed": self.consumed,
             "worker": self.worker.state_dict() if self.worker is not None else None,
+            # an in-process buffer dies with the process: keep what it holds (a Redis stream persists)
+            "buffer": self.buffer.snapshot() if hasattr(self.buffer, "snapshot") else None,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -153,3 +155,6 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.consumed = int(state["consumed"])
         if self.worker is not None and state.get("worker") is not None:
             self.worker.load_state_dict(state["worker"])
+        if state.get("buffer") is not None and hasattr(self.buffer, "restore"):
+            self._held = []
+            self.buffer.restore(state["buffer"])

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 # transformers >= 5.2x renamed the KV-cache argument; older releases (and vLLM's pins) use the old name
 _CACHE_KWARG = (
-    "cache" if "cache" in inspect.signature(__import__("transformers").Qwen2Model.forward).parameters
+    "cache"
+    if "cache" in inspect.signature(__import__("transformers").Qwen2Model.forward).parameters
     else "past_key_values"
 )
 
@@ -92,7 +93,9 @@ class PolicyValueModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
         save_file(state, str(path / VALUE_HEAD_FILE))
         (path / VALUE_HEAD_CONFIG).write_text(
-            json.dumps({"hidden_size": self.value_head.fc1.in_features, "mlp_size": self.value_head.fc1.out_features})
+            json.dumps(
+                {"hidden_size": self.value_head.fc1.in_features, "mlp_size": self.value_head.fc1.out_features}
+            )
         )
 
     @classmethod

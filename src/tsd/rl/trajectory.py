@@ -53,7 +53,9 @@ class Trajectory:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def ints(name: str, xs: Any) -> None:
-            if not isinstance(xs, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in xs):
+            if not isinstance(xs, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in xs
+            ):
                 raise TrajectoryError(f"Trajectory.{name}: expected a list of int")
             if len(xs) > MAX_TOKENS:
                 raise TrajectoryError(f"Trajectory.{name}: {len(xs)} tokens, at most {MAX_TOKENS}")
@@ -72,7 +74,9 @@ class Trajectory:
             )
         for x in lp:
             if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x) or x > 1e-4:
-                raise TrajectoryError("Trajectory.behaviour_logprobs: each must be a log-prob, <= 0 and not NaN")
+                raise TrajectoryError(
+                    "Trajectory.behaviour_logprobs: each must be a log-prob, <= 0 and not NaN"
+                )
         if not isinstance(self.reward, (int, float)) or not -1.0 <= float(self.reward) <= 1.0:
             raise TrajectoryError(f"Trajectory.reward: {self.reward!r} not in [-1, 1]")
         if not isinstance(self.correct, bool):
@@ -92,13 +96,20 @@ class Trajectory:
         if not isinstance(self.stats, dict) or len(self.stats) > MAX_STATS:
             raise TrajectoryError(f"Trajectory.stats: expected a dict of at most {MAX_STATS} entries")
         for k, v in self.stats.items():
-            if not isinstance(k, str) or len(k) > 128 or not isinstance(v, (int, float)) or isinstance(v, bool):
+            if (
+                not isinstance(k, str)
+                or len(k) > 128
+                or not isinstance(v, (int, float))
+                or isinstance(v, bool)
+            ):
                 raise TrajectoryError("Trajectory.stats: expected str -> number")
 
     # ------------------------------------------------------------------ serialisation
     def to_json(self) -> str:
         # shallow: dataclasses.asdict deep-copies every list and costs ~4x more
-        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, separators=(",", ":"), allow_nan=False)
+        return json.dumps(
+            {f.name: getattr(self, f.name) for f in fields(self)}, separators=(",", ":"), allow_nan=False
+        )
 
     @classmethod
     def from_json(cls, data: str | bytes) -> Trajectory:

@@ -89,7 +89,11 @@ class RolloutWorker:
 
     # resumable: the problem stream and counters (weights come from the trainer's checkpoint)
     def state_dict(self) -> dict:
+        gen = getattr(self.sampler, "generator", None)
+        rollout_state = getattr(self.rollout, "state_dict", None)
         return {
+            "sampler_rng": gen.get_state() if isinstance(gen, torch.Generator) else None,
+            "rollout": rollout_state() if callable(rollout_state) else None,
             "epoch": self.epoch,
             "cursor": self.cursor,
             "generated_tokens": self.generated_tokens,
@@ -103,3 +107,8 @@ class RolloutWorker:
         self.generated_tokens = int(state["generated_tokens"])
         self.trajectories = int(state["trajectories"])
         self.rollouts = int(state["rollouts"])
+        gen = getattr(self.sampler, "generator", None)
+        if state.get("sampler_rng") is not None and isinstance(gen, torch.Generator):
+            gen.set_state(state["sampler_rng"])
+        if state.get("rollout") is not None and hasattr(self.rollout, "load_state_dict"):
+            self.rollout.load_state_dict(state["rollout"])

@@ -1,0 +1,98 @@
+"""Every config composes, every ``_target_`` accepts the keys its YAML gives it, and bad values
+fail early with the field's name."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tsd.config import config_dir
+
+CONFIGS = Path(config_dir())
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+GROUP_OPTIONS = {
+    g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml"))
+    for g in ("model", "sampler", "rollout", "loss", "buffer", "logger", "strategy", "trainer")
+}
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
+
+
+def _targets(node, path=""):
+    """Yield (path, target, keys) for every node with a ``_target_``."""
+    if isinstance(node, (DictConfig, ListConfig)) and node._is_none():
+        return
+    if isinstance(node, DictConfig):
+        t = node.get("_target_")
+        if t:
+            keys = [k for k in node if not str(k).startswith("_")]
+            yield path, t, keys
+        for k in node:
+            yield from _targets(node._get_node(k), f"{path}.{k}" if path else str(k))
+    elif isinstance(node, ListConfig):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{path}[{i}]")
+
+
+def _resolve_target(target: str):
+    mod, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except ModuleNotFoundError as e:
+        pytest.skip(f"{target} needs an optional package: {e}")
+
+
+def _check_signature(cfg: DictConfig) -> None:
+    for path, target, keys in _targets(cfg):
+        if path.startswith("hydra"):
+            continue
+        obj = _resolve_target(target)
+        sig = inspect.signature(obj)
+        if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            continue
+        unknown = set(keys) - set(sig.parameters)
+        assert not unknown, f"{path}: {target} does not accept {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_matches_signatures(experiment):
+    cfg = _compose("train", [f"experiment={experiment}"])
+    OmegaConf.resolve(cfg.sampler)  # interpolations resolve
+    assert cfg.task_name == experiment
+    _check_signature(cfg)
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts], ids=lambda x: str(x)
+)
+def test_every_group_option_composes(group, option):
+    cfg = _compose("train", [f"{group}={option}"])
+    _check_signature(cfg)
+
+
+@pytest.mark.parametrize("overrides", [[], ["search=mcts"]])
+def test_eval_config_composes(overrides):
+    cfg = _compose("eval", overrides)
+    assert cfg.eval.k == 16
+    _check_signature(cfg)
+
+
+def test_debug_smoke_composes_with_every_experiment():
+    for e in EXPERIMENTS:
+        cfg = _compose("train", [f"experiment={e}", "debug=smoke"])
+        assert cfg.trainer.max_steps <= 5
+
+
+def test_experiments_open_with_their_command():
+    for e in EXPERIMENTS:
+        head = (CONFIGS / "experiment" / f"{e}.yaml").read_text().splitlines()[:3]
+        assert any(f"experiment={e}" in line for line in head), f"{e}.yaml should start with its command"
+        assert len((CONFIGS / "experiment" / f"{e}.yaml").read_text().splitlines()) <= 30
