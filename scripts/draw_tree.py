@@ -1,0 +1,228 @@
+"""Run the MCTS rollout on a few Countdown problems and draw each search tree.
+
+    python scripts/draw_tree.py --problems 3                          # first 3 test problems
+    python scripts/draw_tree.py --numbers 3 5 7 2 --target 23 --workers 4 --k 4 --iterations 12
+
+Uses the bundled tiny policy (``load_policy("tiny")``) with the HF sampler; if the policy has not
+been built yet it says so and falls back to a random one (``--policy random`` forces that). For
+each problem it writes ``OUT/tree_<i>.json`` (``SearchTree.to_dict()`` plus the problem and the
+chosen trajectory) and ``OUT/tree_<i>.png`` / ``.svg``: the step text on the edges; visits N, Q
+and prior P on the nodes; terminals show their reward (green when correct); the chosen
+(max-visit) path in red. Progress is printed after every wave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tsd import TINY_POLICY_DIR
+from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.rollouts.base import decode_completion
+from tsd.rollouts.mcts import MCTSRollout, SearchCounters
+from tsd.rollouts.tree import SearchTree
+from tsd.samplers.hf import HFSampler
+
+
+def load_policy_or_random(name: str):
+    """``(model, tokenizer, description)``: the bundled tiny policy, or (asked for, or when the
+    tiny policy is missing) a random tiny-sized Qwen2 over the char tokenizer whose ``</step>``
+    logit gets +3, so that its steps close (~every 5 tokens) and its trees grow levels."""
+    if name == "tiny" and (TINY_POLICY_DIR / "model.safetensors").exists():
+        from tsd.models.loading import load_policy
+
+        model, tok = load_policy("tiny")
+        return model, tok, f"bundled tiny policy ({TINY_POLICY_DIR})"
+    if name == "tiny":
+        print(f"note: no tiny policy at {TINY_POLICY_DIR}; using a random policy", file=sys.stderr)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tsd.models.char_tokenizer import build_char_tokenizer
+    from tsd.models.policy_value import PolicyValueModel
+
+    tok = build_char_tokenizer()
+    close = tok.convert_tokens_to_ids("</step>")
+
+    class StepClosing(PolicyValueModel):
+        def forward(self, *args, **kwargs):
+            logits, values, cache = super().forward(*args, **kwargs)
+            logits[..., close] += 3.0  # (B, T, V): the bias is part of the policy
+            return logits, values, cache
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    desc = "random policy (untrained, tiny-sized, </step> logit +3)"
+    return StepClosing(Qwen2ForCausalLM(cfg)).eval(), tok, desc
+
+
+def step_label(text: str | None, limit: int = 28) -> str:
+    """``<step>3+5=8</step>`` -> ``3+5=8``; ``<answer>e</answer>`` -> ``=> e``; cut to ``limit``."""
+    text = (text or "").replace("<eos>", " <eos>").replace("\n", "\\n")
+    text = re.sub(r"</?step>", "", text)
+    text = re.sub(r"<answer>(.*?)</answer>", r"=> \1", text).strip()
+    text = text if len(text) <= limit else text[: limit - 1] + "~"
+    return "\n".join(text[i : i + 16] for i in range(0, len(text), 16))
+
+
+def layout(tree: dict) -> dict[int, tuple[float, float]]:
+    """Tidy-ish layout: leaves on consecutive x slots in depth-first order (children by id), each
+    parent centred over its children; y = -depth."""
+    kids: dict[int, list[int]] = {}
+    for n in tree["nodes"]:
+        if n["parent"] is not None:
+            kids.setdefault(n["parent"], []).append(n["id"])
+    pos: dict[int, tuple[float, float]] = {}
+    depth = {n["id"]: n["depth"] for n in tree["nodes"]}
+    slot = 0
+
+    def place(i: int) -> float:
+        nonlocal slot
+        ch = kids.get(i, [])
+        if not ch:
+            x = float(slot)
+            slot += 1
+        else:
+            xs = [place(c) for c in ch]
+            x = (xs[0] + xs[-1]) / 2
+        pos[i] = (x, -float(depth[i]))
+        return x
+
+    place(0)
+    return pos
+
+
+def draw(tree: dict, title: str, path_stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = layout(tree)
+    width = max(x for x, _ in pos.values()) + 1
+    depth = max(-y for _, y in pos.values()) + 1
+    fig, ax = plt.subplots(figsize=(min(80.0, 2.2 + 1.9 * width), 1.6 + 1.9 * depth))
+    nodes = {n["id"]: n for n in tree["nodes"]}
+    for n in tree["nodes"]:  # edges first, labelled with the step
+        if n["parent"] is None:
+            continue
+        (x0, y0), (x1, y1) = pos[n["parent"]], pos[n["id"]]
+        chosen = n["on_chosen_path"] and nodes[n["parent"]]["on_chosen_path"]
+        ax.plot([x0, x1], [y0, y1], color="crimson" if chosen else "0.6", lw=2.5 if chosen else 0.8, zorder=1)
+        ax.text(x0 + 0.62 * (x1 - x0), y0 + 0.62 * (y1 - y0), step_label(n["step"]), fontsize=6.5, ha="center", va="center",
+                family="monospace", color="crimson" if chosen else "0.15", zorder=3,
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))  # fmt: skip
+    for n in tree["nodes"]:
+        x, y = pos[n["id"]]
+        if n["terminal"]:
+            fc = "#b7e4b0" if n["correct"] else ("#f4c7c3" if n["reward"] is not None else "#eeeeee")
+        else:
+            fc = "#dbe8f6" if n["visits"] else "white"
+        ec = "crimson" if n["on_chosen_path"] else "0.3"
+        label = f"N={n['visits']:g}  Q={n['q']:+.2f}\nP={n['prior']:.2f}"
+        if n["terminal"]:
+            r = "?" if n["reward"] is None else f"{n['reward']:+.2f}"
+            label += f"  r={r}\n[{n['terminal_reason']}]"
+        ax.text(x, y, label, fontsize=6.5, ha="center", va="center", zorder=4,
+                bbox=dict(boxstyle="round,pad=0.3", fc=fc, ec=ec, lw=2.0 if n["on_chosen_path"] else 0.6))  # fmt: skip
+    ax.set_title(title, fontsize=9, family="monospace", loc="left")
+    ax.set_xlim(-0.8, width - 0.2)
+    ax.set_ylim(-depth + 0.4, 0.6)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path_stem.with_suffix(".png"), dpi=110)
+    fig.savefig(path_stem.with_suffix(".svg"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", type=int, default=3, help="first N problems of the test split")
+    ap.add_argument("--numbers", type=int, nargs="+", help="one custom problem's numbers (with --target)")
+    ap.add_argument("--target", type=int)
+    ap.add_argument("--workers", type=int, default=4, help="N workers per tree")
+    ap.add_argument("--k", type=int, default=4, help="K completions per expanded node")
+    ap.add_argument("--iterations", type=int, default=8, help="M waves")
+    ap.add_argument("--c-puct", type=float, default=0.5)
+    ap.add_argument("--max-step-tokens", type=int, default=32)
+    ap.add_argument("--max-depth", type=int, default=8)
+    ap.add_argument("--max-completion-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed")
+    ap.add_argument("--policy", choices=("tiny", "random"), default="tiny")
+    ap.add_argument("--out", type=Path, default=Path("outputs/trees"))
+    args = ap.parse_args(argv)
+    if (args.numbers is None) != (args.target is None):
+        ap.error("--numbers and --target go together")
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model, tok, which = load_policy_or_random(args.policy)
+    env = CountdownEnv()
+    if args.numbers is not None:
+        problems = [Problem(numbers=tuple(args.numbers), target=args.target, id=0)]
+    else:
+        problems = list(env.test[: args.problems])
+    sampler = HFSampler(model, tok, temperature=args.temperature, seed=args.seed)
+    rollout = MCTSRollout(
+        workers=args.workers,
+        completions_per_node=args.k,
+        iterations=args.iterations,
+        c_puct=args.c_puct,
+        max_step_tokens=args.max_step_tokens,
+        max_depth=args.max_depth,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        record_trees=True,
+    )
+    print(f"policy: {which}; {len(problems)} problem(s); N={args.workers} K={args.k} M={args.iterations}")
+    t0 = time.perf_counter()
+
+    def progress(w: int, trees: list[SearchTree], c: SearchCounters) -> None:
+        sizes = " ".join(str(len(t.nodes)) for t in trees)
+        print(
+            f"  wave {w + 1:3d}/{args.iterations}: nodes [{sizes}]  sims {c.simulations}  "
+            f"terminal leaves {c.terminal_evaluations}  grades {c.grades}  tokens {c.search_tokens}  "
+            f"{time.perf_counter() - t0:6.1f}s",
+            flush=True,
+        )
+
+    out = rollout.run(problems, sampler, env, on_wave=progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, (p, tree, traj) in enumerate(zip(problems, rollout.trees, out.trajectories)):
+        d = tree.to_dict()
+        text = decode_completion(tok, traj.completion_ids)
+        d.update(
+            problem={"numbers": list(p.numbers), "target": p.target, "id": p.id},
+            chosen={"text": text, "reward": traj.reward, "correct": traj.correct,
+                    "finish_reason": traj.finish_reason, **traj.stats},
+            policy=which,
+            knobs={k: getattr(rollout, k) for k in ("workers", "completions_per_node", "iterations", "c_puct",
+                                                      "virtual_loss", "max_step_tokens", "max_depth")},
+        )  # fmt: skip
+        stem = args.out / f"tree_{i}"
+        stem.with_suffix(".json").write_text(json.dumps(d, indent=1))
+        title = (
+            f"{list(p.numbers)} -> {p.target}   N={args.workers} K={args.k} M={args.iterations}   "
+            f"{len(tree.nodes)} nodes\nchosen: {text!r}   reward {traj.reward:+.3f}"
+            f"{'  CORRECT' if traj.correct else ''}"
+        )
+        draw(d, title, stem)
+        print(
+            f"problem {i}: {list(p.numbers)}->{p.target}  chosen {text!r}  reward {traj.reward:+.3f}  -> {stem}.png/.svg/.json"
+        )
+    print("stats: " + "  ".join(f"{k}={v:.3g}" for k, v in out.stats.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
