@@ -1,0 +1,109 @@
+"""The commands a user types, run as subprocesses: train.py (one run and a multirun sweep),
+eval.py with and without the search harness, and the scripts that turn runs into tables and
+pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+    assert p.returncode == 0, f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.mark.slow
+def test_train_smoke_then_eval_the_export_with_and_without_search(policy_dir, tmp_path):
+    out = tmp_path / "run"
+    run(
+        [
+            "train.py",
+            "experiment=mcts_countdown",
+            "debug=smoke",
+            f"model.name_or_path={policy_dir}",
+            f"hydra.run.dir={out}",
+        ]
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["global_step"] == 3 and "search/tree_size" in res
+    ev = tmp_path / "eval"
+    p = run(
+        [
+            "eval.py",
+            f"model.name_or_path={out / 'policy'}",
+            "eval.num_problems=3",
+            "eval.k=2",
+            "eval.max_new_tokens=48",
+            "search=mcts",
+            "search.rollout.workers=2",
+            "search.rollout.iterations=2",
+            "env.n_train=200",
+            "env.n_test=20",
+            f"hydra.run.dir={ev}",
+        ]
+    )
+    r = json.loads((ev / "results.json").read_text())
+    assert r["num_problems"] == 3 and 0.0 <= r["mean@2"] <= 1.0 and 0.0 <= r["search@1"] <= 1.0
+    assert "mean@2" in p.stdout and "search@1" in p.stdout  # the printed table
+
+
+@pytest.mark.slow
+def test_bad_override_exits_2_naming_the_field(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "train.py", "data.batch_size=0", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "data.batch_size" in (p.stdout + p.stderr)
+
+
+@pytest.mark.slow
+def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run(
+        [
+            "train.py",
+            "-m",
+            "hparams_search=mcts_scaling",
+            "debug=smoke",
+            f"model.name_or_path={policy_dir}",
+            "rollout.workers=1,2",
+            "rollout.iterations=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=600,
+    )
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]  # exactly one directory per job, nothing else
+    p = run(["scripts/collect_sweep.py", str(sweep), "--metric", "eval/mean@2"])
+    rows = json.loads((sweep / "sweep.json").read_text())
+    assert sorted(r["rollout.workers"] for r in rows) == ["1", "2"]
+    assert all(r["final"] is not None and r["generated_tokens"] > 0 for r in rows)
+    assert (sweep / "heatmap.png").stat().st_size > 0 and "rollout.workers" in p.stdout
+    run(
+        [
+            "scripts/plot_curves.py",
+            str(sweep / "0"),
+            str(sweep / "1"),
+            "--metric",
+            "eval/mean@2",
+            "--out",
+            str(tmp_path / "curves.png"),
+        ]
+    )
+    assert (tmp_path / "curves.png").stat().st_size > 0
