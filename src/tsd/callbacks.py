@@ -101,14 +101,19 @@ class MeanAtKEval(L.Callback):
         self.env, self.tokenizer = env, tokenizer
 
     def _run(self, trainer, pl_module) -> None:
-        if self.env is None or trainer.global_step == self._last_step or not trainer.is_global_zero:
+        if self.env is None or trainer.global_step == self._last_step:
             return
         from tsd.samplers.hf import HFSampler
 
         self._last_step = trainer.global_step
-        was_training = pl_module.policy.training
+        # sharded (GeneratorTrainerStrategy): every trainer rank helps gather the full policy
+        full = getattr(trainer.strategy, "full_policy_state_dict", None)
+        policy = full(pl_module) if full is not None else pl_module.policy
+        if policy is None or not trainer.is_global_zero:
+            return
+        was_training = policy.training
         sampler = HFSampler(
-            pl_module.policy,
+            policy,
             self.tokenizer,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -125,7 +130,7 @@ class MeanAtKEval(L.Callback):
             problems_per_batch=self.ppb,
             progress=False,
         )
-        pl_module.policy.train(was_training)
+        policy.train(was_training)
         gen = float(trainer.datamodule.stats().get("compute/generated_tokens", 0.0))
         row = {
             "step": trainer.global_step,
@@ -175,14 +180,11 @@ class ExportPolicy(L.Callback):
         self.tokenizer = tokenizer
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        # sharded: every trainer rank takes part in gathering; rank 0 gets the full policy
+        full = getattr(trainer.strategy, "full_policy_state_dict", None)
+        policy = full(pl_module) if full is not None else pl_module.policy
+        if policy is None or not trainer.is_global_zero:
             return
-        state = getattr(trainer.strategy, "full_policy_state_dict", None)
-        policy = pl_module.policy
-        if state is not None:  # sharded: gather first
-            policy = state(pl_module)
-            if policy is None:
-                return
         policy.save_pretrained(self.dirpath)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.dirpath)

@@ -155,14 +155,19 @@ class PolicyValueModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         out = self.compute_loss(batch)
-        if not torch.isfinite(out.loss):
+        finite = bool(torch.isfinite(out.loss))
+        if self._trainer is not None:  # sharded weights: every rank must skip or step together
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             opt.zero_grad(set_to_none=True)
-            return self._skip(f"loss is {out.loss.item()}")
+            return self._skip(f"loss is {out.loss.item()} (here or on another rank)")
         opt.zero_grad(set_to_none=True)
         self.manual_backward(out.loss)
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # sharded (FSDP2) gradients: the norm is a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             opt.zero_grad(set_to_none=True)
             return self._skip(f"gradient norm is {grad_norm.item()}")

@@ -73,6 +73,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.dropped_stale = 0
         self.consumed = 0
         self.generated_tokens_remote = 0  # reported by generator ranks, if any
+        # generator id -> the largest cumulative token count its trajectories carried (trajectories
+        # of one generator are spread over the trainers, so the max is what this rank has seen)
+        self._gen_tokens: dict[int, float] = {}
         self._held: list[BufferItem] = []
 
     def train_dataloader(self) -> DataLoader:
@@ -84,11 +87,16 @@ class TrajectoryDataModule(L.LightningDataModule):
     def _fresh(self, items: list[BufferItem]) -> list[BufferItem]:
         keep, stale = [], []
         for it in items:
+            st = it.trajectory.stats
+            if "gen_tokens" in st:
+                gid = int(st.get("gen_id", 0))
+                self._gen_tokens[gid] = max(self._gen_tokens.get(gid, 0.0), float(st["gen_tokens"]))
             lag = self.trainer_version - it.trajectory.policy_version
             (stale if lag > self.max_lag else keep).append(it)
         if stale:
             self.buffer.ack([it.id for it in stale])
             self.dropped_stale += len(stale)
+        self.generated_tokens_remote = int(sum(self._gen_tokens.values()))
         return keep
 
     def next_batch(self) -> dict:
@@ -153,6 +161,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.trainer_version = int(state["trainer_version"])
         self.dropped_stale = int(state["dropped_stale"])
         self.consumed = int(state["consumed"])
+        self._gen_tokens = {int(k): float(v) for k, v in state.get("gen_tokens", {}).items()}
+        self.generated_tokens_remote = int(sum(self._gen_tokens.values()))
         if self.worker is not None and state.get("worker") is not None:
             self.worker.load_state_dict(state["worker"])
         if state.get("buffer") is not None and hasattr(self.buffer, "restore"):

@@ -35,7 +35,8 @@ def evaluate_mean_at_k(
         raise ValueError(f"eval.problems_per_batch: must be >= 1, got {problems_per_batch}")
     if not problems:
         raise ValueError("eval: no problems to evaluate (eval.num_problems must be >= 1)")
-    mean, passk = MeanAtK(k), PassAtK(k)
+    # one process evaluates (rank 0 when training is distributed): nothing to sync across ranks
+    mean, passk = MeanAtK(k, sync_on_compute=False), PassAtK(k, sync_on_compute=False)
     tok = sampler.tokenizer
     t0, tokens, dense_sum = time.perf_counter(), 0, 0.0
     samples = []

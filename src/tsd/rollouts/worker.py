@@ -33,12 +33,13 @@ class RolloutWorker:
         buffer: Buffer,
         problems_per_rollout: int,
         seed: int = 0,
+        worker_id: int = 0,
     ) -> None:
         if problems_per_rollout < 1:
             raise ValueError(f"data.problems_per_rollout: must be >= 1, got {problems_per_rollout}")
         self.rollout, self.sampler, self.env, self.buffer = rollout, sampler, env, buffer
         self.problems_per_rollout = problems_per_rollout
-        self.seed = seed
+        self.seed, self.worker_id = seed, worker_id
         self.epoch, self.cursor = 0, 0
         self._order = self._shuffled(0)
         self.generated_tokens = 0
@@ -67,9 +68,12 @@ class RolloutWorker:
         t0 = time.perf_counter()
         out = self.rollout.run(problems, self.sampler, self.env)
         dt = time.perf_counter() - t0
+        self.generated_tokens += out.generated_tokens
+        for t in out.trajectories:  # lets a trainer in another process count the compute behind them
+            t.stats["gen_id"] = float(self.worker_id)
+            t.stats["gen_tokens"] = float(self.generated_tokens)
         if out.trajectories:
             self.buffer.put(out.trajectories)
-        self.generated_tokens += out.generated_tokens
         self.trajectories += len(out.trajectories)
         self.rollouts += 1
         self.last_stats = {

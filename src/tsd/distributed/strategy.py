@@ -1,0 +1,559 @@
+"""GeneratorTrainerStrategy: of the world's ranks, the last ``num_generators`` generate and the rest
+train the policy under FSDP2 on their own process group (DESIGN.md "Distribution"; the seed
+article's 6 generators + 2 trainers on 8 GPUs).
+
+    python train.py experiment=cispo_countdown strategy=generator_trainer buffer=redis trainer.devices=3
+    torchrun --nnodes 2 --nproc-per-node 4 ... train.py strategy=generator_trainer buffer=redis \\
+        trainer.devices=4 trainer.num_nodes=2 hydra.run.dir=outputs/run1          # see docs/distributed.md
+
+Ranks. With world size W and G generators, ranks ``0..T-1`` (T = W - G) are trainers and
+``T..W-1`` generators, so global rank 0, which Lightning uses for logging and checkpoints, trains.
+
+How a generator rank avoids the fit loop. :class:`~tsd.distributed.launcher.GeneratorTrainerLauncher`
+runs Lightning's fit function only on trainer ranks; on a generator rank it calls
+:meth:`run_generator` instead (in the forked child, or in place under torchrun/SLURM), which joins
+the process groups, then runs :class:`~tsd.distributed.generator.GeneratorLoop` until the trainers
+say stop. Lightning never sees a generator rank, so no hook, logger or callback runs there.
+
+Process groups. Every rank meets on one store (``torch.distributed.rendezvous("env://")``: the
+TCPStore on ``MASTER_ADDR:MASTER_PORT``, or torchrun's agent store), then:
+
+1. the trainers ``0..T-1`` form the *default* process group (gloo on CPU, NCCL on GPU; timeout
+   ``timeout_s``). To Lightning, torchmetrics and anything else that uses the default group the
+   world is the trainers (``trainer.world_size == T``), so their collectives never wait for a
+   generator. FSDP2 ``fully_shard`` runs over a 1-D ``DeviceMesh`` of it;
+2. ``{trainer rank 0} ∪ generators`` form the sync group, built directly on the store
+   (:func:`~tsd.distributed.weight_sync.sync_group`; timeout ``sync_timeout_s``); the generators
+   have no default group at all (a vLLM sampler makes its own);
+3. a few keys on the store are the control channel (announcements, stop, done).
+
+What is sharded. The module's ``policy`` (the LM + value head: what is trained) is sharded per
+transformer block (``policy.lm.model.layers``) plus one root unit; the frozen reference policy
+(``ref``, for the KL term) is replicated on every trainer: it needs no gradients or optimiser
+state, and a replicated forward costs no communication. Trainer rank 0 also keeps an unsharded
+CPU copy of the policy (the *shadow*): the gathered weights are loaded into it at each sync, and
+it is what evaluation (:class:`~tsd.callbacks.MeanAtKEval`) and export use
+(:meth:`full_policy_state_dict`).
+
+Data. Each trainer rank reads its own ``data.batch_size`` trajectories from the shared Redis
+buffer under its own consumer name: the global batch is ``data.batch_size x T``. Gradients are
+averaged over the trainer group by FSDP; the loss's token normalisation is per rank (each rank
+normalises by its own batch's tokens, then ranks are averaged), as in any data-parallel trainer.
+
+Weight sync (:mod:`tsd.distributed.weight_sync`). Every ``data.sync_every`` optimiser steps,
+:class:`~tsd.callbacks.RolloutSync` calls :meth:`sync_weights`: every trainer gathers the full
+policy state (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``; it lands on rank
+0), rank 0 announces the version on the c10d store and broadcasts the weights on the sync group.
+A receiver thread on each generator takes the broadcast while the generator keeps sampling; the
+generator swaps the weights in between rollouts, and every trajectory carries its version. The
+trainer drops, and counts, trajectories more than ``data.max_lag`` versions old
+(:class:`~tsd.data.datamodule.TrajectoryDataModule`); CISPO's ratio uses the recorded behaviour
+log-probs, so the remaining lag is corrected. Logged: ``perf/weight_sync_seconds`` (by
+RolloutSync), ``perf/weight_gather_seconds``, ``perf/weight_broadcast_seconds``,
+``perf/weight_sync_mb``, ``train/policy_lag``, ``train/dropped_stale``.
+
+Stop. At teardown trainer rank 0 sets ``stop`` on the store; each generator finishes the rollout
+in hand (its trajectories stay in the buffer, pending), bumps ``done`` and leaves; rank 0 waits
+for all of them (at most ``stop_timeout_s``), then every rank destroys its process groups. A
+generator that dies stops the job: in fork mode the launcher stops the other ranks and names the
+failed rank; under torchrun the agent does; in any case the trainers raise after ``data.max_wait``
+seconds without trajectories, and a sync broadcast fails after ``sync_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _sync_ddp_if_available
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import nn
+
+from tsd.config import ConfigError
+from tsd.distributed.generator import GeneratorLoop
+from tsd.distributed.launcher import GeneratorTrainerLauncher
+from tsd.distributed.weight_sync import ControlChannel, WeightLayout, WeightReceiver, WeightSender, sync_group
+from tsd.rollouts.worker import RolloutWorker
+
+log = logging.getLogger(__name__)
+
+# FSDP2 flags any view a wrapped module returns; PolicyValueModel's values are a squeeze() view
+# and nothing downstream modifies them in place
+warnings.filterwarnings("ignore", message=".*FSDP2-wrapped module .* returned a view tensor.*")
+
+
+@dataclass
+class _Generation:
+    """What a generator rank needs, handed over by ``train.py`` (see :meth:`configure_generation`)."""
+
+    rollout: Any
+    env: Any
+    buffer: Any
+    make_sampler: Callable[..., Any]
+    tokenizer: Any
+    problems_per_rollout: int
+    seed: int
+    #: the process that opened ``buffer``
+    pid: int
+
+
+def reopen_buffer(buffer: Any, opened_by: int) -> Any:
+    """``buffer`` if this process opened it (torchrun, srun), else a new handle on the same shared
+    buffer (a forked rank: its own connection and its own consumer name)."""
+    return buffer if os.getpid() == opened_by else type(buffer)(**buffer.config())
+
+
+class GeneratorTrainerStrategy(ParallelStrategy):
+    def __init__(
+        self,
+        num_generators: int = 1,
+        backend: str | None = None,
+        timeout_s: float = 1800.0,
+        sync_timeout_s: float = 300.0,
+        stop_timeout_s: float = 300.0,
+        start_method: str = "fork",
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+    ) -> None:
+        """
+        Args:
+            num_generators: ranks that generate (the last ones); the rest train (article: 6 of 8).
+            backend: process-group backend; None: gloo on CPU, nccl on GPU.
+            timeout_s: timeout of the world and trainer groups (FSDP collectives; must exceed the
+                longest stretch one trainer spends alone, e.g. rank 0's evaluation).
+            sync_timeout_s: timeout of one weight broadcast to the generators.
+            stop_timeout_s: at the end, how long rank 0 waits for the generators to finish their
+                last rollout and leave.
+            start_method: how single-machine ranks are started ("fork": after Hydra made the run
+                directory, with nothing pickled); ignored under torchrun/SLURM.
+        """
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if not isinstance(num_generators, int) or num_generators < 1:
+            raise ValueError(f"strategy.num_generators: must be an integer >= 1, got {num_generators!r}")
+        for name, v in (
+            ("timeout_s", timeout_s),
+            ("sync_timeout_s", sync_timeout_s),
+            ("stop_timeout_s", stop_timeout_s),
+        ):
+            if not v > 0:
+                raise ValueError(f"strategy.{name}: must be > 0 seconds, got {v!r}")
+        if backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"strategy.backend: must be null, 'gloo' or 'nccl', got {backend!r}")
+        self.num_generators = num_generators
+        self._backend = backend
+        self.timeout_s, self.sync_timeout_s, self.stop_timeout_s = timeout_s, sync_timeout_s, stop_timeout_s
+        self._start_method = start_method
+        self._num_nodes = 1
+        self._gen: _Generation | None = None
+        self._store: dist.Store | None = None
+        self._sync_group: Any = None  # a gloo/NCCL backend object, outside torch.distributed's registry
+        self._mesh: Any = None
+        self._control: ControlChannel | None = None
+        self._layout: WeightLayout | None = None
+        self._sender: WeightSender | None = None
+        self._receiver: WeightReceiver | None = None
+        self._shadow: nn.Module | None = None
+        self._gathered_step = -1
+        self._stopped = False
+        #: seconds of each weight sync on this rank (gather + broadcast)
+        self.sync_seconds: list[float] = []
+
+    # ------------------------------------------------------------------ ranks
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def job_world_size(self) -> int:
+        """Every rank of the job, generators included."""
+        return self.cluster_environment.world_size() if self.cluster_environment is not None else 1
+
+    @property
+    def world_size(self) -> int:
+        # what Lightning sees: the trainers (the generators never enter Lightning's loops)
+        return self.num_trainers
+
+    @property
+    def num_trainers(self) -> int:
+        return self.job_world_size - self.num_generators
+
+    @property
+    def is_generator(self) -> bool:
+        return self.global_rank >= self.num_trainers
+
+    def describe_rank(self, rank: int) -> str:
+        if rank >= self.num_trainers:
+            return f"rank {rank} (generator {rank - self.num_trainers} of {self.num_generators})"
+        return f"rank {rank} (trainer {rank} of {self.num_trainers})"
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_trainers, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> str:
+        return self._backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+
+    def _configure_launcher(self) -> None:
+        if self.num_trainers < 1:
+            raise ConfigError(
+                f"strategy.num_generators: {self.num_generators} generators leave no trainer in a world of "
+                f"{self.job_world_size} processes; set trainer.devices (x trainer.num_nodes) to at least "
+                f"{self.num_generators + 1}"
+            )
+        self._launcher = GeneratorTrainerLauncher(self, start_method=self._start_method)
+
+    # ------------------------------------------------------------------ generation config
+    def configure_generation(
+        self,
+        rollout: Any,
+        env: Any,
+        buffer: Any,
+        make_sampler: Callable[..., Any],
+        tokenizer: Any,
+        problems_per_rollout: int,
+        seed: int = 0,
+    ) -> None:
+        """What the generator ranks run (called by ``train.py`` before ``trainer.fit``). The buffer
+        must be one that several processes share: each rank opens its own handle on it."""
+        if not callable(getattr(buffer, "config", None)):
+            raise ConfigError(
+                f"buffer: {type(buffer).__name__} lives inside one process, but strategy=generator_trainer runs "
+                "generators and trainers in separate processes; use buffer=redis (URL in buffer.url or "
+                "$TSD_REDIS_URL)"
+            )
+        self._gen = _Generation(
+            rollout, env, buffer, make_sampler, tokenizer, problems_per_rollout, seed, os.getpid()
+        )
+
+    # ------------------------------------------------------------------ process groups
+    def _init_groups(self) -> None:
+        """The job's store, the trainers' default process group (+ FSDP mesh), the sync group and
+        the control channel; ends with the layout handshake between trainer rank 0 and the generators."""
+        if self._store is not None:
+            return
+        reset_seed()
+        self.set_world_ranks()
+        env = self.cluster_environment
+        assert env is not None
+        os.environ["MASTER_ADDR"] = env.main_address
+        os.environ["MASTER_PORT"] = str(env.main_port)
+        W, T, rank = self.job_world_size, self.num_trainers, self.global_rank
+        backend = self.process_group_backend
+        timeout = timedelta(seconds=self.timeout_s)
+        # one store for the whole job (the TCPStore on MASTER_ADDR:MASTER_PORT, or torchrun's)
+        self._store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=W, timeout=timeout))
+        self._control = ControlChannel(self._store)
+        comm_device = self.root_device if backend == "nccl" else torch.device("cpu")
+        if rank < T:
+            # the trainers' default group: to Lightning (and torchmetrics, ...) the world is the trainers
+            kwargs: dict[str, Any] = (
+                {"device_id": self.root_device} if self.root_device.type == "cuda" else {}
+            )
+            store = dist.PrefixStore("tsd/trainers/", self._store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=T, timeout=timeout, **kwargs)
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.root_device.type, (T,), mesh_dim_names=("fsdp",))
+        if rank == 0 or rank >= T:
+            group = sync_group(
+                dist.PrefixStore("tsd/sync/", self._store),
+                0 if rank == 0 else rank - T + 1,
+                1 + self.num_generators,
+                backend,
+                timedelta(seconds=self.sync_timeout_s),
+            )
+            layout = WeightLayout.of(self._policy().state_dict())
+            self._sync_group, self._layout = group, layout
+            if rank == 0:
+                self._sender = WeightSender(layout, group, comm_device)
+                self._sender.handshake()
+            else:
+                self._receiver = WeightReceiver(layout, group, comm_device, self._control)
+                self._receiver.handshake()
+        log.info(
+            "%s: process groups ready (%s, %d trainers, %d generators)",
+            self.describe_rank(rank),
+            backend,
+            T,
+            W - T,
+        )
+
+    def destroy_groups(self) -> None:
+        if _distributed_is_initialized():
+            dist.destroy_process_group()
+        self._sync_group = self._mesh = self._store = None
+
+    def _policy(self) -> nn.Module:
+        module = self.lightning_module
+        policy = getattr(module, "policy", None)
+        if not isinstance(policy, nn.Module):
+            raise TypeError(
+                f"GeneratorTrainerStrategy: {type(module).__name__} has no `policy` module to shard and sync"
+            )
+        return policy
+
+    # ------------------------------------------------------------------ generator ranks
+    def run_generator(self) -> None:
+        """A generator rank's whole life: join the groups, then rollouts until the trainers stop."""
+        if self._gen is None:
+            raise RuntimeError(
+                "GeneratorTrainerStrategy: configure_generation() was not called before trainer.fit"
+            )
+        assert self.accelerator is not None
+        self.accelerator.setup_device(self.root_device)  # before the first NCCL call
+        self._init_groups()
+        assert self._receiver is not None and self._control is not None
+        g = self._gen
+        index = self.global_rank - self.num_trainers
+        name = f"generator {index} (rank {self.global_rank})"
+        module = self.lightning_module
+        assert module is not None
+        if getattr(module, "ref", None) is not None:
+            module.ref = None  # type: ignore[assignment]  # the reference policy is the trainers' business
+        policy = self._policy().eval().requires_grad_(False).to(self.root_device)
+        sampler = g.make_sampler(policy, g.tokenizer, **self._sampler_kwargs(g.make_sampler, index))
+        buffer = reopen_buffer(g.buffer, g.pid)
+        worker = RolloutWorker(
+            g.rollout, sampler, g.env, buffer, g.problems_per_rollout, seed=g.seed + index, worker_id=index
+        )
+        try:
+            GeneratorLoop(worker, self._receiver, name=name).run()
+        finally:
+            with suppress(Exception):
+                buffer.close()
+        self._control.generator_done()
+
+    def _sampler_kwargs(self, make_sampler: Callable[..., Any], index: int) -> dict[str, Any]:
+        """This rank's device, and a seed of its own (two generators must not draw the same samples)."""
+        try:
+            params = inspect.signature(make_sampler).parameters
+        except (TypeError, ValueError):
+            return {}
+        anykw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kw: dict[str, Any] = {}
+        if "device" in params or anykw:
+            kw["device"] = self.root_device
+        seed = getattr(params.get("seed"), "default", None)
+        if isinstance(seed, int):
+            kw["seed"] = seed + 7919 * index
+        return kw
+
+    # ------------------------------------------------------------------ trainer ranks: Lightning hooks
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._init_groups()
+
+    def setup(self, trainer: Any) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        dm = trainer.datamodule
+        if self._gen is not None and dm is not None and getattr(dm, "buffer", None) is self._gen.buffer:
+            dm.buffer = reopen_buffer(self._gen.buffer, self._gen.pid)  # own connection + consumer per rank
+        policy = self._policy()
+        if self.global_rank == 0:
+            self._shadow = copy.deepcopy(policy).to("cpu").eval().requires_grad_(False)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._shard(policy)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _shard(self, policy: nn.Module) -> None:
+        """FSDP2: one unit per transformer block, then the root (embeddings, final norm, LM head
+        and value head; tied embeddings stay in one unit)."""
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = getattr(getattr(getattr(policy, "lm", None), "model", None), "layers", None)
+        for block in blocks if isinstance(blocks, nn.ModuleList) else []:
+            fully_shard(block, mesh=self._mesh)
+        fully_shard(policy, mesh=self._mesh)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self.global_rank == 0 and self._control is not None and not self._stopped:
+            with suppress(Exception):
+                self._control.stop(f"error on trainer rank 0: {type(exception).__name__}")
+            self._stopped = True
+
+    def teardown(self) -> None:
+        if self.global_rank == 0 and self._control is not None and not self._stopped:
+            self._stop_generators()
+        super().teardown()
+
+    def _stop_generators(self) -> None:
+        assert self._control is not None
+        self._stopped = True
+        self._control.stop("done")
+        t0 = time.monotonic()
+        while self._control.generators_done() < self.num_generators:
+            if time.monotonic() - t0 > self.stop_timeout_s:
+                log.warning(
+                    "%d of %d generators did not finish within %.0fs (strategy.stop_timeout_s); leaving anyway",
+                    self.num_generators - self._control.generators_done(),
+                    self.num_generators,
+                    self.stop_timeout_s,
+                )
+                return
+            time.sleep(0.05)
+        log.info("all %d generators stopped (%.1fs)", self.num_generators, time.monotonic() - t0)
+
+    # ------------------------------------------------------------------ weight sync
+    def _gather_policy(self) -> None:
+        """Full policy weights into rank 0's shadow copy; collective over the trainer group. Skipped
+        when the weights have not changed since the last gather (same optimiser step on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        assert self.lightning_module is not None
+        step = self.lightning_module.trainer.global_step
+        if step == self._gathered_step:
+            return
+        full = get_model_state_dict(
+            self._policy(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )  # every tensor on rank 0 (CPU), {} elsewhere
+        if self._shadow is not None:
+            self._shadow.load_state_dict(full)
+        self._gathered_step = step
+
+    def sync_weights(self, pl_module: Any, version: int) -> None:
+        """Gather the full weights (all trainer ranks) and send them to the generators as ``version``."""
+        t0 = time.perf_counter()
+        self._gather_policy()
+        t1 = time.perf_counter()
+        nbytes = 0
+        if self._sender is not None and self._shadow is not None:
+            assert self._control is not None
+            nbytes = self._sender.send(self._shadow.state_dict(), version, self._control)
+        t2 = time.perf_counter()
+        dm = pl_module.trainer.datamodule
+        if dm is not None and hasattr(dm, "trainer_version"):
+            dm.trainer_version = version
+        self.sync_seconds.append(t2 - t0)
+        metrics = {
+            "perf/weight_gather_seconds": t1 - t0,
+            "perf/weight_broadcast_seconds": t2 - t1,
+            "perf/weight_sync_mb": nbytes / 2**20,
+        }
+        with suppress(MisconfigurationException):  # step logging only from batch hooks, not on_train_start
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        log.debug("weights v%d: gather %.3fs, broadcast %.3fs (%d bytes)", version, t1 - t0, t2 - t1, nbytes)
+
+    def full_policy_state_dict(self, pl_module: Any) -> nn.Module | None:
+        """The unsharded policy on rank 0 (None on the other trainer ranks); every trainer rank must
+        call it (gathering is collective). Used by evaluation and export."""
+        self._gather_policy()
+        return self._shadow
+
+    # ------------------------------------------------------------------ collectives (the trainers' default group)
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ------------------------------------------------------------------ checkpoints: full state on rank 0
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # load into the sharded model and its optimiser
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        assert self.model is not None
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        assert self.model is not None
+        return get_optimizer_state_dict(
+            self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        assert self.model is not None
+        set_model_state_dict(
+            self.model,
+            checkpoint["state_dict"],
+            options=StateDictOptions(full_state_dict=True, strict=strict),
+        )
+        self._gathered_step = -1
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        assert self.model is not None
+        for opt, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            set_optimizer_state_dict(self.model, opt, state, options=StateDictOptions(full_state_dict=True))

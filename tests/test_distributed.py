@@ -1,0 +1,541 @@
+"""GeneratorTrainerStrategy for real: ``python train.py ... strategy=generator_trainer buffer=redis
+trainer.devices=3`` as a subprocess (3 CPU processes on gloo: 2 FSDP trainers + 1 generator), a
+real redis-server, the tiny policy (or a random one of the same kind while it is not built).
+
+    python -m pytest tests/test_distributed.py -q -x
+
+What each run records: the generator's sampler saves the weights it loads at every sync
+(:class:`RecordingHFSampler`), a callback on every trainer rank saves what it trained on, the lag and
+the CISPO ratio of each step, and at each sync rank 0's gathered weights (:class:`Accounting`);
+Redis says how many trajectories were produced (``entries-added``) and are still there (``XLEN``).
+Faults: a generator that dies or hangs, Redis down at start, a trainer killed mid-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import pytest
+import redis
+import torch
+from redis_server import MISSING_REASON, RedisServerNotFound, free_port, redis_for_tests
+
+from tsd.samplers.hf import HFSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+#: a distributed run should take ~20-40 s here; this bounds a hang, it is not a timing assert
+RUN_TIMEOUT = 240
+
+
+# ---------------------------------------------------------------------------- helpers run by the ranks
+class RecordingHFSampler(HFSampler):
+    """HFSampler that saves the weights it holds after each ``load_weights`` (``gen_v{version}.pt``)
+    and can die (SIGKILL) or hang after a number of ``sample`` calls. Only generator ranks sample
+    through it (evaluation builds its own HFSampler)."""
+
+    def __init__(self, model, tokenizer, *, record_dir=None, die_after=None, hang_after=None, **kw):
+        super().__init__(model, tokenizer, **kw)
+        self.record_dir = Path(record_dir) if record_dir else None
+        self.die_after, self.hang_after, self.calls = die_after, hang_after, 0
+
+    def sample(self, *args, **kwargs):
+        self.calls += 1
+        if self.die_after is not None and self.calls > self.die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang_after is not None and self.calls > self.hang_after:
+            while True:  # alive but producing nothing
+                time.sleep(60)
+        return super().sample(*args, **kwargs)
+
+    def load_weights(self, state_dict, version):
+        super().load_weights(state_dict, version)
+        if self.record_dir is not None:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            torch.save(state, self.record_dir / f"gen_v{version}.pt")
+
+
+class Accounting(L.Callback):
+    """On every trainer rank: what each optimiser step trained on, its lag and CISPO ratio; at each
+    sync, rank 0 saves the gathered weights (``trainer_v{version}.pt``); ``acct_rank{r}.json`` at the
+    end. ``kill_rank`` SIGKILLs itself after receiving its batch of step ``kill_at_step``."""
+
+    def __init__(self, dirpath: str, kill_rank: int | None = None, kill_at_step: int = 1) -> None:
+        self.dir = Path(dirpath)
+        self.kill_rank, self.kill_at_step = kill_rank, kill_at_step
+        self.steps: list[dict] = []
+        self.version = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.kill_rank and trainer.global_step == self.kill_at_step:
+            (self.dir / f"killed_rank{trainer.global_rank}.json").write_text(json.dumps(batch["buffer_ids"]))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        dm, m = trainer.datamodule, trainer.callback_metrics
+        self.steps.append(
+            {
+                "step": trainer.global_step,
+                "ids": list(batch["buffer_ids"]),
+                "versions": batch["versions"].tolist(),
+                "version_before": self.version,
+                "lag": float(m["train/policy_lag"]),
+                "ratio": float(m["train/ratio_mean"]),
+            }
+        )
+        if dm.trainer_version != self.version:  # RolloutSync synced at this step
+            self.version = dm.trainer_version
+            full = trainer.strategy.full_policy_state_dict(pl_module)  # collective; rank 0 gets it
+            if full is not None:
+                state = {k: v.detach().clone() for k, v in full.state_dict().items()}
+                torch.save(state, self.dir / f"trainer_v{self.version}.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        dm = trainer.datamodule
+        out = {"steps": self.steps, "dropped_stale": dm.dropped_stale, "world_size": trainer.world_size}
+        (self.dir / f"acct_rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def redis_url():
+    try:
+        with redis_for_tests() as url:
+            yield url
+    except RedisServerNotFound:
+        pytest.skip(MISSING_REASON)
+
+
+@pytest.fixture
+def stream(request, redis_url):
+    key = f"tsd-test:{request.node.name[:40]}:{uuid.uuid4().hex[:8]}"
+    yield key
+    client = redis.Redis.from_url(redis_url)
+    client.delete(key)
+    client.close()
+
+
+def _train(overrides: list[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> tuple[int, str, float]:
+    """``python train.py OVERRIDES`` in its own session; returns (exit code, output, seconds)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
+        "WANDB_MODE": "offline",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HYDRA_FULL_ERROR": "1",
+    }
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # so a hang can be killed with all its ranks
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"train.py did not finish within {timeout}s; its output:\n{out[-6000:]}")
+    return proc.returncode, out, time.monotonic() - t0
+
+
+def _base(policy_dir: str, redis_url: str, stream: str, rec: Path) -> list[str]:
+    rec.mkdir(parents=True, exist_ok=True)
+    return [
+        "debug=smoke",
+        "strategy=generator_trainer",
+        "buffer=redis",
+        "trainer.devices=3",
+        f"model.name_or_path={policy_dir}",
+        f"buffer.url={redis_url}",
+        f"buffer.stream={stream}",
+        "sampler._target_=test_distributed.RecordingHFSampler",
+        f"+sampler.record_dir={rec}",
+        "+callbacks.acct._target_=test_distributed.Accounting",
+        f"+callbacks.acct.dirpath={rec}",
+    ]
+
+
+def _stream_counts(redis_url: str, stream: str) -> tuple[int, int]:
+    """(trajectories ever added, trajectories still in the stream: undelivered or pending)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        info = client.xinfo_stream(stream)
+        return int(info["entries-added"]), int(client.xlen(stream))
+    finally:
+        client.close()
+
+
+def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int) -> list[dict]:
+    """The properties every run must have; returns both ranks' accounts."""
+    accts = [json.loads((rec / f"acct_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(a["world_size"] == 2 for a in accts)  # Lightning sees the trainers only
+
+    # trajectories flow from the generator to both trainers, each rank its own
+    trained = [i for a in accts for s in a["steps"] for i in s["ids"]]
+    assert all(a["steps"] for a in accts)
+    assert all(len(s["ids"]) == 4 for a in accts for s in a["steps"])  # data.batch_size per rank
+    assert len(trained) == len(set(trained)), "a trajectory was trained twice"
+
+    # versions and lag are recorded; nothing much older than max_lag is trained (Lightning fetches
+    # the next batch before the step whose end may sync, so one more version can pass at train time)
+    for a in accts:
+        for s in a["steps"]:
+            lags = [s["version_before"] - v for v in s["versions"]]
+            assert all(0 <= lag <= max_lag + 1 for lag in lags), s
+            assert s["lag"] == pytest.approx(sum(lags) / len(lags))
+
+    # after a sync the generator holds exactly the trainers' gathered weights
+    synced = sorted(int(p.stem.split("_v")[1]) for p in rec.glob("gen_v*.pt"))
+    assert synced, "the generator never received weights"
+    for v in synced:
+        gen, ref = torch.load(rec / f"gen_v{v}.pt"), torch.load(rec / f"trainer_v{v}.pt")
+        assert gen.keys() == ref.keys()
+        assert all(torch.equal(gen[k], ref[k]) for k in ref), f"version {v} differs"
+    first = torch.load(rec / f"trainer_v{synced[0]}.pt")
+    last = torch.load(rec / f"trainer_v{synced[-1]}.pt")
+    assert len(synced) == 1 or any(not torch.equal(first[k], last[k]) for k in first)  # trained
+
+    # every trajectory produced is trained, dropped as stale, or still in the stream (pending)
+    produced, remaining = _stream_counts(redis_url, stream)
+    dropped = sum(a["dropped_stale"] for a in accts)
+    assert produced == len(trained) + dropped + remaining, (produced, len(trained), dropped, remaining)
+    return accts
+
+
+def _check_ratios(accts: list[dict], rec: Path, policy_dir: str, require_stale: bool = True) -> None:
+    """CISPO's ratio pi_theta / pi_behaviour uses the recorded behaviour log-probs: it is 1 where the
+    trained weights are the ones that generated the batch, and moves off 1 where they are not (lag >
+    0 and the LM changed in between; a value-head-only change leaves the LM's log-probs alone)."""
+    from tsd.models.loading import load_policy
+
+    weights = {0: load_policy(policy_dir)[0].state_dict()}
+    for p in rec.glob("trainer_v*.pt"):
+        weights[int(p.stem.split("_v")[1])] = torch.load(p)
+
+    def lm_same(a: int, b: int) -> bool:
+        return all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a] if k.startswith("lm."))
+
+    stale = 0
+    for s in (s for a in accts for s in a["steps"]):
+        now, versions = s["version_before"], set(s["versions"])
+        if all(lm_same(v, now) for v in versions):
+            assert s["ratio"] == pytest.approx(1.0, abs=1e-3), s
+        elif not any(lm_same(v, now) for v in versions):
+            assert abs(s["ratio"] - 1.0) > 1e-4, s
+            stale += 1
+    assert stale or not require_stale, "expected a step trained only on data from older weights"
+
+
+# ---------------------------------------------------------------------------- runs
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+def test_group_sampling_two_fsdp_trainers_one_generator(policy_dir, redis_url, stream, tmp_path):
+    rec = tmp_path / "rec"
+    code, out, secs = _train(
+        [
+            "experiment=cispo_countdown",
+            *_base(policy_dir, redis_url, stream, rec),
+            "trainer.max_steps=5",
+            "data.max_lag=1",
+            "module.optimizer.lr=0.01",  # big steps: a stale trajectory's ratio visibly moves off 1
+            "module.scheduler=null",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert code == 0, out[-6000:]
+    accts = _check_run(rec, redis_url, stream, max_lag=1)
+
+    _check_ratios(accts, rec, policy_dir)
+
+    # one run directory (ranks make none of their own), finished results from rank 0, an export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec", "run"]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["global_step"] == 5 and "final/eval/mean@2" in res
+    assert res["compute/generated_tokens"] > 0 and "perf/weight_sync_seconds" in res
+    assert (tmp_path / "run" / "policy" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert "generator 0 (rank 2): stopped (done)" in out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url, stream, tmp_path):
+    pytest.importorskip("tsd.rollouts.mcts")
+    rec = tmp_path / "rec"
+    sweep = tmp_path / "multirun"
+    code, out, secs = _train(
+        [
+            "-m",
+            "experiment=mcts_countdown",
+            *_base(policy_dir, redis_url, stream, rec),
+            "rollout.workers=2",
+            "rollout.completions_per_node=2",
+            "rollout.iterations=2",
+            "data.max_lag=2",
+            "trainer.max_steps=3",
+            "callbacks.eval.at_start=false",
+            "callbacks.checkpoint=null",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
+    assert code == 0, out[-6000:]
+    accts = _check_run(rec, redis_url, stream, max_lag=2)
+    _check_ratios(accts, rec, policy_dir, require_stale=False)
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
+    assert json.loads((jobs[0] / "results.json").read_text())["global_step"] == 3
+
+
+# ---------------------------------------------------------------------------- faults
+FAULT = ["callbacks.eval=null", "callbacks.checkpoint=null", "callbacks.export=null"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+def test_dead_generator_stops_the_trainers_with_a_clear_error(policy_dir, redis_url, stream, tmp_path):
+    code, out, secs = _train(
+        [
+            "experiment=cispo_countdown",
+            *_base(policy_dir, redis_url, stream, tmp_path / "rec"),
+            *FAULT,
+            "+sampler.die_after=2",  # SIGKILL in its third rollout
+            "trainer.max_steps=50",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert code != 0
+    assert "rank 2 (generator 0 of 1) failed" in out and "SIGKILL" in out, out[-4000:]
+    assert secs < RUN_TIMEOUT
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+def test_hung_generator_trips_max_wait_on_the_trainers(policy_dir, redis_url, stream, tmp_path):
+    code, out, secs = _train(
+        [
+            "experiment=cispo_countdown",
+            *_base(policy_dir, redis_url, stream, tmp_path / "rec"),
+            *FAULT,
+            "+sampler.hang_after=1",  # one rollout (16 trajectories), then alive but silent
+            "data.max_wait=5",
+            "trainer.max_steps=50",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert code != 0
+    assert "(trainer" in out and "no trajectory arrived for 5s (data.max_wait)" in out, out[-4000:]
+    assert secs < RUN_TIMEOUT
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+def test_killed_trainer_entries_are_trained_by_the_next_consumers(policy_dir, redis_url, stream, tmp_path):
+    """A trainer SIGKILLed after receiving its batch (before the optimiser step, so before the ack):
+    the job stops; the entries it held stay pending in Redis, and the trainers of the next run
+    reclaim them (``claim_idle_ms``) and train on them."""
+    rec_a, rec_b = tmp_path / "a", tmp_path / "b"
+    code, out, _ = _train(
+        [
+            "experiment=cispo_countdown",
+            *_base(policy_dir, redis_url, stream, rec_a),
+            *FAULT,
+            "+callbacks.acct.kill_rank=1",
+            "trainer.max_steps=50",
+            f"hydra.run.dir={tmp_path / 'run_a'}",
+        ],
+        tmp_path,
+    )
+    assert code != 0 and "rank 1 (trainer 1 of 2) failed" in out, out[-4000:]
+    held = json.loads((rec_a / "killed_rank1.json").read_text())
+    client = redis.Redis.from_url(redis_url)
+    pending = {e["message_id"].decode() for e in client.xpending_range(stream, "trainers", "-", "+", 10_000)}
+    client.close()
+    assert set(held) <= pending  # nothing was lost with the trainer
+
+    code, out, _ = _train(
+        [
+            "experiment=cispo_countdown",
+            *_base(policy_dir, redis_url, stream, rec_b),
+            *FAULT,
+            "buffer.claim_idle_ms=1000",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={tmp_path / 'run_b'}",
+        ],
+        tmp_path,
+    )
+    assert code == 0, out[-6000:]
+    trained = {
+        i
+        for r in (0, 1)
+        for s in json.loads((rec_b / f"acct_rank{r}.json").read_text())["steps"]
+        for i in s["ids"]
+    }
+    assert set(held) <= trained
+
+
+# ---------------------------------------------------------------------------- config errors (in process)
+def _compose(overrides, tmp_path):
+    from conftest import compose_train
+
+    return compose_train(overrides, tmp_path)
+
+
+@pytest.mark.redis
+def test_redis_down_at_start_fails_fast_with_the_url(policy_dir, tmp_path):
+    from tsd.config import ConfigError
+    from tsd.train import train
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    cfg = _compose(
+        [
+            "debug=smoke",
+            "strategy=generator_trainer",
+            "buffer=redis",
+            "trainer.devices=3",
+            f"model.name_or_path={policy_dir}",
+            f"buffer.url={url}",
+            "+buffer.connect_timeout=2",
+        ],
+        tmp_path,
+    )
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot reach Redis at redis://127.0.0.1"):
+        train(cfg)
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["buffer=memory", "trainer.devices=3"], "use buffer=redis"),
+        (["buffer=redis", "buffer.url={redis_url}", "trainer.devices=1"], "leave no trainer"),
+    ],
+)
+def test_misconfiguration_is_refused_before_any_process_starts(
+    policy_dir, redis_url, tmp_path, overrides, match
+):
+    from tsd.config import ConfigError
+    from tsd.train import train
+
+    cfg = _compose(
+        [
+            "debug=smoke",
+            "strategy=generator_trainer",
+            f"model.name_or_path={policy_dir}",
+            *(o.format(redis_url=redis_url) for o in overrides),
+        ],
+        tmp_path,
+    )
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)
+
+
+# ---------------------------------------------------------------------------- weight sync, in process
+def test_weight_layout_round_trip_and_fingerprint():
+    from tsd.distributed.weight_sync import WeightLayout
+
+    state = {
+        "b.weight": torch.randn(3, 4),
+        "a.bias": torch.randn(5).to(torch.bfloat16),
+        "c.steps": torch.arange(6).view(2, 3),
+        "a.weight": torch.randn(2, 2),
+    }
+    layout = WeightLayout.of(state)
+    assert layout.names == ("a.bias", "a.weight", "b.weight", "c.steps")  # sorted: same on every rank
+    buckets = layout.flatten(state, torch.device("cpu"))
+    assert [b.dtype for b in buckets] == [torch.bfloat16, torch.float32, torch.int64]  # one per dtype
+    assert [b.numel() for b in buckets] == [5, 4 + 12, 6] and layout.numel == 27
+    back = layout.unflatten([b.clone() for b in buckets])
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    assert WeightLayout.of(dict(state)).fingerprint == layout.fingerprint
+    other = WeightLayout.of({**state, "b.weight": torch.randn(4, 3)})  # same numel, other shape
+    assert other.fingerprint != layout.fingerprint
+
+
+def _pair(layout_a, layout_b):
+    """A sender and a receiver on a 2-member gloo sync group inside this process (two threads)."""
+    import torch.distributed as dist
+
+    from tsd.distributed.weight_sync import ControlChannel, WeightReceiver, WeightSender, sync_group
+
+    store = dist.HashStore()
+    groups = [None, None]
+
+    def make(rank):
+        groups[rank] = sync_group(dist.PrefixStore("sync/", store), rank, 2, "gloo", timedelta(seconds=30))
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    control = ControlChannel(store)
+    cpu = torch.device("cpu")
+    return (
+        WeightSender(layout_a, groups[0], cpu),
+        WeightReceiver(layout_b, groups[1], cpu, control, poll_s=0.01),
+        control,
+    )
+
+
+def test_sync_protocol_stages_the_newest_version_then_stops(random_policy):
+    from tsd.distributed.weight_sync import WeightLayout
+
+    state = random_policy.state_dict()
+    sender, receiver, control = _pair(WeightLayout.of(state), WeightLayout.of(state))
+    t = threading.Thread(target=receiver.handshake)
+    t.start()
+    sender.handshake()
+    t.join()
+    receiver.start()
+    new = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    nbytes = sender.send(new, 3, control)  # blocks until the receiver thread took it
+    assert nbytes == sum(v.numel() * v.element_size() for v in state.values())
+    deadline = time.monotonic() + 30
+    while (staged := receiver.take()) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert staged is not None
+    got, version = staged
+    assert version == 3 and all(torch.equal(got[k], new[k]) for k in new)
+    assert receiver.take() is None  # taken once
+    control.stop("done")
+    assert receiver.stopped.wait(30) and receiver.stop_reason == "done"
+    receiver.check()  # no error
+
+
+def test_generator_with_another_model_fails_at_the_handshake(random_policy, char_tokenizer):
+    from conftest import make_random_policy
+
+    from tsd.distributed.weight_sync import LayoutMismatchError, WeightLayout
+
+    other = make_random_policy(char_tokenizer, hidden=48).state_dict()
+    sender, receiver, _ = _pair(WeightLayout.of(random_policy.state_dict()), WeightLayout.of(other))
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(LayoutMismatchError, receiver.handshake)))
+    t.start()
+    sender.handshake()
+    t.join()
+    assert errors and "same model.name_or_path" in str(errors[0].value)
