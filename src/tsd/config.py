@@ -58,3 +58,11 @@ def require(cond: bool, field: str, accepted: str, value: Any) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def apply_threads(n: int | None) -> None:
+    """``threads`` in the config: torch's CPU threads for this process."""
+    if n is None:
+        return
+    require(isinstance(n, int) and n >= 1, "threads", "null or an integer >= 1", n)
+    torch.set_num_threads(n)

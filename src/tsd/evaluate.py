@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from tsd.config import ConfigError, build, config_dir, dtype_of, require
+from tsd.config import ConfigError, apply_threads, build, config_dir, dtype_of, require
 from tsd.eval.runner import evaluate_mean_at_k
 from tsd.models.loading import load_policy
 
@@ -60,6 +60,7 @@ def run_eval(cfg: DictConfig) -> dict:
         ">= 1",
         e.max_new_tokens,
     )
+    apply_threads(cfg.get("threads"))
     torch.manual_seed(cfg.seed)
     env = build(cfg.env, "env")
     make_sampler = build(cfg.sampler, "sampler")

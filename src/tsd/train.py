@@ -21,7 +21,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from tsd.callbacks import ExportPolicy, MeanAtKEval
-from tsd.config import ConfigError, build, config_dir, dtype_of, require
+from tsd.config import ConfigError, apply_threads, build, config_dir, dtype_of, require
 from tsd.data.datamodule import TrajectoryDataModule
 from tsd.models.loading import load_policy
 from tsd.module import PolicyValueModule
@@ -54,6 +54,7 @@ def _validate(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     _validate(cfg)
+    apply_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
