@@ -162,7 +162,8 @@ def test_short_training_run_changes_the_parameters_and_exports(experiment, polic
     assert res["global_step"] == 3 and res["skipped_steps"] == 0
     assert res["compute/trained_tokens"] > 0 and res["compute/generated_tokens"] > 0
     after, tok = load_policy(tmp_path / "policy")  # exported, loadable, char tokenizer detected
-    assert tok.convert_ids_to_tokens(tok.encode("<step>", add_special_tokens=False)) == ["<step>"]
+    text = "[3,5,7,2]->23\n<step>3 + 5=8</step>"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # spaces kept
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("lm.") for k in changed) and any(k.startswith("value_head.") for k in changed)
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()

@@ -16,6 +16,9 @@ from transformers import PreTrainedTokenizerFast
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 TAGS = ("<step>", "</step>", "<answer>", "</answer>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, *TAGS)
+#: written into ``tokenizer_config.json`` by ``save_pretrained`` so that a saved policy directory
+#: (the bundled one, an export) is loaded with :func:`load_char_tokenizer` again
+CHAR_TOKENIZER_MARKER = "tsd_char_tokenizer"
 #: every character the prompts and completions of the tiny policy use
 ALPHABET = "0123456789+-*/()=,[]:<> \n" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.?!'"
 
@@ -29,7 +32,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -39,6 +42,8 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+    out.init_kwargs[CHAR_TOKENIZER_MARKER] = True
+    return out
 
 
 def load_char_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
@@ -53,4 +58,5 @@ def load_char_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+    tok.init_kwargs[CHAR_TOKENIZER_MARKER] = True
     return tok

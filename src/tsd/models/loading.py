@@ -1,0 +1,79 @@
+"""Load a policy (causal LM + value head) and its tokenizer by name or path.
+
+``load_policy("tiny")`` loads the bundled tiny policy (``tsd.TINY_POLICY_DIR``, built by
+``scripts/build_tiny_policy.py``) with its character tokenizer; any other local path or hub name
+(``load_policy("Qwen/Qwen2.5-1.5B-Instruct", dtype=torch.bfloat16)``) loads with ``AutoTokenizer``
+and :meth:`PolicyValueModel.from_pretrained` (safetensors only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tsd import TINY_POLICY_DIR
+from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, load_char_tokenizer
+from tsd.models.policy_value import PolicyValueModel
+
+#: names that mean the bundled tiny policy
+TINY_ALIASES = ("tiny", "tiny_policy")
+
+
+def resolve_policy_path(name_or_path: str | Path) -> Path | str:
+    """The bundled directory for the tiny aliases, a ``Path`` for an existing local directory, else
+    the name unchanged (a hub id, resolved by transformers)."""
+    if str(name_or_path) in TINY_ALIASES:
+        return TINY_POLICY_DIR
+    path = Path(name_or_path).expanduser()
+    return path if path.is_dir() else str(name_or_path)
+
+
+def is_char_tokenizer_dir(path: Path | str) -> bool:
+    """True for the bundled directory or any directory whose ``tokenizer_config.json`` carries the
+    char-tokenizer marker."""
+    if not isinstance(path, Path) or not path.is_dir():
+        return False
+    if path.resolve() == TINY_POLICY_DIR.resolve():
+        return True
+    cfg = path / "tokenizer_config.json"
+    if not cfg.exists():
+        return False
+    try:
+        return bool(json.loads(cfg.read_text()).get(CHAR_TOKENIZER_MARKER, False))
+    except (OSError, ValueError):
+        return False
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The tokenizer of a policy: the char tokenizer for the tiny policy (never ``AutoTokenizer``,
+    which next to a Qwen2 ``config.json`` picks Qwen's class and drops spaces), else
+    ``AutoTokenizer`` (with ``pad = eos`` when the tokenizer has no pad token)."""
+    path = resolve_policy_path(name_or_path)
+    if is_char_tokenizer_dir(path):
+        return load_char_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(
+    name_or_path: str | Path = "tiny",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """``(PolicyValueModel, tokenizer)`` for ``name_or_path`` (``"tiny"``, a directory or a hub id),
+    in eval mode. A directory without ``value_head.safetensors`` gets a fresh value head."""
+    path = resolve_policy_path(name_or_path)
+    if path == TINY_POLICY_DIR and not (path / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"the bundled tiny policy is missing from {path}; "
+            "build it with `python scripts/build_tiny_policy.py`"
+        )
+    tokenizer = load_tokenizer(path)
+    model = PolicyValueModel.from_pretrained(path, dtype=dtype, device=device)
+    return model.eval(), tokenizer

@@ -1,0 +1,202 @@
+"""The bundled tiny policy: it loads through ``load_policy`` with the char tokenizer, has the
+advertised size and score, round-trips every character it reads and writes, samples tag-structured
+text, and its build is deterministic (3 training steps twice, weights compared exactly)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tsd import TINY_POLICY_DIR
+from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, SPECIAL_TOKENS, TAGS, build_char_tokenizer
+from tsd.models.loading import is_char_tokenizer_dir, load_policy
+from tsd.models.policy_value import PolicyValueModel
+from tsd.models.tiny_build import (
+    TinyBuildConfig,
+    make_policy,
+    random_solution,
+    sample_completion,
+    sample_completions,
+    train_policy,
+)
+
+BUILT = (TINY_POLICY_DIR / "model.safetensors").exists()
+needs_bundle = pytest.mark.skipif(
+    not BUILT, reason="run scripts/build_tiny_policy.py to build the bundled policy"
+)
+
+PROBLEMS = [
+    Problem((3, 5, 7, 2), 23, 0),
+    Problem((11, 8, 4, 7), 59, 1),
+    Problem((12, 2, 7, 1), 40, 2),
+    Problem((10, 3, 5, 5), 42, 3),
+    Problem((2, 9, 11, 11), 27, 4),
+    Problem((13, 13, 13, 13), 52, 5),
+]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    if not BUILT:
+        pytest.skip("run scripts/build_tiny_policy.py to build the bundled policy")
+    return load_policy("tiny")
+
+
+# ---------------------------------------------------------------------------------------------- bundle
+
+
+@needs_bundle
+def test_bundle_loads_with_the_char_tokenizer(bundled):
+    model, tok = bundled
+    assert isinstance(model, PolicyValueModel)
+    assert not model.training
+    assert model.config.model_type == "qwen2"
+    assert is_char_tokenizer_dir(TINY_POLICY_DIR)
+    assert json.loads((TINY_POLICY_DIR / "tokenizer_config.json").read_text())["tsd_char_tokenizer"] is True
+    # the char tokenizer, not Qwen's: same vocabulary as a fresh build, spaces kept
+    assert tok.get_vocab() == build_char_tokenizer().get_vocab()
+    assert tok.decode(tok.encode("a b  c", add_special_tokens=False)) == "a b  c"
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
+    assert model.config.vocab_size == len(tok)
+    assert model.lm.generation_config.top_k == 0  # plain sampling, not transformers' default top_k=50
+
+
+@needs_bundle
+def test_bundle_size_and_recorded_score(bundled):
+    model, _ = bundled
+    n = sum(p.numel() for p in model.lm.parameters())
+    assert 500_000 <= n <= 3_000_000
+    size = sum(f.stat().st_size for f in TINY_POLICY_DIR.iterdir())
+    assert size < 8 * 2**20
+    info = json.loads((TINY_POLICY_DIR / "build_info.json").read_text())
+    assert info["parameters"] == n
+    for key in ("command", "seed", "steps", "wall_seconds", "train_loss_final"):
+        assert key in info
+    assert 0.03 <= info["eval"]["mean@16"] <= 0.15
+    assert info["eval"]["samples_per_problem"] == 16
+
+
+@needs_bundle
+def test_bundle_samples_tag_structured_text(bundled):
+    model, tok = bundled
+    env = CountdownEnv(n_train=0, n_test=0)
+    torch.manual_seed(0)
+    samples = sample_completions(
+        model, tok, [env.plain_prompt(p) for p in PROBLEMS[:4]], k=8, max_new_tokens=80
+    )
+    flat = [c for per_problem in samples for c in per_problem]
+    assert len(flat) == 32
+    structured = [c for c in flat if c.startswith("<step>") and "</step>" in c and c.endswith("</answer>")]
+    assert len(structured) >= 8, flat[:8]
+    scores = [env.score(c, p) for p, cs in zip(PROBLEMS, samples) for c in cs]
+    assert sum(s.valid for s in scores) >= 8
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_char_tokenizer_round_trips_prompts_and_completions():
+    tok = build_char_tokenizer()
+    env = CountdownEnv(n_train=0, n_test=0)
+    rng = random.Random(0)
+    texts = []
+    for p in PROBLEMS:
+        texts.append(env.plain_prompt(p))
+        texts += [sample_completion(p, rng, error_rate=0.5)[0] for _ in range(4)]
+    texts.append("".join(f"<step>{d}{op}{d}=0123456789</step>" for d, op in zip("0123456789", "+-*/()=,[]")))
+    texts.append("[1,2,3,4]->10\n<answer>(1+2)*3-4/1</answer>")
+    unk = tok.unk_token_id
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert unk not in ids
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        # one token per character outside the tags; one token per tag
+        bare = text
+        for tag in TAGS:
+            bare = bare.replace(tag, "")
+        n_tags = sum(text.count(tag) for tag in TAGS)
+        assert len(ids) == len(bare) + n_tags
+    for tag in TAGS:
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1
+    for special in SPECIAL_TOKENS:
+        assert tok.convert_tokens_to_ids(special) != unk or special == tok.unk_token
+
+
+# ---------------------------------------------------------------------------------------------- traces
+
+
+def test_traces_are_graded_as_their_kind():
+    env = CountdownEnv(n_train=0, n_test=0)
+    rng = random.Random(1)
+    seen, varied = set(), 0
+    for p in PROBLEMS:
+        solutions = {tuple(random_solution(p.numbers, p.target, rng)) for _ in range(10)}
+        varied += len(solutions) >= 2
+        for _ in range(30):
+            completion, kind = sample_completion(p, rng, error_rate=0.5)
+            seen.add(kind)
+            s = env.score(completion, p)
+            assert s.valid
+            assert s.correct == (kind == "correct"), (completion, kind)
+    assert seen == {"correct", "wander", "slip"}
+    assert varied >= 4  # the trace sampler is not deterministic per problem (some have one solution)
+
+
+def test_solutions_are_chained_when_possible():
+    rng = random.Random(0)
+    for p in PROBLEMS:
+        for _ in range(5):
+            steps = random_solution(p.numbers, p.target, rng)
+            assert steps[-1][3] == p.target and len(steps) == len(p.numbers) - 1
+            for prev, step in zip(steps, steps[1:]):
+                assert prev[3] in (step[0], step[2])  # every step uses the previous result
+    # 91 = (9+4)*(5+2) has no chained solution: the search falls back to a tree
+    steps = random_solution((4, 5, 9, 2), 91, rng)
+    assert steps is not None and steps[-1][3] == 91
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def _tiny_build(seed: int) -> dict[str, torch.Tensor]:
+    cfg = TinyBuildConfig(seed=seed, steps=3, batch_size=4, hidden=32, layers=1, warmup=1, threads=1)
+    torch.manual_seed(1234)  # the build must not depend on the global RNG state
+    random.seed(1234)
+    tok = build_char_tokenizer()
+    model = make_policy(tok, cfg)
+    summary = train_policy(model, tok, PROBLEMS, cfg, log=None)
+    assert summary["steps_done"] == 3
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_build_is_deterministic():
+    a, b, c = _tiny_build(0), _tiny_build(0), _tiny_build(1)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_load_policy_detects_the_char_tokenizer_by_marker(tmp_path):
+    tok = build_char_tokenizer()
+    model = make_policy(tok, TinyBuildConfig(hidden=32, layers=1))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[CHAR_TOKENIZER_MARKER] = True
+    cfg_path.write_text(json.dumps(cfg))
+    assert is_char_tokenizer_dir(tmp_path)
+    loaded, loaded_tok = load_policy(str(tmp_path))
+    assert loaded_tok.get_vocab() == tok.get_vocab()
+    assert loaded_tok.decode(loaded_tok.encode("1 + 2", add_special_tokens=False)) == "1 + 2"
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # without the marker the directory is an ordinary transformers one (AutoTokenizer)
+    del cfg[CHAR_TOKENIZER_MARKER]
+    cfg_path.write_text(json.dumps(cfg))
+    assert not is_char_tokenizer_dir(tmp_path)
