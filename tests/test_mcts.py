@@ -116,9 +116,7 @@ class CountingEnv(CountdownEnv):
 
 
 def _small(**kw) -> MCTSRollout:
-    base = dict(
-        workers=2, completions_per_node=2, iterations=8, max_step_tokens=32, max_new_tokens=128
-    )
+    base = dict(workers=2, completions_per_node=2, iterations=8, max_step_tokens=32, max_new_tokens=128)
     base.update(kw)
     return MCTSRollout(**base)
 
