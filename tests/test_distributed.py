@@ -157,6 +157,9 @@ def _base(policy_dir: str, redis_url: str, stream: str, rec: Path) -> list[str]:
     rec.mkdir(parents=True, exist_ok=True)
     return [
         "debug=smoke",
+        # a large step, so that one update moves the LM's log-probs well past the ratio check's 1e-4
+        "module.optimizer.lr=3e-3",
+        "module.scheduler.warmup_steps=0",
         "strategy=generator_trainer",
         "buffer=redis",
         "trainer.devices=3",
