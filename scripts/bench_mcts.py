@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--k", type=int, default=4, help="K completions per expansion")
     ap.add_argument("--max-step-tokens", type=int, default=32)
-    ap.add_argument("--max-completion-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-batch-size", type=int, default=64, help="HFSampler rows per forward")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)

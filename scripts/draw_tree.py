@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--c-puct", type=float, default=0.5)
     ap.add_argument("--max-step-tokens", type=int, default=32)
     ap.add_argument("--max-depth", type=int, default=8)
-    ap.add_argument("--max-completion-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="sampler seed")
     ap.add_argument("--policy", choices=("tiny", "random"), default="tiny")
