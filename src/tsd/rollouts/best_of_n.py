@@ -10,9 +10,8 @@ import statistics
 from collections.abc import Sequence
 
 from tsd.envs.countdown import CountdownEnv, Problem
-from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import Rollout, RolloutOutput
-from tsd.rollouts.sampling import check_positive, sample_and_grade
+from tsd.rollouts.sampling import check_positive, sample_and_grade, to_trajectory
 from tsd.samplers.base import Sampler
 
 
@@ -39,20 +38,7 @@ class BestOfNRollout(Rollout):
             best = max(g, key=lambda s: s.score.dense)  # max keeps the first of equals
             best_r.append(best.score.dense)
             any_correct.append(float(any(s.score.correct for s in g)))
-            trajs.append(
-                Trajectory(
-                    problem_id=best.problem.id,
-                    prompt_ids=best.prompt_ids,
-                    completion_ids=best.continuation.token_ids,
-                    behaviour_logprobs=best.continuation.logprobs,
-                    reward=best.score.dense,
-                    correct=best.score.correct,
-                    policy_version=sampler.version,
-                    rollout=self.name,
-                    advantage=None,
-                    finish_reason=best.continuation.finish_reason,
-                )
-            )
+            trajs.append(to_trajectory(best, sampler.version, self.name))
         stats = {
             "rollout/reward_mean": statistics.fmean(all_r),
             "rollout/selected_reward_mean": statistics.fmean(best_r),

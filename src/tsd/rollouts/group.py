@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from tsd.envs.countdown import CountdownEnv, Problem
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import Rollout, RolloutOutput
-from tsd.rollouts.sampling import check_positive, sample_and_grade
+from tsd.rollouts.sampling import check_positive, sample_and_grade, to_trajectory
 from tsd.samplers.base import Sampler
 
 
@@ -59,21 +59,7 @@ class GroupRollout(Rollout):
                 continue
             for s, ri in zip(g, r):
                 adv = (ri - mean) / (std + self.eps) if self.scale_by_std else ri - mean
-                trajs.append(
-                    Trajectory(
-                        problem_id=s.problem.id,
-                        prompt_ids=s.prompt_ids,
-                        completion_ids=s.continuation.token_ids,
-                        behaviour_logprobs=s.continuation.logprobs,
-                        reward=s.score.dense,
-                        correct=s.score.correct,
-                        policy_version=sampler.version,
-                        rollout=self.name,
-                        advantage=adv,
-                        finish_reason=s.continuation.finish_reason,
-                        group_id=s.problem.id,
-                    )
-                )
+                trajs.append(to_trajectory(s, sampler.version, self.name, adv, group_id=s.problem.id))
         stats = {
             "rollout/reward_mean": statistics.fmean(rewards),
             "rollout/correct_mean": statistics.fmean(map(float, correct)),

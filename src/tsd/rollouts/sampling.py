@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tsd.envs.countdown import CountdownEnv, Problem, Score
+from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import encode_prompt, grade
 from tsd.samplers.base import Continuation, Sampler
 
@@ -30,6 +31,25 @@ def sample_and_grade(
         [GradedSample(p, ids, c, grade(env, p, tok, c.token_ids)) for c in conts]
         for p, ids, conts in zip(problems, prompts, outs)
     ]
+
+
+def to_trajectory(
+    s: GradedSample, version: int, rollout: str, advantage: float | None = None, group_id: int = -1
+) -> Trajectory:
+    """The trajectory record of one graded sample."""
+    return Trajectory(
+        problem_id=s.problem.id,
+        prompt_ids=s.prompt_ids,
+        completion_ids=s.continuation.token_ids,
+        behaviour_logprobs=s.continuation.logprobs,
+        reward=s.score.dense,
+        correct=s.score.correct,
+        policy_version=version,
+        rollout=rollout,
+        advantage=advantage,
+        finish_reason=s.continuation.finish_reason,
+        group_id=group_id,
+    )
 
 
 def check_positive(name: str, value: int, owner: str) -> None:
