@@ -54,15 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with csv/metrics.csv)")
     ap.add_argument("--metric", default="eval/mean@16")
     ap.add_argument("--out", type=Path, default=Path("curves.png"))
+    ap.add_argument("--labels", nargs="*", default=None, help="one legend label per run (default: overrides)")
     args = ap.parse_args(argv)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     print(f"{'run':<60} {'base':>8} {'final':>8} {'gen tokens':>12}")
-    for run in args.runs:
+    if args.labels and len(args.labels) != len(args.runs):
+        ap.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    for i, run in enumerate(args.runs):
         steps, toks, vals = read_eval_curve(run, args.metric)
         if not vals:
             print(f"{str(run):<60} (no {args.metric})")
             continue
-        lab = label_of(run)
+        lab = args.labels[i] if args.labels else label_of(run)
         a1.plot(steps, vals, marker="o", label=lab)
         a2.plot(toks, vals, marker="o", label=lab)
         print(f"{lab[:60]:<60} {vals[0]:>8.4f} {vals[-1]:>8.4f} {int(toks[-1]) if toks else 0:>12,d}")
