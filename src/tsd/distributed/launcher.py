@@ -165,7 +165,8 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
 
     def update_main_process_results(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
-        state = torch.load(io.BytesIO(extra["tsd_state_bytes"]), weights_only=False)
+        # our own forked rank 0, but still no arbitrary unpickling: plain containers, numbers, tensors
+        state = torch.load(io.BytesIO(extra["tsd_state_bytes"]), weights_only=True)
         trainer.fit_loop.load_state_dict(state["fit_loop"])  # global_step, progress
         call._call_callbacks_load_state_dict(trainer, {"callbacks": state["callbacks"]})
         dm = getattr(trainer, "datamodule", None)
