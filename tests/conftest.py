@@ -85,3 +85,16 @@ def compose_train(overrides: list[str], output_dir) -> object:
             config_name="train",
             overrides=[*overrides, f"paths.output_dir={output_dir}", "logger=csv"],
         )
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """One real redis-server on a free loopback port for the whole session (or
+    $TSD_TEST_REDIS_URL); skipped with the reason when the binary is missing."""
+    from redis_server import MISSING_REASON, RedisServerNotFound, redis_for_tests
+
+    try:
+        with redis_for_tests() as url:
+            yield url
+    except RedisServerNotFound:
+        pytest.skip(reason=MISSING_REASON)

@@ -10,7 +10,7 @@ keys and delete them). A test module turns either into a fixture::
         with redis_for_tests() as url:
             yield url
 
-Both raise :class:`RedisServerNotFound` (turn it into ``pytest.skip(str(e))``) when the
+Both raise :class:`RedisServerNotFound` (turn it into ``pytest.skip(reason=str(e))``) when the
 binary is missing.
 """
 

@@ -17,7 +17,7 @@ import time
 import uuid
 
 import pytest
-from redis_server import MISSING_REASON, RedisServerNotFound, free_port, redis_for_tests, redis_server
+from redis_server import MISSING_REASON, RedisServerNotFound, free_port, redis_server
 
 from tsd.buffers.base import BufferClosedError, BufferConnectionError, BufferFullError, BufferItem
 from tsd.buffers.memory import MemoryBuffer
@@ -46,15 +46,6 @@ def stream_id_key(eid: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def redis_url():
-    try:
-        with redis_for_tests() as url:
-            yield url
-    except RedisServerNotFound:
-        pytest.skip(MISSING_REASON)
-
-
 @pytest.fixture(scope="module")
 def redis_password_url():
     """A second server started with --requirepass (always local: the password is the point)."""
@@ -62,7 +53,7 @@ def redis_password_url():
         with redis_server(password="s3cret-pw") as url:
             yield url
     except RedisServerNotFound:
-        pytest.skip(MISSING_REASON)
+        pytest.skip(reason=MISSING_REASON)
 
 
 @pytest.fixture

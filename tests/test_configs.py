@@ -47,7 +47,7 @@ def _resolve_target(target: str):
     try:
         return getattr(importlib.import_module(mod), name)
     except ModuleNotFoundError as e:
-        pytest.skip(f"{target} needs an optional package: {e}")
+        pytest.skip(reason=f"{target} needs an optional package: {e}")
 
 
 def _check_signature(cfg: DictConfig) -> None:

@@ -28,7 +28,7 @@ import lightning as L
 import pytest
 import redis
 import torch
-from redis_server import MISSING_REASON, RedisServerNotFound, free_port, redis_for_tests
+from redis_server import free_port
 
 from tsd.samplers.hf import HFSampler
 
@@ -107,15 +107,6 @@ class Accounting(L.Callback):
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def redis_url():
-    try:
-        with redis_for_tests() as url:
-            yield url
-    except RedisServerNotFound:
-        pytest.skip(MISSING_REASON)
-
-
 @pytest.fixture
 def stream(request, redis_url):
     key = f"tsd-test:{request.node.name[:40]}:{uuid.uuid4().hex[:8]}"

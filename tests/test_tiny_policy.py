@@ -42,7 +42,7 @@ PROBLEMS = [
 @pytest.fixture(scope="module")
 def bundled():
     if not BUILT:
-        pytest.skip("run scripts/build_tiny_policy.py to build the bundled policy")
+        pytest.skip(reason="the bundled policy is not built: run scripts/build_tiny_policy.py")
     return load_policy("tiny")
 
 
