@@ -57,6 +57,10 @@ def test_train_smoke_then_eval_the_export_with_and_without_search(policy_dir, tm
     r = json.loads((ev / "results.json").read_text())
     assert r["num_problems"] == 3 and 0.0 <= r["mean@2"] <= 1.0 and 0.0 <= r["search@1"] <= 1.0
     assert "mean@2" in p.stdout and "search@1" in p.stdout  # the printed table
+    per = r["per_problem_correct"]  # what scripts/compare_evals.py pairs on
+    assert len(per) == 3 and all(0 <= c <= 2 for c in per.values())
+    assert r["mean@2"] == pytest.approx(sum(per.values()) / (3 * 2))
+    assert "per_problem_correct" not in p.stdout
 
 
 @pytest.mark.slow

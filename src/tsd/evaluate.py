@@ -89,11 +89,13 @@ def run_eval(cfg: DictConfig) -> dict:
         with open(out / "samples.jsonl", "w") as f:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
-    width = max(len(k) for k in res)
+    table = {k: v for k, v in res.items() if not isinstance(v, dict)}  # per-problem counts: json only
+    width = max(len(k) for k in table)
     print(
         "\n"
         + "\n".join(
-            f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in res.items()
+            f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+            for k, v in table.items()
         )
     )
     print(f"\nresults: {out / 'results.json'}")

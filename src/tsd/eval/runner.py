@@ -40,6 +40,7 @@ def evaluate_mean_at_k(
     tok = sampler.tokenizer
     t0, tokens, dense_sum = time.perf_counter(), 0, 0.0
     samples = []
+    per_problem: dict[str, int] = {}  # problem id -> correct samples out of k (for paired comparisons)
     bar = tqdm(total=len(problems), desc=f"mean@{k}", disable=not progress, leave=False)
     for i in range(0, len(problems), problems_per_batch):
         chunk = problems[i : i + problems_per_batch]
@@ -57,6 +58,8 @@ def evaluate_mean_at_k(
                     samples.append(
                         {"problem_id": p.id, "completion": text, "correct": s.correct, "dense": s.dense}
                     )
+        for p, c in zip(chunk, correct.sum(dim=1).tolist()):
+            per_problem[str(p.id)] = int(c)
         mean.update(correct)
         passk.update(correct)
         bar.update(len(chunk))
@@ -64,14 +67,18 @@ def evaluate_mean_at_k(
     bar.close()
     dt = time.perf_counter() - t0
     n = len(problems) * k
+    scores = torch.tensor(list(per_problem.values()), dtype=torch.float64) / k  # (P,)
+    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else float("nan")
     res = {
         f"mean@{k}": mean.compute().item(),
+        f"mean@{k}_se": se,  # standard error over problems (the samples within one are not independent)
         f"pass@{k}": passk.compute().item(),
         "dense_mean": dense_sum / n,
         "num_problems": len(problems),
         "samples_per_problem": k,
         "generated_tokens": tokens,
         "seconds": dt,
+        "per_problem_correct": per_problem,
     }
     if return_samples:
         res["samples"] = samples
