@@ -106,7 +106,14 @@ def test_n_continuations_per_state_and_token_count(random_policy, char_tokenizer
 
 
 @pytest.mark.parametrize(
-    ("temperature", "top_p", "batch"), [(1.0, 1.0, 64), (0.7, 1.0, 64), (1.5, 1.0, 5), (1.3, 0.8, 64)]
+    ("temperature", "top_p", "batch"),
+    [
+        (1.0, 1.0, 64),
+        (0.7, 1.0, 64),
+        (1.5, 1.0, 5),
+        (1.3, 0.8, 64),
+        (1.0, 1.0, 2),
+    ],  # 2 < n: one state a batch
 )
 def test_logprobs_match_teacher_forcing(random_policy, char_tokenizer, temperature, top_p, batch):
     sampler = HFSampler(
@@ -208,11 +215,13 @@ def test_greedy_is_argmax_with_temperature_one_logprobs(random_policy, char_toke
         assert c.token_ids == logits.argmax(-1).tolist()
         ref = teacher_forced_logprobs(random_policy, char_tokenizer, state, c.token_ids, temperature=1.0)
         torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
-    # the batching (and so the left padding) does not change greedy outputs
-    wide = HFSampler(random_policy, char_tokenizer, temperature=0.0, max_batch_size=64)
-    assert [
-        [c.token_ids for c in cs] for cs in wide.sample(states, n=3, max_new_tokens=6, stop="answer")
-    ] == [[c.token_ids for c in cs] for cs in out]
+    # the batching (and so the left padding, and the shared prefill of a state's n rows) does not
+    # change greedy outputs
+    for batch in (64, 2):
+        other = HFSampler(random_policy, char_tokenizer, temperature=0.0, max_batch_size=batch)
+        assert [
+            [c.token_ids for c in cs] for cs in other.sample(states, n=3, max_new_tokens=6, stop="answer")
+        ] == [[c.token_ids for c in cs] for cs in out]
 
 
 def test_same_seed_same_samples(random_policy, char_tokenizer):

@@ -1,10 +1,12 @@
 """HFSampler: sampling with a transformers ``PolicyValueModel`` and its KV cache (CPU or GPU).
 
 The laptop-scale sampler, and the reference the vLLM sampler is checked against. One call to
-:meth:`HFSampler.sample` repeats each state ``n`` times, left-pads the rows into batches of at
-most ``max_batch_size``, and runs a plain autoregressive loop with the model's KV cache:
+:meth:`HFSampler.sample` left-pads the states into batches of whole states (``n`` rows each, at
+most ``max_batch_size`` rows unless ``n`` alone is more), and runs a plain autoregressive loop
+with the model's KV cache:
 
-    prefill:  model(prompt rows, attention mask, position ids = cumsum(mask) - 1)   # (B, T) -> (B, V)
+    prefill:  model(states, attention mask, position ids = cumsum(mask) - 1)   # (S, T) -> (S, V)
+              then logits, mask and KV cache repeated n times per state        # (B = S * n, ...)
     per step: model(last token, cache, logits_to_keep=1) -> logits (B, V) fp32
               logits / temperature -> pad/BOS banned (-inf) -> top-p nucleus -> sample
               record log p(sampled token) under exactly that distribution
@@ -99,7 +101,8 @@ class HFSampler(Sampler):
         tokenizer: the tokenizer the states are written in (needs ``pad_token_id``).
         temperature: softmax temperature, ``>= 0``; ``0`` means greedy (log-probs under T = 1).
         top_p: nucleus sampling mass in ``(0, 1]``; ``1`` disables it.
-        max_batch_size: most rows (state x continuation) per forward pass, ``>= 1``.
+        max_batch_size: most rows (state x continuation) per forward pass, ``>= 1``; a batch holds
+            whole states, so one state's ``n`` rows share a batch even when ``n`` is larger.
         device: where the model runs.
         seed: seeds this sampler's ``torch.Generator``; ``None`` draws a fresh seed.
         stop_strings: end a step (``stop="step"`` only).
@@ -172,14 +175,17 @@ class HFSampler(Sampler):
             raise ValueError(f"HFSampler.sample: max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop not in ("step", "answer"):
             raise ValueError(f"HFSampler.sample: stop must be 'step' or 'answer', got {stop!r}")
-        rows = [list(s) for s in states for _ in range(n)]  # each state n times, adjacent
-        if any(len(r) == 0 for r in rows):
+        states = [list(s) for s in states]
+        if any(len(s) == 0 for s in states):
             raise ValueError("HFSampler.sample: every state needs at least one token")
 
+        # a batch holds whole states (n adjacent rows each): each state is prefilled once and its
+        # KV cache repeated n times, so the prompt's cost does not grow with n
+        per_batch = max(1, self.max_batch_size // n)
         flat: list[Continuation] = []
         with self._eval_mode(), torch.inference_mode():
-            for start in range(0, len(rows), self.max_batch_size):
-                flat.extend(self._generate(rows[start : start + self.max_batch_size], max_new_tokens, stop))
+            for start in range(0, len(states), per_batch):
+                flat.extend(self._generate(states[start : start + per_batch], n, max_new_tokens, stop))
         self.generated_tokens += sum(len(c.token_ids) for c in flat)
         return [flat[i * n : (i + 1) * n] for i in range(len(states))]
 
@@ -237,12 +243,19 @@ class HFSampler(Sampler):
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
         return logits.masked_fill(drop, float("-inf"))
 
-    def _generate(self, rows: list[list[int]], max_new_tokens: int, stop: StopMode) -> list[Continuation]:
-        """One left-padded batch of rows through the cached autoregressive loop."""
-        B = len(rows)
+    def _generate(
+        self, states: list[list[int]], n: int, max_new_tokens: int, stop: StopMode
+    ) -> list[Continuation]:
+        """One left-padded batch through the cached autoregressive loop: the S states are
+        prefilled once, then each becomes n adjacent rows (B = S * n) sharing its KV cache."""
+        B = len(states) * n
         dev = self.device
-        input_ids, mask, pos = left_pad(rows, self.pad_id, dev)  # (B, T) each
-        logits, _, cache = self.model(input_ids, mask, pos, use_cache=True, logits_to_keep=1)  # (B, 1, V)
+        input_ids, mask, pos = left_pad(states, self.pad_id, dev)  # (S, T) each
+        logits, _, cache = self.model(input_ids, mask, pos, use_cache=True, logits_to_keep=1)  # (S, 1, V)
+        if n > 1:
+            logits = logits.repeat_interleave(n, dim=0)  # (B, 1, V)
+            mask, pos = mask.repeat_interleave(n, dim=0), pos.repeat_interleave(n, dim=0)  # (B, T)
+            cache.batch_repeat_interleave(n)  # every layer's keys and values: (S, ...) -> (B, ...)
         next_pos = pos[:, -1:] + 1  # (B, 1)
 
         step_ids = self._step_ids if stop == "step" else set()
