@@ -224,6 +224,29 @@ def test_greedy_is_argmax_with_temperature_one_logprobs(random_policy, char_toke
         ] == [[c.token_ids for c in cs] for cs in out]
 
 
+def test_each_state_is_prefilled_once_for_its_n_rows(random_policy, char_tokenizer):
+    widths = []  # (rows, tokens) of every forward pass that starts without a KV cache
+
+    def spy(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and len(args) > 0:
+            widths.append(tuple(args[0].shape))
+
+    handle = random_policy.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        states = states_of(char_tokenizer)
+        HFSampler(random_policy, char_tokenizer, max_batch_size=64, seed=0).sample(
+            states, n=4, max_new_tokens=3
+        )
+        assert [w[0] for w in widths] == [3]  # 3 states prefilled, not 12 rows
+        widths.clear()
+        HFSampler(random_policy, char_tokenizer, max_batch_size=8, seed=0).sample(
+            states, n=4, max_new_tokens=3
+        )
+        assert [w[0] for w in widths] == [2, 1]  # whole states per batch: 8 // 4 = 2 states
+    finally:
+        handle.remove()
+
+
 def test_same_seed_same_samples(random_policy, char_tokenizer):
     def run(seed):
         sampler = HFSampler(random_policy, char_tokenizer, seed=seed)
