@@ -185,12 +185,12 @@ def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int) -> list[dic
     assert all(len(s["ids"]) == 4 for a in accts for s in a["steps"])  # data.batch_size per rank
     assert len(trained) == len(set(trained)), "a trajectory was trained twice"
 
-    # versions and lag are recorded; nothing much older than max_lag is trained (Lightning fetches
-    # the next batch before the step whose end may sync, so one more version can pass at train time)
+    # versions and lag are recorded; nothing older than max_lag is trained (Lightning reads a batch
+    # one step early; the DataModule re-checks it after the sync that may come in between)
     for a in accts:
         for s in a["steps"]:
             lags = [s["version_before"] - v for v in s["versions"]]
-            assert all(0 <= lag <= max_lag + 1 for lag in lags), s
+            assert all(0 <= lag <= max_lag for lag in lags), s
             assert s["lag"] == pytest.approx(sum(lags) / len(lags))
 
     # after a sync the generator holds exactly the trainers' gathered weights
@@ -296,7 +296,11 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
     _check_ratios(accts, rec, policy_dir, require_stale=False)
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
-    assert json.loads((jobs[0] / "results.json").read_text())["global_step"] == 3
+    res = json.loads((jobs[0] / "results.json").read_text())
+    assert res["global_step"] == 3
+    # the search ran on the generator rank; its statistics reach the trainers' logs with the batches
+    assert res["search/tree_size"] >= 1 and 0 <= res["search/terminal_fraction"] <= 1
+    assert res["perf/rollout_seconds"] > 0
 
 
 # ---------------------------------------------------------------------------- faults

@@ -126,6 +126,39 @@ def test_datamodule_batches_drops_stale_and_acks_after_step():
     assert batch["versions"].tolist() == [3, 3] and dm.dropped_stale == 2
 
 
+def test_a_sync_between_fetch_and_step_cannot_let_a_stale_trajectory_through():
+    """Lightning reads a batch one step before training it; a weight sync in between must not
+    let a trajectory more than max_lag versions old be trained (it is dropped and replaced)."""
+    buf = MemoryBuffer()
+    dm = TrajectoryDataModule(buf, batch_size=2, max_lag=1, pad_id=0, max_wait=5)
+    dm.trainer_version = 2
+    buf.put([_traj(1), _traj(2), _traj(1), _traj(2), _traj(3)])
+    stream = iter(dm.train_dataloader())
+    pending = next(stream)  # read at version 2: versions 1 and 2 are both within max_lag
+    assert [it.trajectory.policy_version for it in pending.items] == [1, 2]
+    dm.sync_weights({}, 3)  # the step before this batch's step synced
+    batch = dm.on_before_batch_transfer(pending)
+    assert batch["versions"].tolist() == [2, 2]  # the version-1 one dropped, the next fresh one in
+    assert dm.dropped_stale == 2  # the read one, and the version-1 one in the buffer after it
+    assert batch["input_ids"].shape == (2, 5) and len(batch["buffer_ids"]) == 2
+    assert dm.on_before_batch_transfer(batch) is batch  # an already collated batch passes through
+    buf.put([_traj(3)])
+    assert dm.next_batch()["versions"].tolist() == [3, 3]
+
+
+def test_distributed_trainer_logs_the_generators_rollout_statistics():
+    buf = MemoryBuffer()
+    dm = TrajectoryDataModule(buf, batch_size=2, max_lag=4, pad_id=0, max_wait=5)  # no worker: remote
+    a, b = _traj(0), _traj(0)
+    a.stats.update({"search/tree_size": 10.0, "rollout/correct_mean": 0.5, "gen_id": 0.0, "gen_tokens": 7.0})
+    b.stats.update({"search/tree_size": 20.0, "perf/rollout_seconds": 2.0, "gen_id": 0.0, "gen_tokens": 9.0})
+    buf.put([a, b])
+    stats = dm.next_batch()["stats"]
+    assert stats["search/tree_size"] == 15.0 and stats["rollout/correct_mean"] == 0.5
+    assert stats["perf/rollout_seconds"] == 2.0 and stats["compute/generated_tokens"] == 9.0
+    assert "gen_id" not in stats
+
+
 def test_datamodule_without_generator_fails_clearly_instead_of_hanging():
     dm = TrajectoryDataModule(MemoryBuffer(), batch_size=2, pad_id=0, max_wait=0.3, get_timeout=0.05)
     with pytest.raises(RuntimeError, match="generators alive"):
@@ -158,7 +191,9 @@ SMALL = ["debug=smoke", "callbacks.eval.at_start=false", "callbacks.checkpoint.e
 @pytest.mark.parametrize("experiment", ["cispo_countdown", "bon_countdown"])
 def test_short_training_run_changes_the_parameters_and_exports(experiment, policy_dir, tmp_path):
     before = load_policy(policy_dir)[0].state_dict()
-    res = _run([f"experiment={experiment}", f"model.name_or_path={policy_dir}", *SMALL], tmp_path)
+    # cispo: one rollout (2 problems x group 8) fills exactly one batch
+    extra = ["data.batch_size=16"] if experiment == "cispo_countdown" else []
+    res = _run([f"experiment={experiment}", f"model.name_or_path={policy_dir}", *SMALL, *extra], tmp_path)
     assert res["global_step"] == 3 and res["skipped_steps"] == 0
     assert res["compute/trained_tokens"] > 0 and res["compute/generated_tokens"] > 0
     after, tok = load_policy(tmp_path / "policy")  # exported, loadable, char tokenizer detected
@@ -184,6 +219,11 @@ def test_short_training_run_changes_the_parameters_and_exports(experiment, polic
     ):
         assert key in header, key
     assert json.loads((tmp_path / "results.json").read_text())["global_step"] == 3
+    # the in-process rollout runs when a batch is about to be trained, after the step before it
+    # synced: with sync_every=1 (debug=smoke) every step trains on its own weights' data (lag 0)
+    col = header.index("train/policy_lag")
+    lags = [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]
+    assert lags == [0.0, 0.0, 0.0], lags
 
 
 @pytest.mark.slow

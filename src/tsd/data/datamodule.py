@@ -6,7 +6,9 @@ loses nothing. Trajectories more than ``max_lag`` policy versions behind the tra
 and counted. In the single-process mode the DataModule owns a :class:`RolloutWorker` (a generator
 copy of the policy, refreshed every ``sync_every`` optimiser steps) and runs it whenever the buffer
 cannot fill a batch; in distributed mode the generator ranks fill the buffer and the DataModule
-never generates by itself.
+never generates by itself. Lightning fetches each batch one step before training it, so a batch
+is finished (read or generated, re-checked for staleness, collated) only when it is about to be
+trained (:class:`PendingBatch`): ``max_lag`` holds exactly, and ``sync_every=1`` is on-policy.
 """
 
 from __future__ import annotations
@@ -25,14 +27,31 @@ from tsd.rollouts.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
 
+#: trajectory statistics a trainer in another process logs (the mean over its batch)
+REMOTE_STAT_PREFIXES = ("rollout/", "search/", "perf/")
+
+
+class PendingBatch:
+    """One batch as Lightning fetches it: one step before it is trained. ``items`` are the buffer
+    items already read (distributed mode), or ``None``: nothing read yet (single-process mode,
+    where reading may mean generating, which must wait for the weight sync of the step before).
+    :meth:`TrajectoryDataModule.on_before_batch_transfer` finishes it when it is about to be
+    trained: it reads (and generates) what is missing, drops what a sync has made stale since, and
+    collates."""
+
+    def __init__(self, items: list[BufferItem] | None) -> None:
+        self.items = items
+
 
 class TrajectoryStream(IterableDataset):
     def __init__(self, dm: TrajectoryDataModule) -> None:
         self.dm = dm
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[PendingBatch]:
         while True:
-            yield self.dm.next_batch()
+            # distributed: read ahead (the generators run anyway); single-process: defer, so that
+            # the in-process rollout uses the weights of the step just finished
+            yield PendingBatch(self.dm.next_items() if self.dm.worker is None else None)
 
 
 class TrajectoryDataModule(L.LightningDataModule):
@@ -100,7 +119,24 @@ class TrajectoryDataModule(L.LightningDataModule):
         return keep
 
     def next_batch(self) -> dict:
-        items = self._held
+        """The next collated batch of ``batch_size`` fresh trajectories."""
+        return self._collate(self.next_items())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """Lightning hook, called when the batch is about to be trained (one step after it was
+        fetched): items that a weight sync made stale since are dropped and replaced, so no trained
+        trajectory is more than ``max_lag`` versions behind; in single-process mode the rollout
+        runs only now, so with ``sync_every=1`` training is on-policy (lag 0)."""
+        if not isinstance(batch, PendingBatch):
+            return batch
+        if batch.items:
+            self._held = batch.items + self._held
+        return self._collate(self.next_items())
+
+    def next_items(self) -> list[BufferItem]:
+        """``batch_size`` buffer items within ``max_lag`` of the trainer's version (held-over ones
+        first), generating in-process when the buffer runs short (single-process mode)."""
+        items = self._fresh(self._held)  # held-over items are re-checked: the version may have moved
         self._held = []
         waited_since = time.monotonic()
         while len(items) < self.batch_size:
@@ -120,12 +156,28 @@ class TrajectoryDataModule(L.LightningDataModule):
                     "are the generators alive?"
                 )
         items, self._held = items[: self.batch_size], items[self.batch_size :]
+        return items
+
+    def _collate(self, items: list[BufferItem]) -> dict:
         trajs = [it.trajectory for it in items]
         batch = collate_trajectories(trajs, self.pad_id)
         batch["buffer_ids"] = [it.id for it in items]
         self.consumed += len(items)
-        batch["stats"] = self.stats()
+        batch["stats"] = {**self.stats(), **(self._remote_stats(trajs) if self.worker is None else {})}
         return batch
+
+    @staticmethod
+    def _remote_stats(trajs: list) -> dict[str, float]:
+        """Rollout, search and generator-speed statistics of a batch made elsewhere (distributed
+        mode): the mean over its trajectories of what their generators attached to them."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for t in trajs:
+            for k, v in t.stats.items():
+                if k.startswith(REMOTE_STAT_PREFIXES):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                    counts[k] = counts.get(k, 0) + 1
+        return {k: sums[k] / counts[k] for k in sums}
 
     def ack(self, ids: list[str]) -> None:
         self.buffer.ack(ids)

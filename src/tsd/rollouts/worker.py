@@ -69,18 +69,22 @@ class RolloutWorker:
         out = self.rollout.run(problems, self.sampler, self.env)
         dt = time.perf_counter() - t0
         self.generated_tokens += out.generated_tokens
-        for t in out.trajectories:  # lets a trainer in another process count the compute behind them
-            t.stats["gen_id"] = float(self.worker_id)
-            t.stats["gen_tokens"] = float(self.generated_tokens)
-        if out.trajectories:
-            self.buffer.put(out.trajectories)
-        self.trajectories += len(out.trajectories)
-        self.rollouts += 1
         self.last_stats = {
             **out.stats,
             "perf/rollout_seconds": dt,
             "perf/generated_tokens_per_s": out.generated_tokens / max(dt, 1e-9),
         }
+        for t in out.trajectories:
+            # lets a trainer in another process count the compute behind them and log the rollout's
+            # statistics (a trajectory's own value of a key, e.g. its tree's size, is kept)
+            t.stats["gen_id"] = float(self.worker_id)
+            t.stats["gen_tokens"] = float(self.generated_tokens)
+            for k, v in self.last_stats.items():
+                t.stats.setdefault(k, float(v))
+        if out.trajectories:
+            self.buffer.put(out.trajectories)
+        self.trajectories += len(out.trajectories)
+        self.rollouts += 1
         log.debug("rollout %d: %d trajectories in %.2fs", self.rollouts, len(out.trajectories), dt)
         return len(out.trajectories)
 
