@@ -52,7 +52,7 @@ def paired(base: dict[str, int], kb: int, run: dict[str, int], kr: int) -> dict:
         "diff": mean_d,
         "se": se,
         "ci95": (mean_d - 1.96 * se, mean_d + 1.96 * se),
-        "z": mean_d / se if se > 0 else math.inf if mean_d else 0.0,
+        "z": mean_d / se if se > 0 else math.copysign(math.inf, mean_d) if mean_d else 0.0,
         "better": sum(y > x for x, y in zip(b, r)),
         "worse": sum(y < x for x, y in zip(b, r)),
     }

@@ -41,6 +41,7 @@ def evaluate_mean_at_k(
     t0, tokens, dense_sum = time.perf_counter(), 0, 0.0
     samples = []
     per_problem: dict[str, int] = {}  # problem id -> correct samples out of k (for paired comparisons)
+    scores: list[torch.Tensor] = []  # (P_chunk,) fractions correct, for the standard error
     bar = tqdm(total=len(problems), desc=f"mean@{k}", disable=not progress, leave=False)
     for i in range(0, len(problems), problems_per_batch):
         chunk = problems[i : i + problems_per_batch]
@@ -58,8 +59,9 @@ def evaluate_mean_at_k(
                     samples.append(
                         {"problem_id": p.id, "completion": text, "correct": s.correct, "dense": s.dense}
                     )
-        for p, c in zip(chunk, correct.sum(dim=1).tolist()):
-            per_problem[str(p.id)] = int(c)
+        counts = correct.sum(dim=1)  # (P,)
+        per_problem.update((str(p.id), int(c)) for p, c in zip(chunk, counts.tolist()))
+        scores.append(counts.double() / k)
         mean.update(correct)
         passk.update(correct)
         bar.update(len(chunk))
@@ -67,8 +69,8 @@ def evaluate_mean_at_k(
     bar.close()
     dt = time.perf_counter() - t0
     n = len(problems) * k
-    scores = torch.tensor(list(per_problem.values()), dtype=torch.float64) / k  # (P,)
-    se = float(scores.std() / len(scores) ** 0.5) if len(scores) > 1 else float("nan")
+    per_score = torch.cat(scores)  # (P,) every problem's fraction correct, duplicates included
+    se = float(per_score.std() / len(per_score) ** 0.5) if len(per_score) > 1 else float("nan")
     res = {
         f"mean@{k}": mean.compute().item(),
         f"mean@{k}_se": se,  # standard error over problems (the samples within one are not independent)
