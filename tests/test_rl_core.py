@@ -97,6 +97,30 @@ def test_collated_behaviour_logprobs_equal_trainer_recomputation(policy, env):
     assert torch.allclose(logp[m], batch["behaviour_logp"][m], atol=1e-4)
 
 
+@pytest.mark.parametrize("trunk_grad", [True, False])
+def test_value_trunk_grad_decides_whether_the_value_loss_trains_the_lm(policy, env, trunk_grad):
+    """module.value_trunk_grad=false: the value loss reaches the value head only; the values (what
+    search and the baseline read) are the same either way."""
+    from tsd.module import PolicyValueModule
+    from tsd.rl.losses import CISPOLoss, RLObjective
+
+    model, tok = policy
+    torch.nn.init.normal_(model.value_head.fc2.weight, std=0.1)  # the bundled head starts at fc2 = 0
+    out = BestOfNRollout(n=2, max_new_tokens=30).run(env.train[:2], _sampler(policy), env)
+    batch = collate_trajectories(out.trajectories, tok.pad_token_id)
+    # a value-only objective: the only gradient is the value loss's
+    objective = RLObjective(CISPOLoss(), c_ppo=0.0, c_value=1.0, c_kl=0.0)
+    module = PolicyValueModule(model, objective, optimizer=torch.optim.SGD, value_trunk_grad=trunk_grad)
+    loss = module.compute_loss(batch).loss
+    assert loss > 0
+    loss.backward()
+    head = [p.grad for n, p in module.policy.named_parameters() if n.startswith("value_head.")]
+    trunk = [p.grad for n, p in module.policy.named_parameters() if n.startswith("lm.model.")]
+    assert all(g is not None and g.abs().sum() > 0 for g in head)
+    trunk_norm = sum(float(g.abs().sum()) for g in trunk if g is not None)
+    assert (trunk_norm > 0) == trunk_grad, trunk_norm
+
+
 def _traj(version, reward=0.5, pid=0):
     return Trajectory(
         problem_id=pid,

@@ -68,6 +68,7 @@ class PolicyValueModule(L.LightningModule):
         grad_clip: float = 1.0,
         max_bad_steps: int = 5,
         banned_token_ids: list[int] | None = None,
+        value_trunk_grad: bool = True,
     ) -> None:
         """
         Args:
@@ -81,6 +82,8 @@ class PolicyValueModule(L.LightningModule):
             max_bad_steps: consecutive non-finite steps tolerated before the run stops.
             banned_token_ids: ids the sampler never samples (pad, BOS); masked here too so that the
                 ratio compares the same distributions.
+            value_trunk_grad: whether the value loss's gradient reaches the shared LM trunk (True)
+                or trains the value head alone (False).
         """
         super().__init__()
         if not temperature > 0:
@@ -99,6 +102,7 @@ class PolicyValueModule(L.LightningModule):
         self._optimizer, self._scheduler = optimizer, scheduler
         self.temperature, self.grad_clip, self.max_bad_steps = temperature, grad_clip, max_bad_steps
         self.banned_token_ids = list(banned_token_ids or [])
+        self.value_trunk_grad = bool(value_trunk_grad)
         self.bad_steps_in_row = 0
         self.skipped_steps = 0
         self.trained_tokens = 0
@@ -113,7 +117,9 @@ class PolicyValueModule(L.LightningModule):
     def forward_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-token log-probs, values and reference log-probs over the target positions."""
         input_ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, L)
-        logits, values, _ = self.policy(input_ids, attention_mask=attn)  # (B, L, V), (B, L)
+        logits, values, _ = self.policy(
+            input_ids, attention_mask=attn, detach_value_input=not self.value_trunk_grad
+        )  # (B, L, V), (B, L)
         targets = input_ids[:, 1:]  # (B, T)
         logp = token_logprobs(logits[:, :-1], targets, self.temperature, self.banned_token_ids)  # (B, T)
         out = {"logp": logp, "values": values[:, :-1]}  # V(s_t) at the position predicting a_t

@@ -69,7 +69,9 @@ class PolicyValueModel(nn.Module):
         past_key_values=None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        detach_value_input: bool = False,
     ):
+        """``detach_value_input``: the value loss trains the head only, not the shared trunk."""
         kwargs = {_CACHE_KWARG: past_key_values} if past_key_values is not None else {}
         out = self.lm.model(
             input_ids=input_ids,
@@ -82,7 +84,7 @@ class PolicyValueModel(nn.Module):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm.lm_head(hidden).float()  # (B, T, V) fp32 for log-probs
-        values = self.value_head(hidden)  # (B, T)
+        values = self.value_head(hidden.detach() if detach_value_input else hidden)  # (B, T)
         return logits, values, getattr(out, _CACHE_KWARG, None)
 
     # ------------------------------------------------------------------ persistence
