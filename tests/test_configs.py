@@ -96,3 +96,40 @@ def test_experiments_open_with_their_command():
         head = (CONFIGS / "experiment" / f"{e}.yaml").read_text().splitlines()[:3]
         assert any(f"experiment={e}" in line for line in head), f"{e}.yaml should start with its command"
         assert len((CONFIGS / "experiment" / f"{e}.yaml").read_text().splitlines()) <= 30
+
+
+# the article's hyper-parameter table (../shared/seeds/): the *_paper experiments must keep it
+# whatever the laptop defaults become
+ARTICLE = {
+    "loss.c_ppo": 1.0,
+    "loss.c_value": 1.0,
+    "loss.c_kl": 0.05,
+    "loss.pg_loss.eps_high": 5.0,
+    "module.value_trunk_grad": True,
+}
+ARTICLE_BY_EXPERIMENT = {
+    "mcts_countdown_paper": {
+        "rollout.workers": 16,
+        "rollout.completions_per_node": 4,
+        "rollout.iterations": 100,
+        "rollout.c_puct": 0.5,
+        "rollout.virtual_loss": 1.0,
+        "data.sync_every": 8,
+        "data.batch_size": 16,  # x 2 trainers (trainer.devices=8, 6 generators) = 32
+        "strategy.num_generators": 6,
+    },
+    "bon_countdown_paper": {
+        "rollout.n": 64,
+        "data.sync_every": 8,
+        "data.batch_size": 16,
+        "strategy.num_generators": 6,
+    },
+    "cispo_countdown_paper": {"rollout.group_size": 16},
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(ARTICLE_BY_EXPERIMENT))
+def test_paper_experiments_keep_the_article_hyperparameters(experiment):
+    cfg = _compose("train", [f"experiment={experiment}"])
+    for key, want in {**ARTICLE, **ARTICLE_BY_EXPERIMENT[experiment]}.items():
+        assert OmegaConf.select(cfg, key) == want, f"{experiment}: {key}"
