@@ -272,6 +272,36 @@ def test_value_is_the_head_at_the_last_token(random_policy, char_tokenizer):
     assert len(set(got)) == len(got)  # not all the same: the head sees each state
 
 
+def test_sample_and_value_reads_the_values_from_the_prefill(random_policy, char_tokenizer):
+    """What one MCTS expansion needs in one pass: the same continuations as ``sample`` (same RNG
+    stream) and the same values as ``value``, with no extra forward pass over the states."""
+    torch.nn.init.normal_(random_policy.value_head.fc2.weight, std=0.5)  # zero-initialised otherwise
+    states = states_of(char_tokenizer)
+    prefills = []
+
+    def spy(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and len(args) > 0:
+            prefills.append(args[0].shape[0])
+
+    expected_values = HFSampler(random_policy, char_tokenizer, max_batch_size=3).value(states)
+    handle = random_policy.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        expected = HFSampler(random_policy, char_tokenizer, max_batch_size=8, seed=0).sample(states, 4, 5)
+        n_sample = len(prefills)
+        prefills.clear()
+        got, values = HFSampler(random_policy, char_tokenizer, max_batch_size=8, seed=0).sample_and_value(
+            states, 4, 5
+        )
+    finally:
+        handle.remove()
+    assert len(prefills) == n_sample == 2  # 8 // 4 = 2 states per batch: [2, 1], nothing more
+    assert [[(c.token_ids, c.logprobs) for c in cs] for cs in got] == [
+        [(c.token_ids, c.logprobs) for c in cs] for cs in expected
+    ]
+    assert values == pytest.approx(expected_values, abs=1e-5)
+    assert len(set(values)) == len(values)
+
+
 def test_load_weights_changes_outputs_and_version(random_policy, char_tokenizer):
     other = make_random_policy(char_tokenizer, seed=1)
     torch.nn.init.normal_(other.value_head.fc2.weight, std=0.5)

@@ -11,10 +11,11 @@ One *wave* is one iteration of every worker on every tree of the batch:
 
 1. select: for each tree, each of the N workers in turn descends by pUCT to a leaf and applies
    virtual loss on its path, which steers the next workers elsewhere;
-2. evaluate: ONE ``sampler.sample(states, n=K, stop="step")`` call expands every distinct
-   non-terminal leaf of the wave (all workers, all trees: the widest batch the sampler can get)
-   and ONE ``sampler.value(states)`` call values the same leaves with the value head; a terminal
-   leaf is valued by its dense reward, graded once on its first visit and cached on the node;
+2. evaluate: ONE ``sampler.sample_and_value(states, n=K, stop="step")`` call expands every
+   distinct non-terminal leaf of the wave (all workers, all trees: the widest batch the sampler
+   can get) and values the same leaves with the value head, read from the pass that starts their
+   sampling; a terminal leaf is valued by its dense reward, graded once on its first visit and
+   cached on the node;
 3. backup: each worker takes its virtual loss off its path and adds one visit and its leaf's
    value to every node on it, once.
 
@@ -227,13 +228,12 @@ class MCTSRollout(Rollout):
             leaves = list(pending.values())
             states = [trees[i].prompt_ids + leaf.completion_ids() for i, leaf in leaves]
             budget = max(self.max_new_tokens - leaf.num_tokens for _, leaf in leaves)
-            outs = sampler.sample(
+            outs, values = sampler.sample_and_value(
                 states,
                 n=self.completions_per_node,
                 max_new_tokens=min(self.max_step_tokens, budget),
                 stop="step",
             )
-            values = sampler.value(states)
             c.sample_calls += 1
             c.value_calls += 1
             c.sample_widths.append(len(states) * self.completions_per_node)

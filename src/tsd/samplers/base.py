@@ -68,6 +68,19 @@ class Sampler(ABC):
     def value(self, states: Sequence[Sequence[int]]) -> list[float]:
         """Value-head estimate V(s) in [-1, 1] of each state (at its last token)."""
 
+    def sample_and_value(
+        self,
+        states: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode = "step",
+    ) -> tuple[list[list[Continuation]], list[float]]:
+        """:meth:`sample` and :meth:`value` of the same states (what one MCTS expansion needs).
+
+        Samplers that run the states through the model anyway to start sampling override this
+        to read V(s) from that pass instead of a second one."""
+        return self.sample(states, n, max_new_tokens, stop), self.value(states)
+
     @abstractmethod
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Swap in new policy + value-head weights (keys as in ``PolicyValueModel.state_dict()``)."""

@@ -169,6 +169,27 @@ class HFSampler(Sampler):
         max_new_tokens: int,
         stop: StopMode = "step",
     ) -> list[list[Continuation]]:
+        return self._sample(states, n, max_new_tokens, stop, values=None)
+
+    def sample_and_value(
+        self,
+        states: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode = "step",
+    ) -> tuple[list[list[Continuation]], list[float]]:
+        """:meth:`sample`, with V(s) read from the prefill that starts sampling (no second pass)."""
+        values: list[float] = []
+        return self._sample(states, n, max_new_tokens, stop, values=values), values
+
+    def _sample(
+        self,
+        states: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode,
+        values: list[float] | None,
+    ) -> list[list[Continuation]]:
         if n < 1:
             raise ValueError(f"HFSampler.sample: n must be >= 1, got {n}")
         if max_new_tokens < 1:
@@ -185,7 +206,8 @@ class HFSampler(Sampler):
         flat: list[Continuation] = []
         with self._eval_mode(), torch.inference_mode():
             for start in range(0, len(states), per_batch):
-                flat.extend(self._generate(states[start : start + per_batch], n, max_new_tokens, stop))
+                chunk = states[start : start + per_batch]
+                flat.extend(self._generate(chunk, n, max_new_tokens, stop, values))
         self.generated_tokens += sum(len(c.token_ids) for c in flat)
         return [flat[i * n : (i + 1) * n] for i in range(len(states))]
 
@@ -244,14 +266,24 @@ class HFSampler(Sampler):
         return logits.masked_fill(drop, float("-inf"))
 
     def _generate(
-        self, states: list[list[int]], n: int, max_new_tokens: int, stop: StopMode
+        self,
+        states: list[list[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode,
+        values: list[float] | None = None,
     ) -> list[Continuation]:
         """One left-padded batch through the cached autoregressive loop: the S states are
-        prefilled once, then each becomes n adjacent rows (B = S * n) sharing its KV cache."""
+        prefilled once, then each becomes n adjacent rows (B = S * n) sharing its KV cache.
+        ``values``, if given, gets V(s) of each state from the prefill."""
         B = len(states) * n
         dev = self.device
         input_ids, mask, pos = left_pad(states, self.pad_id, dev)  # (S, T) each
-        logits, _, cache = self.model(input_ids, mask, pos, use_cache=True, logits_to_keep=1)  # (S, 1, V)
+        logits, state_values, cache = self.model(
+            input_ids, mask, pos, use_cache=True, logits_to_keep=1
+        )  # (S, 1, V), (S, 1)
+        if values is not None:
+            values.extend(state_values[:, -1].float().tolist())
         if n > 1:
             logits = logits.repeat_interleave(n, dim=0)  # (B, 1, V)
             mask, pos = mask.repeat_interleave(n, dim=0), pos.repeat_interleave(n, dim=0)  # (B, T)
