@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> dict:
         temperature=cfg.sampler.temperature,
         grad_clip=cfg.module.grad_clip,
         max_bad_steps=cfg.module.max_bad_steps,
-        value_trunk_grad=cfg.module.get("value_trunk_grad", True),
+        value_trunk_grad=cfg.module.value_trunk_grad,
         banned_token_ids=banned_token_ids(tokenizer, eos_token_ids(tokenizer, policy)),
     )
 

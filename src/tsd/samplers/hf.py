@@ -169,7 +169,7 @@ class HFSampler(Sampler):
         max_new_tokens: int,
         stop: StopMode = "step",
     ) -> list[list[Continuation]]:
-        return self._sample(states, n, max_new_tokens, stop, values=None)
+        return self.sample_and_value(states, n, max_new_tokens, stop)[0]
 
     def sample_and_value(
         self,
@@ -178,18 +178,8 @@ class HFSampler(Sampler):
         max_new_tokens: int,
         stop: StopMode = "step",
     ) -> tuple[list[list[Continuation]], list[float]]:
-        """:meth:`sample`, with V(s) read from the prefill that starts sampling (no second pass)."""
-        values: list[float] = []
-        return self._sample(states, n, max_new_tokens, stop, values=values), values
-
-    def _sample(
-        self,
-        states: Sequence[Sequence[int]],
-        n: int,
-        max_new_tokens: int,
-        stop: StopMode,
-        values: list[float] | None,
-    ) -> list[list[Continuation]]:
+        """:meth:`sample`, with V(s) read from the prefill that starts sampling (the model's
+        forward computes the value head anyway: no second pass, no extra cost)."""
         if n < 1:
             raise ValueError(f"HFSampler.sample: n must be >= 1, got {n}")
         if max_new_tokens < 1:
@@ -204,12 +194,14 @@ class HFSampler(Sampler):
         # KV cache repeated n times, so the prompt's cost does not grow with n
         per_batch = max(1, self.max_batch_size // n)
         flat: list[Continuation] = []
+        values: list[float] = []
         with self._eval_mode(), torch.inference_mode():
             for start in range(0, len(states), per_batch):
-                chunk = states[start : start + per_batch]
-                flat.extend(self._generate(chunk, n, max_new_tokens, stop, values))
+                conts, vals = self._generate(states[start : start + per_batch], n, max_new_tokens, stop)
+                flat.extend(conts)
+                values.extend(vals)
         self.generated_tokens += sum(len(c.token_ids) for c in flat)
-        return [flat[i * n : (i + 1) * n] for i in range(len(states))]
+        return [flat[i * n : (i + 1) * n] for i in range(len(states))], values
 
     def value(self, states: Sequence[Sequence[int]]) -> list[float]:
         if any(len(s) == 0 for s in states):
@@ -266,24 +258,18 @@ class HFSampler(Sampler):
         return logits.masked_fill(drop, float("-inf"))
 
     def _generate(
-        self,
-        states: list[list[int]],
-        n: int,
-        max_new_tokens: int,
-        stop: StopMode,
-        values: list[float] | None = None,
-    ) -> list[Continuation]:
+        self, states: list[list[int]], n: int, max_new_tokens: int, stop: StopMode
+    ) -> tuple[list[Continuation], list[float]]:
         """One left-padded batch through the cached autoregressive loop: the S states are
         prefilled once, then each becomes n adjacent rows (B = S * n) sharing its KV cache.
-        ``values``, if given, gets V(s) of each state from the prefill."""
+        Returns the B continuations and V(s) of the S states, read from the prefill."""
         B = len(states) * n
         dev = self.device
         input_ids, mask, pos = left_pad(states, self.pad_id, dev)  # (S, T) each
         logits, state_values, cache = self.model(
             input_ids, mask, pos, use_cache=True, logits_to_keep=1
         )  # (S, 1, V), (S, 1)
-        if values is not None:
-            values.extend(state_values[:, -1].float().tolist())
+        values = state_values[:, -1].float().tolist()
         if n > 1:
             logits = logits.repeat_interleave(n, dim=0)  # (B, 1, V)
             mask, pos = mask.repeat_interleave(n, dim=0), pos.repeat_interleave(n, dim=0)  # (B, T)
@@ -329,7 +315,7 @@ class HFSampler(Sampler):
                 feed, mask, next_pos, past_key_values=cache, use_cache=True, logits_to_keep=1
             )  # (B, 1, V)
             next_pos = next_pos + 1
-        return [Continuation(tokens[i], logprobs[i], reasons[i] or "length") for i in range(B)]
+        return [Continuation(tokens[i], logprobs[i], reasons[i] or "length") for i in range(B)], values
 
     def _ends_with(self, tokens: list[int], texts: list[str]) -> bool:
         """Whether the row's newest tokens complete a multi-token stop string (general path)."""
