@@ -114,6 +114,10 @@ ARTICLE_BY_EXPERIMENT = {
         "rollout.iterations": 100,
         "rollout.c_puct": 0.5,
         "rollout.virtual_loss": 1.0,
+        "rollout.widening_alpha": 0.0,  # fixed K children per node
+        "rollout.prior_temperature": 1.0,
+        "rollout.rollout_mix": 0.0,  # leaves valued by the value head alone
+        "rollout.selection._target_": "tsd.rollouts.selection.MaxVisit",
         "data.sync_every": 8,
         "data.batch_size": 16,  # x 2 trainers (trainer.devices=8, 6 generators) = 32
         "strategy.num_generators": 6,
