@@ -9,6 +9,7 @@ whose export loads back with transformers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,7 +229,7 @@ def test_train_py_refuses_an_encoder_with_exit_code_2_and_one_line(char_tokenize
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "WANDB_MODE": "offline"},
+        env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if "model.name_or_path" in ln]
@@ -286,6 +287,23 @@ def test_lm_head_runs_in_fp32_on_bf16_weights():
     torch.testing.assert_close(logits, exact, atol=1e-5, rtol=1e-5)
     # the bf16 trunk's rounding remains; the head's own rounding is gone
     assert err_fp32_head.mean() < 0.8 * err_bf16_head.mean(), (err_fp32_head.mean(), err_bf16_head.mean())
+
+
+def test_lm_head_stays_fp32_under_autocast(char_tokenizer):
+    """bf16 mixed precision (trainer.precision=bf16-mixed) must not pull the head back to bf16."""
+    import torch.nn.functional as F
+
+    policy = PolicyValueModel(make_lm("llama", char_tokenizer)).eval()
+    ids = torch.tensor(states_of(char_tokenizer)[0])[None]  # (1, T)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = policy(ids)[0]  # (1, T, V)
+        hidden = policy.lm.base_model(input_ids=ids).last_hidden_state  # (1, T, H)
+        autocast_head = policy.lm.lm_head(hidden)  # what the model's own head gives here
+    assert autocast_head.dtype == torch.bfloat16  # autocast would run the head in bf16
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(
+        logits, F.linear(hidden.float(), policy.lm.lm_head.weight.float()), atol=1e-6, rtol=1e-6
+    )
 
 
 def test_reference_policy_log_probs_equal_the_policys_at_init_in_bf16():
