@@ -20,11 +20,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from tsd.callbacks import ExportPolicy, MeanAtKEval
+from tsd.callbacks import ExportPolicy, LogRunConfig, MeanAtKEval
 from tsd.config import ConfigError, apply_threads, build, config_dir, dtype_of, require
 from tsd.data.datamodule import TrajectoryDataModule
+from tsd.loggers.run_info import logged_config
 from tsd.models.loading import load_policy
 from tsd.module import PolicyValueModule
+from tsd.rollouts.mcts import MCTSRollout
 from tsd.rollouts.worker import RolloutWorker
 from tsd.samplers.hf import banned_token_ids, eos_token_ids
 
@@ -109,11 +111,15 @@ def train(cfg: DictConfig) -> dict:
         max_wait=cfg.data.max_wait,
     )
     for cb in callbacks.values():
-        if isinstance(cb, MeanAtKEval):
-            cb.setup_eval(env, tokenizer)
+        if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
+            cb.setup_eval(env, tokenizer, search=rollout if isinstance(rollout, MCTSRollout) else None)
         if isinstance(cb, ExportPolicy):
             cb.tokenizer = tokenizer
-    trainer_kwargs = {"callbacks": list(callbacks.values()), "logger": loggers or False}
+    # every logger gets the resolved config + the run's identity (experiment, method, overrides, commit)
+    run_callbacks = (
+        [*callbacks.values(), LogRunConfig(logged_config(cfg))] if loggers else list(callbacks.values())
+    )
+    trainer_kwargs = {"callbacks": run_callbacks, "logger": loggers or False}
     if strategy is not None:
         trainer_kwargs["strategy"] = strategy
     trainer = build(cfg.trainer, "trainer", **trainer_kwargs)
