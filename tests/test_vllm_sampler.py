@@ -160,7 +160,7 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
 def test_a_model_without_checkpoint_is_written_for_vllm(fake_vllm, random_policy, char_tokenizer):
     sampler = VLLMSampler(random_policy, char_tokenizer, value_device="cpu")
     path = Path(FakeLLM.last.kwargs["model"])
-    assert (path / "config.json").exists() and (path / "value_head.safetensors").exists()
+    assert (path / "config.json").exists() and (path / "value_head" / "model.safetensors").exists()
     assert (path / "tokenizer.json").exists()
     states = states_of(char_tokenizer)
     assert sampler.value(states) == HFSampler(random_policy, char_tokenizer).value(states)

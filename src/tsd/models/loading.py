@@ -67,7 +67,7 @@ def load_policy(
     device: str | torch.device = "cpu",
 ):
     """``(PolicyValueModel, tokenizer)`` for ``name_or_path`` (``"tiny"``, a directory or a hub id),
-    in eval mode. A directory without ``value_head.safetensors`` gets a fresh value head."""
+    in eval mode. A directory without a saved value head (``value_head/``) gets a fresh one."""
     path = resolve_policy_path(name_or_path)
     if path == TINY_POLICY_DIR and not (path / "model.safetensors").exists():
         raise FileNotFoundError(
