@@ -169,4 +169,6 @@ def test_every_paper_value_says_where_it_comes_from(experiment):
         comment = line[len(line.split("#", 1)[0]) :]
         assert comment.startswith(SOURCES), f"{experiment}: {line.strip()!r} has no source"
         if comment.startswith("# ours:"):
-            assert len(comment) > len("# ours: ") + 3, f"{experiment}: 'ours' without a reason: {line.strip()!r}"
+            assert len(comment) > len("# ours: ") + 3, (
+                f"{experiment}: 'ours' without a reason: {line.strip()!r}"
+            )
