@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import types
 from contextlib import contextmanager
@@ -464,3 +466,34 @@ def test_real_vllm_weight_reload_resets_the_prefix_cache(real, monkeypatch):
     assert sampler.llm.reset_prefix_cache()
     fresh = sampler.sample(states, n=4, max_new_tokens=16)
     assert max_logprob_error(fresh, states, real.first, tok, 1.0) < 1e-4
+
+
+# ---------------------------------------------------------------------------- entry points with sampler=vllm
+def run_entry(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(root / script), "sampler=vllm", "+sampler.llm_kwargs={enforce_eager: true}"]
+    cmd += [*overrides, f"hydra.run.dir={tmp_path}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_eval_py_runs_with_sampler_vllm_on_cpu(tmp_path):
+    res = run_entry("eval.py", "eval.num_problems=4", "eval.k=4", "eval.max_new_tokens=64", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["mean@4"] >= 0 and out["generated_tokens"] > 0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_single_process_training_with_sampler_vllm_is_on_policy(tmp_path):
+    # sync_every=1: vLLM samples with the weights just synced, so the trainer's ratio is 1
+    res = run_entry("train.py", "debug=smoke", "data.sync_every=1", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["global_step"] == 3 and out["rollout/version"] >= 2
+    assert out["train/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
