@@ -497,3 +497,28 @@ def test_single_process_training_with_sampler_vllm_is_on_policy(tmp_path):
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["global_step"] == 3 and out["rollout/version"] >= 2
     assert out["train/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.distributed
+@requires_vllm
+def test_generator_rank_runs_sampler_vllm(tmp_path, redis_url):
+    # 1 FSDP trainer + 1 generator whose rollouts go through vLLM (in-process engine on its rank),
+    # trajectories over a real Redis stream, weights synced into vLLM every step
+    res = run_entry(
+        "train.py",
+        "experiment=cispo_countdown",
+        "debug=smoke",
+        "strategy=generator_trainer",
+        "buffer=redis",
+        "trainer.devices=2",
+        f"buffer.url={redis_url}",
+        f"buffer.stream=tsd-vllm-{os.getpid()}",
+        tmp_path=tmp_path,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["global_step"] == 3 and out["skipped_steps"] == 0
+    assert "policy version" in res.stdout + res.stderr  # the generator loaded synced weights
