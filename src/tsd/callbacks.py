@@ -242,7 +242,7 @@ class MeanAtKEval(L.Callback):
 
 class ExportPolicy(L.Callback):
     def __init__(self, dirpath: str, tokenizer=None) -> None:
-        """Writes ``dirpath`` (transformers ``save_pretrained`` + ``value_head.safetensors`` +
+        """Writes ``dirpath`` (transformers ``save_pretrained`` + ``value_head/`` +
         tokenizer) at the end of training, loadable by ``eval.py model.name_or_path=DIR``."""
         self.dirpath = Path(dirpath)
         self.tokenizer = tokenizer

@@ -68,9 +68,9 @@ def load_policy(
     device: str | torch.device = "cpu",
 ):
     """``(PolicyValueModel, tokenizer)`` for ``name_or_path`` (``"tiny"``, a directory or a hub id),
-    in eval mode. A directory without ``value_head.safetensors`` gets a fresh value head. A model that
-    is not a decoder-only causal LM (BERT, T5, ...) raises :class:`~tsd.config.ConfigError` naming
-    ``model.name_or_path``, before any training."""
+    in eval mode. A directory without a saved value head (``value_head/``) gets a fresh one. A model
+    that is not a decoder-only causal LM (BERT, T5, ...) raises :class:`~tsd.config.ConfigError`
+    naming ``model.name_or_path``, before any training."""
     path = resolve_policy_path(name_or_path)
     if path == TINY_POLICY_DIR and not (path / "model.safetensors").exists():
         raise FileNotFoundError(

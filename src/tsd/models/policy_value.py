@@ -23,8 +23,11 @@ transform) is refused there with one line.
 ``a_t``, so training (``A_t = r - sg(V_old(s_t))``) and search (the value of a leaf = the head at
 the leaf's last token) use the very same head at the very same place.
 
-Saved as a transformers directory (``save_pretrained``) plus ``value_head.safetensors``; loaded
-only through safetensors.
+Saved as a transformers directory (``save_pretrained``) with the value head in a subfolder,
+``value_head/model.safetensors`` + ``value_head/config.json``: the top level holds only the LM's
+files, because vLLM (and other loaders) read every ``*.safetensors`` at the top of a model
+directory and fail on a tensor the LM does not have. Loaded only through safetensors; the older
+layout (``value_head.safetensors`` + ``value_head.json`` at the top) is still read.
 """
 
 from __future__ import annotations
@@ -39,8 +42,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-VALUE_HEAD_CONFIG = "value_head.json"
+#: the value head's folder inside a saved policy, and its two files
+VALUE_HEAD_DIR = "value_head"
+VALUE_HEAD_FILE = f"{VALUE_HEAD_DIR}/model.safetensors"
+VALUE_HEAD_CONFIG = f"{VALUE_HEAD_DIR}/config.json"
+#: the layout before the subfolder (read, never written: vLLM would load it as an LM weight)
+LEGACY_VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.json")
 
 
 class UnsupportedModelError(ValueError):
@@ -251,6 +258,9 @@ class PolicyValueModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(path, safe_serialization=True)
+        for name in LEGACY_VALUE_HEAD_FILES:  # an older export being overwritten
+            (path / name).unlink(missing_ok=True)
+        (path / VALUE_HEAD_DIR).mkdir(exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
         save_file(state, str(path / VALUE_HEAD_FILE))
         (path / VALUE_HEAD_CONFIG).write_text(
@@ -263,8 +273,9 @@ class PolicyValueModel(nn.Module):
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> PolicyValueModel:
-        """Load the LM (safetensors only) and the value head if the directory has one; refuse a
-        model that is not a decoder-only causal LM (:func:`check_causal_lm`)."""
+        """Load the LM (safetensors only) and the value head if the directory has one (in
+        ``value_head/`` or, older exports, at the top); refuse a model that is not a decoder-only
+        causal LM (:func:`check_causal_lm`)."""
         path = Path(path)
         config = AutoConfig.from_pretrained(str(path))
         if getattr(config, "is_encoder_decoder", False):  # BART would load as its decoder alone
@@ -278,11 +289,13 @@ class PolicyValueModel(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
         lm = lm.to(device)
         check_causal_lm(lm)
-        head_cfg = path / VALUE_HEAD_CONFIG
+        weights, head_cfg = path / VALUE_HEAD_FILE, path / VALUE_HEAD_CONFIG
+        if not head_cfg.exists():
+            weights, head_cfg = (path / name for name in LEGACY_VALUE_HEAD_FILES)
         if head_cfg.exists():
             cfg = json.loads(head_cfg.read_text())
             head = ValueHead(int(cfg["hidden_size"]), int(cfg["mlp_size"]))
-            head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
+            head.load_state_dict(load_file(str(weights)))
         else:
             head = ValueHead(output_head(lm).weight.shape[1])
         return cls(lm, head).to(device)
