@@ -50,17 +50,17 @@ class TimedSampler(Sampler):
         self.tokenizer, self.version, self.temperature = inner.tokenizer, inner.version, inner.temperature
         self.sample_s = self.value_s = 0.0
 
-    def sample(self, states, n, max_new_tokens, stop="step"):
+    def sample(self, states, n, max_new_tokens, stop="step", exclude=None):
         t = time.perf_counter()
-        out = self.inner.sample(states, n, max_new_tokens, stop)
+        out = self.inner.sample(states, n, max_new_tokens, stop, exclude)
         self.sample_s += time.perf_counter() - t
         return out
 
-    def sample_and_value(self, states, n, max_new_tokens, stop="step"):
+    def sample_and_value(self, states, n, max_new_tokens, stop="step", exclude=None):
         if not self.fused:
-            return super().sample_and_value(states, n, max_new_tokens, stop)
+            return super().sample_and_value(states, n, max_new_tokens, stop, exclude)
         t = time.perf_counter()
-        out = self.inner.sample_and_value(states, n, max_new_tokens, stop)
+        out = self.inner.sample_and_value(states, n, max_new_tokens, stop, exclude)
         self.sample_s += time.perf_counter() - t
         return out
 

@@ -16,7 +16,8 @@ training (MCTS shares each wave across a batch's trees).
 
 Printed: one row per method (tokens per problem, correct share with its 95% interval, mean dense
 reward, share of problems where a correct answer was generated anywhere, distinct complete
-trajectories per problem, wall time), then every MCTS point against the best-of-N point nearest
+trajectories per problem, the share of the search's new samples drawn below the root (a search
+that branches only at the root is best-of-N under another name), wall time), then every MCTS point against the best-of-N point nearest
 in tokens: the paired per-problem difference with its 95% interval (a difference whose interval
 holds 0 is "no difference"). Written: ``--out``/search_efficiency.json and .png (correct share
 and found share against tokens per problem, one curve per method).
@@ -83,6 +84,12 @@ def methods_from(args) -> list[Method]:
                 )
             )
     return out
+
+
+def below(summary: dict) -> str:
+    """Share of a search's new samples drawn below the root (best-of-N: all at the root, '-')."""
+    share = summary["stats"].get("search/root_branch_fraction")
+    return "-" if share is None else f"{1 - share:.0%}"
 
 
 def plot(results: list[MethodResult], path: Path, title: str) -> None:
@@ -170,13 +177,16 @@ def main(argv: list[str] | None = None) -> int:
               f"found {r.mean('found'):.3f}  {r.wall_s:6.1f}s", flush=True)  # fmt: skip
 
     summaries = [r.summary() for r in results]
-    head = f"{'method':<26} {'tok/prob':>8} {'correct':>7} {'95% CI':>15} {'reward':>7} {'found':>6} {'distinct':>8} {'wall s':>7}"
+    head = (
+        f"{'method':<26} {'tok/prob':>8} {'correct':>7} {'95% CI':>15} {'reward':>7} {'found':>6} "
+        f"{'distinct':>8} {'below root':>10} {'wall s':>7}"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for s in summaries:
         lo, hi = s["correct_ci95"]
         print(f"{s['label']:<26} {s['tokens_per_problem']:>8.0f} {s['correct_share']:>7.3f} "
               f"[{lo:>+.3f},{hi:>+.3f}] {s['reward_mean']:>+7.3f} {s['found_share']:>6.3f} "
-              f"{s['distinct_per_problem']:>8.1f} {s['wall_s']:>7.1f}")  # fmt: skip
+              f"{s['distinct_per_problem']:>8.1f} {below(s):>10} {s['wall_s']:>7.1f}")  # fmt: skip
 
     bons = [r for r in results if r.method.family == "best-of-N"]
     comparisons = []

@@ -86,18 +86,28 @@ class ScriptedSampler(Sampler):
         self.version = 7
         self.temperature = 1.0
         self.sample_calls: list[tuple[int, int, str]] = []
+        self.exclude_calls: list[list[int] | None] = []
         self.value_calls: list[int] = []
 
     def _completion(self, state: Sequence[int]) -> str:
         text = self.tokenizer.decode(list(state), skip_special_tokens=False)
         return text.split("\n", 1)[1]
 
-    def sample(self, states, n, max_new_tokens, stop="step"):
+    def sample(self, states, n, max_new_tokens, stop="step", exclude=None):
         self.sample_calls.append((len(states), n, stop))
+        self.exclude_calls.append([len(e) for e in exclude] if exclude is not None else None)
         out = []
-        for s in states:
+        for i, s in enumerate(states):
             key = self._completion(s)
             options = self.script.get(key, [("<eos>", "eos", -0.5)])
+            if exclude is not None and exclude[i]:  # without replacement: skip the excluded options
+                seen = {tuple(e.token_ids) for e in exclude[i]}
+                left = [
+                    o
+                    for o in options
+                    if tuple(self.tokenizer.encode(o[0], add_special_tokens=False)) not in seen
+                ]
+                options = left or options
             conts = []
             for j in range(n):
                 if self.cycle:
@@ -529,6 +539,22 @@ def test_rollout_simulations_back_up_once_and_share_waves(char_tokenizer):
     assert len(out.trajectories) == 2 and out.stats["search/simulations_per_problem"] == 12
 
 
+def test_without_replacement_asks_the_sampler_to_skip_the_children(char_tokenizer):
+    # widening by count (K = 1, alpha = 1: N(s) samples): the scripted sampler (not cycling) would
+    # return its first option every time; told to exclude the children it gives the next ones
+    sampler = ScriptedSampler(char_tokenizer)
+    rollout = _small(workers=1, completions_per_node=1, iterations=8, widening_alpha=1.0,
+                     without_replacement=True, record_trees=True)  # fmt: skip
+    rollout.run([PROBLEM], sampler, CountingEnv())
+    (tree,) = rollout.trees
+    first_three = [child.id for child, _ in tree.root.draws[:3]]
+    assert len(set(first_three)) == 3 and len(tree.root.children) == 3  # each new draw was a new step
+    assert any(e and e[0] >= 2 for e in sampler.exclude_calls)  # the sampler was told what to skip
+    plain = _small(workers=1, completions_per_node=1, iterations=8, widening_alpha=1.0, record_trees=True)
+    plain.run([PROBLEM], ScriptedSampler(char_tokenizer), CountingEnv())
+    assert len(plain.trees[0].root.children) == 1  # the same draws with replacement: duplicates
+
+
 def test_same_seed_same_tree(char_tokenizer):
     from tsd.samplers.hf import HFSampler
 
@@ -574,6 +600,8 @@ def test_config_validation_names_the_field():
         ({"rollout_mix": 1.5}, "rollout_mix"),
         ({"min_unseen_mass": 1.0}, "min_unseen_mass"),
         ({"skip_exhausted": 1}, "skip_exhausted"),
+        ({"unseen_as_child": "yes"}, "unseen_as_child"),
+        ({"without_replacement": 0}, "without_replacement"),
         ({"selection": "best_terminal"}, "selection"),
     ]:
         with pytest.raises(ValueError, match=rf"MCTSRollout\.{name}"):

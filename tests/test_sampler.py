@@ -4,6 +4,8 @@ handcrafted bigram model whose next token is fully scripted."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_random_policy
@@ -348,3 +350,86 @@ def test_bad_sample_calls_are_rejected(random_policy, char_tokenizer):
         sampler.sample([[]], n=1, max_new_tokens=2)
     with pytest.raises(ValueError, match="stop"):
         sampler.sample([[1]], n=1, max_new_tokens=2, stop="line")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling without replacement (exclude=...)
+
+
+def test_exclusion_trie_masses_hand_computed():
+    from types import SimpleNamespace
+
+    from tsd.samplers.hf import exclusion_trie
+
+    a = SimpleNamespace(token_ids=[5, 6], logprobs=[math.log(0.5), math.log(0.4)])  # P = 0.2
+    b = SimpleNamespace(token_ids=[5, 7], logprobs=[math.log(0.5), math.log(0.1)])  # P = 0.05
+    c = SimpleNamespace(token_ids=[8], logprobs=[math.log(0.3)])
+    trie = exclusion_trie([a, b, c])
+    # at the empty prefix: token 5 leads to a and b (0.2 + 0.05), token 8 to c (0.3)
+    assert trie[()] == pytest.approx({5: 0.25, 8: 0.3})
+    # after 5: the masses given 5 (0.4 and 0.1)
+    assert trie[(5,)] == pytest.approx({6: 0.4, 7: 0.1})
+    assert (8,) not in trie and (5, 6) not in trie
+
+
+def test_exclude_never_repeats_and_samples_the_conditional_distribution(random_policy, char_tokenizer):
+    from types import SimpleNamespace
+
+    tok = char_tokenizer
+    state = [tok.bos_token_id, *ids(tok, "[3,5,7,2]->23\n")]
+    sampler = HFSampler(random_policy, tok, seed=0, max_batch_size=4096)
+    (one,) = sampler.sample([state], n=1, max_new_tokens=1, stop="step")
+    # the policy's one-token distribution here, as the sampler draws it (pad/BOS banned)
+    with torch.no_grad():
+        logits, _, _ = random_policy(torch.tensor([state]))
+    logits = logits[0, -1].float()
+    logits[sorted({tok.pad_token_id, tok.bos_token_id} - sampler.eos_ids)] = float("-inf")
+    p = torch.softmax(logits, -1)
+    top = p.argsort(descending=True)[:2].tolist()  # exclude the two likeliest one-token steps
+    excl = [SimpleNamespace(token_ids=[t], logprobs=[math.log(float(p[t]))]) for t in top]
+    n = 4000
+    (rows,) = sampler.sample([state], n=n, max_new_tokens=1, stop="step", exclude=[excl])
+    drawn = torch.tensor([r.token_ids[0] for r in rows])
+    assert not any(int(t) in top for t in drawn)  # never an excluded continuation
+    # frequencies follow p conditioned on the rest: p(t) / (1 - p(top))
+    cond = p.clone()
+    cond[top] = 0
+    cond /= cond.sum()
+    freq = torch.bincount(drawn, minlength=len(p)).float() / n
+    assert (freq - cond).abs().max() < 4 * math.sqrt(0.25 / n)
+    # the log-probs stay the policy's own, unconditioned
+    for r in rows[:50]:
+        assert r.logprobs[0] == pytest.approx(math.log(float(p[r.token_ids[0]])), abs=1e-5)
+    assert one  # the plain call above ran
+
+
+def test_exclude_a_multi_token_continuation_keeps_its_prefix_possible(char_tokenizer):
+    from types import SimpleNamespace
+
+    tok = char_tokenizer
+    x, y, z = ids(tok, "1")[0], ids(tok, "2")[0], ids(tok, "3")[0]
+    # a bigram model: after x the next token is y with p ~ 1 - tiny, z otherwise impossible-ish; the
+    # uniform rows let other tokens through. Excluding [x, y] must still allow x followed by not-y.
+    model = BigramPolicy(len(tok), {})
+    bos = tok.bos_token_id
+    with torch.no_grad():
+        model.table[bos] = -50.0
+        model.table[bos, x] = 50.0  # first token: x, almost surely
+        model.table[x] = 0.0
+        model.table[x, y] = 3.0  # after x: y likely, anything else possible
+    sampler = HFSampler(model, tok, seed=1, max_batch_size=4096)
+    with torch.no_grad():
+        after_x = torch.softmax(model.table[x].clone().index_fill(0, torch.tensor(sorted(
+            {tok.pad_token_id, bos} - sampler.eos_ids)), float("-inf")), -1)  # fmt: skip
+    excl = SimpleNamespace(token_ids=[x, y], logprobs=[0.0, math.log(float(after_x[y]))])
+    out = sampler.sample([[bos]] * 2000, n=1, max_new_tokens=2, stop="step", exclude=[[excl]] * 2000)
+    rows = [r for (r,) in out]  # the bigram table has no KV cache to repeat: one row per state
+    seconds = [r.token_ids[1] for r in rows if len(r.token_ids) == 2 and r.token_ids[0] == x]
+    assert len(seconds) > 1900 and y not in seconds  # the prefix x stays; the excluded path never
+    assert z in seconds  # and what was left of the mass after x is sampled
+
+
+def test_exclude_is_checked(random_policy, char_tokenizer):
+    sampler = HFSampler(random_policy, char_tokenizer, seed=0)
+    with pytest.raises(ValueError, match="exclude has 0 entries for 1 states"):
+        sampler.sample([[char_tokenizer.bos_token_id]], n=1, max_new_tokens=1, exclude=[])

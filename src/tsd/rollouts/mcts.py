@@ -94,6 +94,8 @@ class SearchCounters:
     sample_widths: list[int] = field(default_factory=list)
     #: nodes created in each wave, all trees together
     new_nodes_per_wave: list[int] = field(default_factory=list)
+    #: depth (steps below the root) of every node sampled from because a simulation stopped there
+    branch_depths: list[int] = field(default_factory=list)
 
 
 class MCTSRollout(Rollout):
@@ -117,6 +119,8 @@ class MCTSRollout(Rollout):
         rollout_mix: float = 0.0,
         min_unseen_mass: float = 0.0,
         skip_exhausted: bool = False,
+        unseen_as_child: bool = False,
+        without_replacement: bool = False,
         selection: Callable[[SearchTree], list[Node]] | None = None,
         temperature: float | None = None,
         seed: int = 0,
@@ -150,6 +154,15 @@ class MCTSRollout(Rollout):
             skip_exhausted: selection passes over graded terminals and subtrees that can yield
                 nothing new, and a tree whose root is exhausted stops searching (the article's
                 search re-reads cached terminal rewards: False).
+            unseen_as_child: widen by value, not by count: priors are the steps' own
+                probabilities, and the probability mass not sampled yet at a node is one more
+                pUCT action (prior = that mass, Q = the node's mean value); selection stops to
+                sample a new step where that action wins. ``completions_per_node`` and
+                ``widening_alpha`` then play no part (False: the article's fixed K).
+            without_replacement: a node's new samples never repeat a step already among its
+                children: the sampler draws from the policy conditioned on a new step (the
+                unseen mass), so every token spent widening buys a new child; behaviour
+                log-probs stay the policy's own. HF sampler only (False: the article's).
             selection: the rule that picks the emitted path (:mod:`tsd.rollouts.selection`);
                 ``None`` = :class:`~tsd.rollouts.selection.MaxVisit`, the article's.
             temperature: informational only: the sampler's temperature is what samples; a
@@ -176,6 +189,12 @@ class MCTSRollout(Rollout):
         if not isinstance(skip_exhausted, bool):
             raise ValueError(f"{o}.skip_exhausted: must be True or False, got {skip_exhausted!r}")
         self.skip_exhausted = skip_exhausted
+        if not isinstance(unseen_as_child, bool):
+            raise ValueError(f"{o}.unseen_as_child: must be True or False, got {unseen_as_child!r}")
+        self.unseen_as_child = unseen_as_child
+        if not isinstance(without_replacement, bool):
+            raise ValueError(f"{o}.without_replacement: must be True or False, got {without_replacement!r}")
+        self.without_replacement = without_replacement
         if selection is not None and not callable(selection):
             raise ValueError(f"{o}.selection: must be a rule from tsd.rollouts.selection, got {selection!r}")
         self.selection = selection if selection is not None else MaxVisit()
@@ -266,6 +285,7 @@ class MCTSRollout(Rollout):
             prior_temperature=self.prior_temperature,
             min_unseen_mass=self.min_unseen_mass,
             skip_exhausted=self.skip_exhausted,
+            unseen_as_child=self.unseen_as_child,
         )
 
     def _select(
@@ -286,6 +306,7 @@ class MCTSRollout(Rollout):
                     grade_node(i, leaf)
                 else:
                     self._reserve(tree, leaf)
+                    c.branch_depths.append(leaf.depth)
                 selections.append((i, path))
         return selections
 
@@ -297,6 +318,8 @@ class MCTSRollout(Rollout):
             tree.schedule(leaf, 1)
         else:
             m = tree.widen_count(leaf)
+            if self.unseen_as_child and leaf.expanded and not leaf.scheduled:
+                m = 1  # the unseen-step action won here: one new step
             if m:
                 tree.schedule(leaf, m)
 
@@ -326,7 +349,11 @@ class MCTSRollout(Rollout):
             states = [trees[i].prompt_ids + leaf.completion_ids() for i, leaf in leaves]
             budget = max(self.max_new_tokens - leaf.num_tokens for _, leaf in leaves)
             outs, values = sampler.sample_and_value(
-                states, n=n, max_new_tokens=min(self.max_step_tokens, budget), stop="step"
+                states,
+                n=n,
+                max_new_tokens=min(self.max_step_tokens, budget),
+                stop="step",
+                exclude=[leaf.children for _, leaf in leaves] if self.without_replacement else None,
             )
             c.sample_calls += 1
             c.value_calls += 1
@@ -369,7 +396,11 @@ class MCTSRollout(Rollout):
             states = [trees[selections[s][0]].prompt_ids + ends[s].completion_ids() for s in live]
             budget = max(self.max_new_tokens - ends[s].num_tokens for s in live)
             outs, values = sampler.sample_and_value(
-                states, n=1, max_new_tokens=min(self.max_step_tokens, budget), stop="step"
+                states,
+                n=1,
+                max_new_tokens=min(self.max_step_tokens, budget),
+                stop="step",
+                exclude=[ends[s].children for s in live] if self.without_replacement else None,
             )
             c.sample_calls += 1
             c.value_calls += 1
@@ -512,6 +543,11 @@ class MCTSRollout(Rollout):
             "search/distinct_terminals": statistics.fmean(sum(x.terminal for x in t.nodes) for t in trees),
             "search/correct_found": statistics.fmean(
                 float(any(x.correct for x in t.nodes if x.terminal)) for t in trees
+            ),
+            # where simulations branch: 0 = a new first step at the root (what best-of-N does)
+            "search/branch_depth_mean": statistics.fmean(c.branch_depths) if c.branch_depths else 0.0,
+            "search/root_branch_fraction": (
+                sum(d == 0 for d in c.branch_depths) / len(c.branch_depths) if c.branch_depths else 0.0
             ),
             "search/new_nodes_per_wave_first": waves[0] / n if waves else 0.0,
             "search/new_nodes_per_wave_last": waves[-1] / n if waves else 0.0,

@@ -194,6 +194,7 @@ class SearchTree:
         prior_temperature: float = 1.0,
         min_unseen_mass: float = 0.0,
         skip_exhausted: bool = False,
+        unseen_as_child: bool = False,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.c_puct = c_puct
@@ -206,6 +207,7 @@ class SearchTree:
         self.prior_temperature = prior_temperature
         self.min_unseen_mass = min_unseen_mass
         self.skip_exhausted = skip_exhausted
+        self.unseen_as_child = unseen_as_child
         self.root = Node(
             id=0, parent=None, token_ids=[], logprobs=[], finish_reason=None, prior=1.0, depth=0, num_tokens=0
         )
@@ -236,12 +238,30 @@ class SearchTree:
 
     def can_widen(self, node: Node) -> bool:
         """Whether more samples could ever be worth drawing here: not terminal, new steps still
-        likely enough (``min_unseen_mass``), and a cap that grows or is not reached yet."""
+        likely enough (``min_unseen_mass``), and a cap that grows or is not reached yet (no cap
+        with ``unseen_as_child``: pUCT decides)."""
         if node.terminal:
             return False
         if node.expanded and self.min_unseen_mass > 0 and self.unseen_mass(node) < self.min_unseen_mass:
             return False
+        if self.unseen_as_child:
+            return True
         return self.widening_alpha > 0 or node.samples + node.scheduled < self.completions_per_node
+
+    def unseen_score(self, node: Node) -> float:
+        """pUCT score of the "step not sampled yet" action at ``node`` (``unseen_as_child``):
+        prior = the unseen mass (renormalised as the children's priors are), no visits, and
+        ``Q = Q(node)``, the node's own mean value (first-play urgency: a new step is worth what
+        this state is worth on average)."""
+        prior = self._unseen_prior(node)
+        q = node.q(self.unvisited_value)
+        return q + self.c_puct * prior * math.sqrt(node.visits)
+
+    def _unseen_prior(self, node: Node) -> float:
+        """The unseen mass as a prior beside the children's (same temperature, same sum)."""
+        u = self.unseen_mass(node) ** (1 / self.prior_temperature)
+        total = math.fsum(c.step_probability() ** (1 / self.prior_temperature) for c in node.children) + u
+        return u / total if total > 0 else 1.0
 
     def widen_count(self, node: Node) -> int:
         """Samples the node may draw now (0 for a terminal, when it is full, or when a new step
@@ -270,13 +290,26 @@ class SearchTree:
         nothing sampled below it yet, or a node with room to widen. Virtual loss is applied along
         the way; :meth:`backup` (or :meth:`undo_virtual_loss`) must follow."""
         node, path = self.root, [self.root]
-        while node.children and not node.terminal and self.widen_count(node) == 0:
+        while node.children and not node.terminal:
+            if self.unseen_as_child:
+                if self.can_widen(node) and self._unseen_wins(node):
+                    break
+            elif self.widen_count(node) > 0:
+                break
             if self.skip_exhausted and all(c.exhausted for c in node.children):
                 break  # nothing new below: this node widens past its cap (the root's caller checks it)
             node = select_child(node, self.c_puct, self.unvisited_value, self.skip_exhausted)
             path.append(node)
         self.apply_virtual_loss(path)
         return path
+
+    def _unseen_wins(self, node: Node) -> bool:
+        """Whether the unseen-step action outscores every (selectable) child of ``node``."""
+        kids = [c for c in node.children if not (self.skip_exhausted and c.exhausted)]
+        if not kids:
+            return True
+        best = max(puct_score(node, c, self.c_puct, self.unvisited_value) for c in kids)
+        return self.unseen_score(node) > best
 
     def apply_virtual_loss(self, path: Sequence[Node]) -> None:
         for n in path:
@@ -362,11 +395,18 @@ class SearchTree:
             node.draws.append((child, math.fsum(lps)))
             node.samples += 1
             landed.append(child)
-        weights = softmax_weights([s for _, s in node.draws], self.prior_temperature)
-        for child in node.children:
-            child.prior = 0.0
-        for (child, _), w in zip(node.draws, weights):
-            child.prior += w
+        if self.unseen_as_child:
+            # the step distribution itself: each distinct child's probability, the rest unseen
+            raw = [c.step_probability() ** (1 / self.prior_temperature) for c in node.children]
+            total = math.fsum(raw) + self.unseen_mass(node) ** (1 / self.prior_temperature)
+            for child, r in zip(node.children, raw):
+                child.prior = r / total if total > 0 else 1 / len(raw)
+        else:
+            weights = softmax_weights([s for _, s in node.draws], self.prior_temperature)
+            for child in node.children:
+                child.prior = 0.0
+            for (child, _), w in zip(node.draws, weights):
+                child.prior += w
         if first:
             self.expansion_widths.append(len(node.children))
         return landed

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -61,8 +61,18 @@ class Sampler(ABC):
         n: int,
         max_new_tokens: int,
         stop: StopMode = "step",
+        exclude: Sequence[Sequence[Any]] | None = None,
     ) -> list[list[Continuation]]:
-        """Sample ``n`` continuations for each state; returns ``len(states)`` lists of ``n``."""
+        """Sample ``n`` continuations for each state; returns ``len(states)`` lists of ``n``.
+
+        ``exclude[i]`` (optional): continuations state ``i`` must not produce again, objects with
+        ``token_ids`` and ``logprobs`` (a :class:`Continuation`, or a search-tree node), their
+        log-probs being this policy's. Each row is then drawn from the policy *conditioned on not
+        repeating one of them* (sampling without replacement, Shi et al. 2020: at a prefix shared
+        with excluded continuations, a token's probability loses the mass of the excluded ones
+        below it), while the returned ``logprobs`` stay the policy's own, unconditioned: a search
+        device, like best-of-N's selection, not part of the behaviour policy. Samplers that
+        cannot do this raise ``NotImplementedError`` when ``exclude`` holds anything."""
 
     @abstractmethod
     def value(self, states: Sequence[Sequence[int]]) -> list[float]:
@@ -74,12 +84,13 @@ class Sampler(ABC):
         n: int,
         max_new_tokens: int,
         stop: StopMode = "step",
+        exclude: Sequence[Sequence[Any]] | None = None,
     ) -> tuple[list[list[Continuation]], list[float]]:
         """:meth:`sample` and :meth:`value` of the same states (what one MCTS expansion needs).
 
         Samplers that run the states through the model anyway to start sampling override this
         to read V(s) from that pass instead of a second one."""
-        return self.sample(states, n, max_new_tokens, stop), self.value(states)
+        return self.sample(states, n, max_new_tokens, stop, exclude), self.value(states)
 
     @abstractmethod
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:

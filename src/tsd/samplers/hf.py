@@ -33,6 +33,7 @@ is advanced by every call), but not across different batchings of the same rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -78,6 +79,31 @@ def split_stop_strings(tokenizer, stops: Sequence[str]) -> tuple[set[int], list[
         else:
             multi.append(s)
     return single, multi
+
+
+#: prefix (token ids) -> {next token: probability, given the prefix, of the excluded continuations
+#: through it}; only prefixes that excluded continuations pass through are keys
+ExclusionTrie = dict[tuple[int, ...], dict[int, float]]
+
+
+def exclusion_trie(excluded: Sequence[Any]) -> ExclusionTrie:
+    """The masses :meth:`HFSampler._pick` takes off: for each excluded continuation ``c`` and each
+    position ``t``, ``P(c_t, ..., c_end | c_<t) = exp(sum_{i >= t} log p_i)`` is added at prefix
+    ``c[:t]`` under token ``c[t]``. Drawing ``c[t]`` with probability ``p(c[t]) - mass`` at every
+    prefix samples exactly from the policy conditioned on avoiding the excluded continuations."""
+    trie: ExclusionTrie = {}
+    for c in excluded:
+        ids, lps = list(c.token_ids), [float(x) for x in c.logprobs]
+        suffix = 0.0
+        masses = []
+        for lp in reversed(lps):
+            suffix += lp
+            masses.append(math.exp(suffix))
+        masses.reverse()
+        for t, (tok, mass) in enumerate(zip(ids, masses)):
+            node = trie.setdefault(tuple(ids[:t]), {})
+            node[tok] = node.get(tok, 0.0) + mass
+    return trie
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device):
@@ -168,8 +194,9 @@ class HFSampler(Sampler):
         n: int,
         max_new_tokens: int,
         stop: StopMode = "step",
+        exclude: Sequence[Sequence[Any]] | None = None,
     ) -> list[list[Continuation]]:
-        return self.sample_and_value(states, n, max_new_tokens, stop)[0]
+        return self.sample_and_value(states, n, max_new_tokens, stop, exclude)[0]
 
     def sample_and_value(
         self,
@@ -177,6 +204,7 @@ class HFSampler(Sampler):
         n: int,
         max_new_tokens: int,
         stop: StopMode = "step",
+        exclude: Sequence[Sequence[Any]] | None = None,
     ) -> tuple[list[list[Continuation]], list[float]]:
         """:meth:`sample`, with V(s) read from the prefill that starts sampling (the model's
         forward computes the value head anyway: no second pass, no extra cost)."""
@@ -189,6 +217,9 @@ class HFSampler(Sampler):
         states = [list(s) for s in states]
         if any(len(s) == 0 for s in states):
             raise ValueError("HFSampler.sample: every state needs at least one token")
+        if exclude is not None and len(exclude) != len(states):
+            raise ValueError(f"HFSampler.sample: exclude has {len(exclude)} entries for {len(states)} states")
+        tries = [exclusion_trie(e) for e in exclude] if exclude is not None else [None] * len(states)
 
         # a batch holds whole states (n adjacent rows each): each state is prefilled once and its
         # KV cache repeated n times, so the prompt's cost does not grow with n
@@ -197,7 +228,13 @@ class HFSampler(Sampler):
         values: list[float] = []
         with self._eval_mode(), torch.inference_mode():
             for start in range(0, len(states), per_batch):
-                conts, vals = self._generate(states[start : start + per_batch], n, max_new_tokens, stop)
+                conts, vals = self._generate(
+                    states[start : start + per_batch],
+                    n,
+                    max_new_tokens,
+                    stop,
+                    tries[start : start + per_batch],
+                )
                 flat.extend(conts)
                 values.extend(vals)
         self.generated_tokens += sum(len(c.token_ids) for c in flat)
@@ -230,21 +267,37 @@ class HFSampler(Sampler):
         finally:
             self.model.train(was_training)
 
-    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pick(
+        self, logits: torch.Tensor, excluded: dict[int, dict[int, float]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one token per row from fp32 ``logits`` (B, V); returns ids (B,) and their
-        log-probs (B,) under the distribution sampled from."""
+        log-probs (B,) under the policy's distribution (temperature, top-p, pad/BOS ban).
+        ``excluded[row] = {token: mass}``: the probability of continuing the row with ``token``
+        into a continuation it must not repeat; that mass is taken off before drawing (the
+        returned log-prob is still the policy's)."""
         logits = logits.float()
         if self._banned.numel():
             logits = logits.index_fill(-1, self._banned, float("-inf"))  # (B, V) pad/BOS never sampled
-        if self.temperature == 0.0:  # greedy; log-prob under T = 1
-            tok = logits.argmax(-1)  # (B,)
-            logp = torch.log_softmax(logits, -1)  # (B, V)
-            return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-        logits = logits / self.temperature  # (B, V)
-        if self.top_p < 1.0:
-            logits = self._top_p_filter(logits)
+        greedy = self.temperature == 0.0  # log-prob under T = 1
+        if not greedy:
+            logits = logits / self.temperature  # (B, V)
+            if self.top_p < 1.0:
+                logits = self._top_p_filter(logits)
         logp = torch.log_softmax(logits, -1)  # (B, V), renormalised over what may be sampled
-        tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)  # (B,)
+        probs = logp.exp()  # (B, V)
+        if excluded:
+            probs = probs.clone()
+            for row, masses in excluded.items():
+                ids = torch.tensor(list(masses), dtype=torch.long, device=probs.device)
+                left = (probs[row, ids] - torch.tensor(list(masses.values()), device=probs.device)).clamp(
+                    min=0
+                )
+                if float(probs[row].sum() - probs[row, ids].sum() + left.sum()) > 1e-9:
+                    probs[row, ids] = left  # else everything is excluded: draw from the policy itself
+        if greedy:
+            tok = probs.argmax(-1)  # (B,)
+        else:
+            tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)  # (B,)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
     def _top_p_filter(self, logits: torch.Tensor) -> torch.Tensor:
@@ -258,11 +311,17 @@ class HFSampler(Sampler):
         return logits.masked_fill(drop, float("-inf"))
 
     def _generate(
-        self, states: list[list[int]], n: int, max_new_tokens: int, stop: StopMode
+        self,
+        states: list[list[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode,
+        tries: Sequence[ExclusionTrie | None],
     ) -> tuple[list[Continuation], list[float]]:
         """One left-padded batch through the cached autoregressive loop: the S states are
         prefilled once, then each becomes n adjacent rows (B = S * n) sharing its KV cache.
-        Returns the B continuations and V(s) of the S states, read from the prefill."""
+        Returns the B continuations and V(s) of the S states, read from the prefill. A row whose
+        state has an exclusion trie follows it while its tokens stay on an excluded prefix."""
         B = len(states) * n
         dev = self.device
         input_ids, mask, pos = left_pad(states, self.pad_id, dev)  # (S, T) each
@@ -285,8 +344,11 @@ class HFSampler(Sampler):
         logprobs: list[list[float]] = [[] for _ in range(B)]
         reasons: list[FinishReason | None] = [None] * B
         finished = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
+        # row -> (its state's trie, the row's tokens so far) while they are a prefix in the trie
+        on_trie = {r: tries[r // n] for r in range(B) if tries[r // n]}
         for t in range(max_new_tokens):
-            tok, lp = self._pick(logits[:, -1])  # (B,), (B,)
+            excluded = {r: trie[tuple(tokens[r])] for r, trie in on_trie.items()}
+            tok, lp = self._pick(logits[:, -1], excluded)  # (B,), (B,)
             is_eos = torch.isin(tok, self._eos)  # (B,)
             is_answer = torch.isin(tok, answer_t)  # (B,)
             is_step = torch.isin(tok, step_t)  # (B,)
@@ -306,6 +368,7 @@ class HFSampler(Sampler):
                     reasons[i] = "length"
                 if reasons[i] is not None:
                     finished[i] = True
+            on_trie = {r: trie for r, trie in on_trie.items() if tuple(tokens[r]) in trie and not finished[r]}
             if bool(finished.all()):
                 break
             # finished rows keep decoding a pad token (cheap at these sizes); their outputs are ignored

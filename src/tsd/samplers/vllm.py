@@ -351,9 +351,16 @@ class VLLMSampler(Sampler):
         n: int,
         max_new_tokens: int,
         stop: StopMode = "step",
+        exclude: Sequence[Sequence[Any]] | None = None,
     ) -> list[list[Continuation]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        if exclude is not None and any(exclude):
+            raise NotImplementedError(
+                "VLLMSampler: sampling without replacement (exclude=..., rollout.without_replacement=true) "
+                "is implemented by the HF sampler only; set rollout.without_replacement=false with sampler=vllm"
+            )
 
         if n < 1:
             raise ValueError(f"VLLMSampler.sample: n must be >= 1, got {n}")
