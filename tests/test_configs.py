@@ -104,13 +104,13 @@ def test_experiments_open_with_their_command():
 # whatever the laptop defaults become
 ARTICLE = {
     "loss.c_ppo": 1.0,
-    "loss.c_value": 1.0,
     "loss.c_kl": 0.05,
     "loss.pg_loss.eps_high": 5.0,
     "module.value_trunk_grad": True,
 }
 ARTICLE_BY_EXPERIMENT = {
     "mcts_countdown_paper": {
+        "loss.c_value": 1.0,
         "rollout.workers": 16,
         "rollout.completions_per_node": 4,
         "rollout.iterations": 100,
@@ -125,12 +125,14 @@ ARTICLE_BY_EXPERIMENT = {
         "strategy.num_generators": 6,
     },
     "bon_countdown_paper": {
+        "loss.c_value": 1.0,
         "rollout.n": 64,
         "data.sync_every": 8,
         "data.batch_size": 16,
         "strategy.num_generators": 6,
     },
-    "cispo_countdown_paper": {"rollout.group_size": 16},
+    # the article's CISPO baseline (TRL's GRPOTrainer) has no value head: no value loss
+    "cispo_countdown_paper": {"rollout.group_size": 16, "loss.c_value": 0.0},
 }
 
 
@@ -144,8 +146,10 @@ PUBLIC_CODE = {
     "module.grad_clip": 0.1,
 }
 PUBLIC_CODE_BY_EXPERIMENT = {
-    "mcts_countdown_paper": {"sampler.temperature": 0.8, "rollout.max_step_tokens": 64},
-    "bon_countdown_paper": {},
+    "mcts_countdown_paper": {
+        "loss.c_value": 1.0,"sampler.temperature": 0.8, "rollout.max_step_tokens": 64},
+    "bon_countdown_paper": {
+        "loss.c_value": 1.0,},
     "cispo_countdown_paper": {},
 }
 SOURCES = ("# article", "# public code", "# ours:")

@@ -55,9 +55,11 @@ def test_group_rollout_normalises_advantages_per_group(policy, env):
         rewards = [t.reward for t in g]
         advs = [t.advantage for t in g]
         assert abs(sum(advs)) < 1e-6  # centred
-        if statistics.pstdev(rewards) > 0:  # (r - mean) / (pop std + eps)
-            m, s = statistics.fmean(rewards), statistics.pstdev(rewards)
+        if statistics.stdev(rewards) > 0:  # (r - mean) / (sample std + eps), as TRL's GRPO
+            m, s = statistics.fmean(rewards), statistics.stdev(rewards)
             assert advs == pytest.approx([(r - m) / (s + 1e-6) for r in rewards], abs=1e-6)
+        else:
+            assert advs == [0.0] * len(advs)
     assert out.generated_tokens == sum(t.num_tokens for t in out.trajectories)
     assert out.stats["rollout/reward_mean"] == pytest.approx(
         statistics.fmean(t.reward for t in out.trajectories)

@@ -2,7 +2,10 @@
 
 Article baseline: 128 prompts x group 16, CISPO with eps_high 5.0. The advantage of sample i in
 group g is ``(r_i - mean_g) / (std_g + eps)`` (GRPO, Shao et al. 2024); ``scale_by_std=False``
-gives ``r_i - mean_g`` (Dr. GRPO, Liu et al. 2025).
+gives ``r_i - mean_g`` (Dr. GRPO, Liu et al. 2025). Computed by the one implementation,
+:func:`tsd.rl.losses.group_normalized_advantages` (sample std, as TRL, verl and OpenRLHF; a group
+whose rewards are all equal gets 0). The article's baseline (TRL's GRPOTrainer) has no value
+head: its experiment sets ``loss.c_value: 0``, so nothing trains a value it never reads.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
+import torch
+
 from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.rl.losses import group_normalized_advantages
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import Rollout, RolloutOutput
 from tsd.rollouts.sampling import check_positive, sample_and_grade, to_trajectory
@@ -52,14 +58,17 @@ class GroupRollout(Rollout):
             tokens += sum(len(s.continuation.token_ids) for s in g)
             rewards += r
             correct += [s.score.correct for s in g]
-            mean = statistics.fmean(r)
-            std = statistics.pstdev(r) if len(r) > 1 else 0.0
-            if self.drop_zero_variance and std == 0.0:
+            if self.drop_zero_variance and max(r) == min(r):
                 dropped += 1
                 continue
-            for s, ri in zip(g, r):
-                adv = (ri - mean) / (std + self.eps) if self.scale_by_std else ri - mean
-                trajs.append(to_trajectory(s, sampler.version, self.name, adv, group_id=s.problem.id))
+            adv = group_normalized_advantages(
+                torch.tensor(r, dtype=torch.float64),
+                torch.zeros(len(r), dtype=torch.long),  # one group
+                eps=self.eps,
+                scale=self.scale_by_std,
+            ).tolist()
+            for s, a in zip(g, adv):
+                trajs.append(to_trajectory(s, sampler.version, self.name, a, group_id=s.problem.id))
         stats = {
             "rollout/reward_mean": statistics.fmean(rewards),
             "rollout/correct_mean": statistics.fmean(map(float, correct)),
