@@ -146,10 +146,10 @@ PUBLIC_CODE = {
     "module.grad_clip": 0.1,
 }
 PUBLIC_CODE_BY_EXPERIMENT = {
-    "mcts_countdown_paper": {
-        "loss.c_value": 1.0,"sampler.temperature": 0.8, "rollout.max_step_tokens": 64},
+    "mcts_countdown_paper": {"loss.c_value": 1.0, "sampler.temperature": 0.8, "rollout.max_step_tokens": 64},
     "bon_countdown_paper": {
-        "loss.c_value": 1.0,},
+        "loss.c_value": 1.0,
+    },
     "cispo_countdown_paper": {},
 }
 SOURCES = ("# article", "# public code", "# ours:")
