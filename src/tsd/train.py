@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from tsd.callbacks import ExportPolicy, MeanAtKEval
 from tsd.config import ConfigError, apply_threads, build, config_dir, dtype_of, require
 from tsd.data.datamodule import TrajectoryDataModule
+from tsd.data.record_check import RecordCheck
 from tsd.models.loading import load_policy
 from tsd.module import PolicyValueModule
 from tsd.rollouts.worker import RolloutWorker
@@ -107,6 +108,7 @@ def train(cfg: DictConfig) -> dict:
         pad_id=tokenizer.pad_token_id,
         worker=worker,
         max_wait=cfg.data.max_wait,
+        record_check=RecordCheck.for_policy(policy),
     )
     for cb in callbacks.values():
         if isinstance(cb, MeanAtKEval):
