@@ -329,8 +329,23 @@ def test_nan_loss_skips_the_step_leaves_weights_and_stops_clearly(policy_dir, tm
         ("env.high=0", "high"),
         ("model.dtype=float8", "model.dtype"),
         ("loss.pg_loss.eps_high=-1", "eps_high"),
+        ("data.max_wait=0", "data.max_wait"),
+        ("module.grad_clip=-1", "module.grad_clip"),
+        ("+data.batchsize=4", "data.batchsize"),
+        ("+module.optimizer.betaz=1", "module.optimizer.betaz"),
     ],
 )
-def test_bad_config_fails_before_compute_naming_the_field(override, field, policy_dir, tmp_path):
+def test_bad_config_fails_before_compute_naming_the_field(override, field, policy_dir, tmp_path, monkeypatch):
+    """In process: the error names the field, comes before the model is loaded (loading it fails
+    this test) and leaves the output directory empty. tests/test_user_errors.py runs the commands
+    as subprocesses: exit code 2, one line, no traceback."""
+    import tsd.models.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config error")
+
+    monkeypatch.setattr(tsd.models.loading, "load_policy", no_load)
+    out = tmp_path / "run"
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        _run(["experiment=cispo_countdown", f"model.name_or_path={policy_dir}", override], tmp_path)
+        _run(["experiment=cispo_countdown", f"model.name_or_path={policy_dir}", override], out)
+    assert not out.exists() or not any(out.iterdir())
