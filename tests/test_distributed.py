@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,18 +103,35 @@ class Accounting(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         dm = trainer.datamodule
-        out = {"steps": self.steps, "dropped_stale": dm.dropped_stale, "world_size": trainer.world_size}
+        out = {
+            "steps": self.steps,
+            "dropped_stale": dm.dropped_stale,
+            "dropped_invalid": dm.dropped_invalid,
+            "world_size": trainer.world_size,
+        }
         (self.dir / f"acct_rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
 # ---------------------------------------------------------------------------- fixtures
+#: every run of these tests has this run id, so its stream is ``<stream>:run0`` (see _key)
+RUN_ID = "run0"
+
+
 @pytest.fixture
 def stream(request, redis_url):
-    key = f"tsd-test:{request.node.name[:40]}:{uuid.uuid4().hex[:8]}"
-    yield key
+    """The stream key prefix of one test (buffer.stream): its runs' streams are under it."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name[:40])  # a Hydra override value
+    prefix = f"tsd-test:{name}:{uuid.uuid4().hex[:8]}"
+    yield prefix
     client = redis.Redis.from_url(redis_url)
-    client.delete(key)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
     client.close()
+
+
+def _key(stream: str) -> str:
+    """The Redis key of the runs' stream: ``<buffer.stream>:<run_id>``."""
+    return f"{stream}:{RUN_ID}"
 
 
 def _train(overrides: list[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> tuple[int, str, float]:
@@ -157,6 +175,7 @@ def _base(policy_dir: str, redis_url: str, stream: str, rec: Path) -> list[str]:
         f"model.name_or_path={policy_dir}",
         f"buffer.url={redis_url}",
         f"buffer.stream={stream}",
+        f"run_id={RUN_ID}",
         "sampler._target_=test_distributed.RecordingHFSampler",
         f"+sampler.record_dir={rec}",
         "+callbacks.acct._target_=test_distributed.Accounting",
@@ -168,8 +187,8 @@ def _stream_counts(redis_url: str, stream: str) -> tuple[int, int]:
     """(trajectories ever added, trajectories still in the stream: undelivered or pending)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        info = client.xinfo_stream(stream)
-        return int(info["entries-added"]), int(client.xlen(stream))
+        info = client.xinfo_stream(_key(stream))
+        return int(info["entries-added"]), int(client.xlen(_key(stream)))
     finally:
         client.close()
 
@@ -204,9 +223,11 @@ def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int) -> list[dic
     last = torch.load(rec / f"trainer_v{synced[-1]}.pt")
     assert len(synced) == 1 or any(not torch.equal(first[k], last[k]) for k in first)  # trained
 
-    # every trajectory produced is trained, dropped as stale, or still in the stream (pending)
+    # every trajectory produced is trained, dropped as stale, or still in the stream (pending);
+    # none of this run's own is invalid
     produced, remaining = _stream_counts(redis_url, stream)
     dropped = sum(a["dropped_stale"] for a in accts)
+    assert all(a["dropped_invalid"] == 0 for a in accts)
     assert produced == len(trained) + dropped + remaining, (produced, len(trained), dropped, remaining)
     return accts
 
@@ -348,20 +369,33 @@ def test_hung_generator_trips_max_wait_on_the_trainers(policy_dir, redis_url, st
     assert secs < RUN_TIMEOUT
 
 
+def _id_key(eid: str | bytes) -> tuple[int, int]:
+    ms, seq = (eid.decode() if isinstance(eid, bytes) else eid).split("-")
+    return int(ms), int(seq)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.redis
-def test_killed_trainer_entries_are_trained_by_the_next_consumers(policy_dir, redis_url, stream, tmp_path):
-    """A trainer SIGKILLed after receiving its batch (before the optimiser step, so before the ack):
-    the job stops; the entries it held stay pending in Redis, and the trainers of the next run
-    reclaim them (``claim_idle_ms``) and train on them."""
+def test_resume_after_a_killed_trainer_trains_only_what_its_own_generators_write(
+    policy_dir, redis_url, stream, tmp_path
+):
+    """Run A: trainer rank 1 is SIGKILLed after receiving its batch of step 3 (before the step, so
+    before the ack); the job stops, and nothing is lost with the trainer: its entries are still in
+    the run's stream. Run B resumes from A's last checkpoint (step 2), into another directory: it
+    keeps the run id (the same stream), drops everything A left there (pending or not: A's
+    generator kept writing after the checkpoint, with weights B does not have) and trains only
+    entries its own generator wrote after B started, none of them ahead of the trainers."""
     rec_a, rec_b = tmp_path / "a", tmp_path / "b"
+    no_eval = ["callbacks.eval=null", "callbacks.export=null"]
     code, out, _ = _train(
         [
             "experiment=cispo_countdown",
             *_base(policy_dir, redis_url, stream, rec_a),
-            *FAULT,
+            *no_eval,
+            "callbacks.checkpoint.every_n_train_steps=1",
             "+callbacks.acct.kill_rank=1",
+            "+callbacks.acct.kill_at_step=2",
             "trainer.max_steps=50",
             f"hydra.run.dir={tmp_path / 'run_a'}",
         ],
@@ -370,29 +404,33 @@ def test_killed_trainer_entries_are_trained_by_the_next_consumers(policy_dir, re
     assert code != 0 and "rank 1 (trainer 1 of 2) failed" in out, out[-4000:]
     held = json.loads((rec_a / "killed_rank1.json").read_text())
     client = redis.Redis.from_url(redis_url)
-    pending = {e["message_id"].decode() for e in client.xpending_range(stream, "trainers", "-", "+", 10_000)}
-    client.close()
-    assert set(held) <= pending  # nothing was lost with the trainer
+    left = [eid.decode() for eid, _ in client.xrange(_key(stream))]
+    assert held and set(held) <= set(left)  # nothing was lost with the trainer
+    ckpt = tmp_path / "run_a" / "checkpoints" / "last.ckpt"
+    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    assert step == 2
 
     code, out, _ = _train(
         [
             "experiment=cispo_countdown",
             *_base(policy_dir, redis_url, stream, rec_b),
-            *FAULT,
-            "buffer.claim_idle_ms=1000",
-            "trainer.max_steps=3",
+            *no_eval,
+            "callbacks.checkpoint=null",
+            f"ckpt_path={ckpt}",
+            "trainer.max_steps=4",
             f"hydra.run.dir={tmp_path / 'run_b'}",
         ],
         tmp_path,
     )
+    client.close()
     assert code == 0, out[-6000:]
-    trained = {
-        i
-        for r in (0, 1)
-        for s in json.loads((rec_b / f"acct_rank{r}.json").read_text())["steps"]
-        for i in s["ids"]
-    }
-    assert set(held) <= trained
+    assert f"dropped {len(left)} records an earlier incarnation of run {RUN_ID} left" in out
+    steps = [s for r in (0, 1) for s in json.loads((rec_b / f"acct_rank{r}.json").read_text())["steps"]]
+    trained = [i for s in steps for i in s["ids"]]
+    assert len(steps) == 4 and len(trained) == 16  # steps 3 and 4 on both trainers, 4 each
+    assert not set(trained) & set(left)
+    assert all(_id_key(i) > _id_key(left[-1]) for i in trained)  # written after B started
+    assert all(s["lag"] >= 0 for s in steps), steps
 
 
 # ---------------------------------------------------------------------------- config errors (in process)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from tsd.config import DTYPES, ConfigError, apply_threads, build, config_dir, dtype_of, require
 from tsd.config_checks import check_known_keys, check_policy_source, check_target_keys
-from tsd.resume import read_checkpoint
+from tsd.resume import read_checkpoint, resolve_run_id
 
 log = logging.getLogger("tsd.train")
 
@@ -37,7 +37,7 @@ KNOWN_KEYS = {
     "": {
         *GROUPS,
         *("callbacks", "logger", "strategy", "paths"),
-        *("task_name", "seed", "threads", "tags", "ckpt_path", "optimized_metric"),
+        *("task_name", "seed", "threads", "tags", "ckpt_path", "run_id", "optimized_metric"),
     },
     "model": {"name_or_path", "dtype"},
     "data": {"batch_size", "problems_per_rollout", "sync_every", "max_lag", "max_wait"},
@@ -94,6 +94,7 @@ def _validate(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict:
     _validate(cfg)
     ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    cfg.run_id = resolve_run_id(cfg.get("run_id"), ckpt, cfg.paths.output_dir)
     check_target_keys(cfg)  # imports every _target_ (Lightning among them)
     apply_threads(cfg.get("threads"))
 
@@ -101,6 +102,7 @@ def train(cfg: DictConfig) -> dict:
     import copy
 
     import lightning as L
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from tsd.callbacks import ExportPolicy, MeanAtKEval
     from tsd.data.datamodule import TrajectoryDataModule
@@ -147,6 +149,15 @@ def train(cfg: DictConfig) -> dict:
         banned_token_ids=banned_token_ids(tokenizer, eos_token_ids(tokenizer, policy)),
     )
 
+    # a run (or its resume) starts from an empty buffer: what an interrupted incarnation of it left
+    # behind was made by weights this checkpoint may not have. Rank zero empties it before any other
+    # rank can read or write (under torchrun the others wait for it in the process-group setup).
+    if rank_zero_only.rank == 0:
+        dropped = buffer.clear()
+        if dropped:
+            log.warning(
+                "buffer: dropped %d records an earlier incarnation of run %s left", dropped, cfg.run_id
+            )
     if strategy is None:
         # single process: a generator copy of the policy, refreshed every data.sync_every steps
         gen_policy = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -171,6 +182,7 @@ def train(cfg: DictConfig) -> dict:
         worker=worker,
         max_wait=cfg.data.max_wait,
         record_check=RecordCheck.for_policy(policy),
+        run_id=cfg.run_id,
     )
     for cb in callbacks.values():
         if isinstance(cb, MeanAtKEval):
@@ -182,12 +194,15 @@ def train(cfg: DictConfig) -> dict:
         trainer_kwargs["strategy"] = strategy
     trainer = build(cfg.trainer, "trainer", **trainer_kwargs)
 
-    log.info("output dir: %s%s", out_dir, f", resuming from {ckpt.path}" if ckpt else "")
+    log.info(
+        "output dir: %s, run id: %s%s", out_dir, cfg.run_id, f", resuming from {ckpt.path}" if ckpt else ""
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt.path) if ckpt else None, weights_only=True)
 
     result: dict = {
         "global_step": trainer.global_step,
         "skipped_steps": module.skipped_steps,
+        "run_id": cfg.run_id,
     }
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
