@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -431,6 +432,94 @@ def test_resume_after_a_killed_trainer_trains_only_what_its_own_generators_write
     assert not set(trained) & set(left)
     assert all(_id_key(i) > _id_key(left[-1]) for i in trained)  # written after B started
     assert all(s["lag"] >= 0 for s in steps), steps
+
+
+def _rank_pids(parent: int) -> list[int]:
+    """The processes ``parent`` forked as ranks: its children running the same command line (not
+    e.g. multiprocessing's resource tracker)."""
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent and cmdline(int(d.name)) == cmdline(parent):
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not reaped by whoever adopted it, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_ranks_die_with_the_launcher(sig, policy_dir, redis_url, stream, tmp_path):
+    """``train.py`` (the launcher) is killed while its three forked ranks train; they must stop
+    with it instead of training on to max_steps. It is started the way ``python train.py ... &`` in
+    a script starts it: with SIGINT ignored (a non-interactive shell does that to background
+    jobs), which the ranks inherit, so torch's own parent-death signal for its forked children
+    (SIGINT) does nothing."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
+    }
+    args = [
+        "experiment=cispo_countdown",
+        *_base(policy_dir, redis_url, stream, tmp_path / "rec"),
+        *FAULT,
+        "trainer.max_steps=100000",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not any("step 2/100000" in line for line in lines):  # the ranks are training
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.2)
+        ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 3, (ranks, "".join(lines)[-2000:])
+        t0 = time.monotonic()
+        os.kill(proc.pid, sig)  # the launcher only, not its process group
+        while any(_alive(pid) for pid in ranks) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+        print(f"{sig.name}: all ranks gone {seconds:.2f}s after the launcher was killed")
+        assert not any(_alive(pid) for pid in ranks), f"ranks still running {seconds:.0f}s after {sig.name}"
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _rank_pids(proc.pid) if proc.poll() is None else []:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- config errors (in process)
