@@ -82,7 +82,7 @@ class MeanAtKEval(L.Callback):
             problems_per_batch: problems sampled together (k rows each).
             temperature, top_p: sampling for evaluation.
             seed: the eval sampler's seed (the same samples for the same weights).
-            at_start: evaluate the base policy at step 0.
+            at_start: evaluate the base policy at step 0 (not again when a run resumes).
         """
         if every_n_steps < 0 or k < 1 or (num_problems is not None and num_problems < 1):
             raise ValueError(
@@ -155,7 +155,8 @@ class MeanAtKEval(L.Callback):
             lg.log_metrics({k: v for k, v in row.items() if k != "step"}, step=trainer.global_step)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.at_start:
+        # the base policy, once: a resumed run (step > 0) was evaluated by the run it continues
+        if self.at_start and trainer.global_step == 0:
             self._run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -170,6 +171,9 @@ class MeanAtKEval(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
+        # a run resumed at a step it already evaluated (the checkpoint came after the evaluation)
+        # does not evaluate it again at the end
+        self._last_step = int(self.history[-1]["step"]) if self.history else -1
 
 
 class ExportPolicy(L.Callback):
