@@ -194,7 +194,7 @@ def _stream_counts(redis_url: str, stream: str) -> tuple[int, int]:
         client.close()
 
 
-def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int) -> list[dict]:
+def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int, policy_dir: str) -> list[dict]:
     """The properties every run must have; returns both ranks' accounts."""
     accts = [json.loads((rec / f"acct_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(a["world_size"] == 2 for a in accts)  # Lightning sees the trainers only
@@ -220,9 +220,12 @@ def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int) -> list[dic
         gen, ref = torch.load(rec / f"gen_v{v}.pt"), torch.load(rec / f"trainer_v{v}.pt")
         assert gen.keys() == ref.keys()
         assert all(torch.equal(gen[k], ref[k]) for k in ref), f"version {v} differs"
-    first = torch.load(rec / f"trainer_v{synced[0]}.pt")
+    # trained: the LM the generator last received is not the one the run started from
+    from tsd.models.loading import load_policy
+
+    initial = load_policy(policy_dir)[0].state_dict()
     last = torch.load(rec / f"trainer_v{synced[-1]}.pt")
-    assert len(synced) == 1 or any(not torch.equal(first[k], last[k]) for k in first)  # trained
+    assert any(not torch.equal(last[k], initial[k]) for k in last if k.startswith("lm."))
 
     # every trajectory produced is trained, dropped as stale, or still in the stream (pending);
     # none of this run's own is invalid
@@ -246,14 +249,17 @@ def _check_ratios(accts: list[dict], rec: Path, policy_dir: str, require_stale: 
     def lm_same(a: int, b: int) -> bool:
         return all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a] if k.startswith("lm."))
 
-    stale = 0
+    on_policy = stale = 0  # steps whose data all came from the trained LM / all from older ones
     for s in (s for a in accts for s in a["steps"]):
         now, versions = s["version_before"], set(s["versions"])
         if all(lm_same(v, now) for v in versions):
             assert s["ratio"] == pytest.approx(1.0, abs=1e-3), s
+            on_policy += 1
         elif not any(lm_same(v, now) for v in versions):
             assert abs(s["ratio"] - 1.0) > 1e-4, s
             stale += 1
+    # each trainer's first step trains version-0 data on version-0 weights
+    assert on_policy >= 2, "expected the first step of each trainer to be on-policy"
     assert stale or not require_stale, "expected a step trained only on data from older weights"
 
 
@@ -276,7 +282,7 @@ def test_group_sampling_two_fsdp_trainers_one_generator(policy_dir, redis_url, s
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=1)
+    accts = _check_run(rec, redis_url, stream, max_lag=1, policy_dir=policy_dir)
 
     _check_ratios(accts, rec, policy_dir)
 
@@ -314,7 +320,7 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=2)
+    accts = _check_run(rec, redis_url, stream, max_lag=2, policy_dir=policy_dir)
     _check_ratios(accts, rec, policy_dir, require_stale=False)
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"

@@ -302,7 +302,17 @@ def test_nan_loss_skips_the_step_leaves_weights_and_stops_clearly(policy_dir, tm
         return _NaNObjective(obj) if field == "loss" else obj
 
     monkeypatch.setattr(train_mod, "build", build)
-    before = load_policy(policy_dir)[0].state_dict()
+    import tsd.models.loading
+
+    loaded, real_load = [], tsd.models.loading.load_policy
+
+    def load(*args, **kwargs):  # keeps the policy train() trains, to look at it after the error
+        out = real_load(*args, **kwargs)
+        loaded.append(out[0])
+        return out
+
+    monkeypatch.setattr(tsd.models.loading, "load_policy", load)
+    before = real_load(policy_dir)[0].state_dict()
     with pytest.raises(NonFiniteLossError, match="max_bad_steps=2"):
         _run(
             [
@@ -314,9 +324,13 @@ def test_nan_loss_skips_the_step_leaves_weights_and_stops_clearly(policy_dir, tm
             ],
             tmp_path,
         )
-    # the optimiser never stepped: nothing was exported, and the step counter never moved
+    # the optimiser never stepped: the weights train() held are the loaded ones, bit for bit (no
+    # NaN reached them), and nothing was exported
+    (policy,) = loaded
+    after = policy.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
     assert not (tmp_path / "policy").exists()
-    assert before  # weights on disk untouched by construction (export never ran)
 
 
 @pytest.mark.parametrize(
