@@ -145,9 +145,12 @@ def test_get_timeout_returns_empty_promptly(make_buffer):
 
 def test_get_wakes_up_when_a_producer_puts(make_buffer):
     buf = make_buffer()
-    threading.Timer(0.15, lambda: buf.put([traj(1)])).start()
+    producer = threading.Timer(0.15, lambda: buf.put([traj(1)]))
+    producer.start()
     t0 = time.monotonic()
     items = buf.get(3, timeout=5.0)
+    # the put's reply may still be on its way when get returns: the buffer is closed after it
+    producer.join(timeout=10)
     assert [it.trajectory.problem_id for it in items] == [1]
     assert time.monotonic() - t0 < 1.5
 
