@@ -94,3 +94,32 @@ def test_bad_command_exits_2_with_one_line_before_the_model_loads(
     assert "loading policy" not in out  # failed before the model was loaded
     # Hydra's own record of the command is all there is: no csv/, checkpoints/, results.json
     assert {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "evaluate.log"}
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from tsd.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overrides", [[f"experiment={e}"] for e in EXPERIMENTS] + [["debug=smoke"]])
+def test_every_experiment_passes_the_unknown_key_checks(overrides):
+    """The key lists in train.py / eval.py cover every shipped config: a new key in a YAML that
+    train() reads must be added there, or every run of that config is refused."""
+    from tsd.config_checks import check_known_keys, check_target_keys
+    from tsd.evaluate import KNOWN_KEYS as EVAL_KEYS
+    from tsd.train import KNOWN_KEYS
+
+    cfg = _compose("train", overrides)
+    check_known_keys(cfg, KNOWN_KEYS, containers=("callbacks", "logger"))
+    check_target_keys(cfg)
+    for search in ([], ["search=mcts"]):
+        ev = _compose("eval", search)
+        check_known_keys(ev, EVAL_KEYS)
+        check_target_keys(ev)
