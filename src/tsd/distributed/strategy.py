@@ -28,7 +28,7 @@ TCPStore on ``MASTER_ADDR:MASTER_PORT``, or torchrun's agent store), then:
 3. a few keys on the store are the control channel (announcements, stop, done).
 
 What is sharded. The module's ``policy`` (the LM + value head: what is trained) is sharded per
-transformer block (``policy.lm.model.layers``) plus one root unit; the frozen reference policy
+transformer block (``policy.transformer_blocks()``) plus one root unit; the frozen reference policy
 (``ref``, for the KL term) is replicated on every trainer: it needs no gradients or optimiser
 state, and a replicated forward costs no communication. Trainer rank 0 also keeps an unsharded
 CPU copy of the policy (the *shadow*): the gathered weights are loaded into it at each sync, and
@@ -91,6 +91,7 @@ from tsd.config import ConfigError
 from tsd.distributed.generator import GeneratorLoop
 from tsd.distributed.launcher import GeneratorTrainerLauncher
 from tsd.distributed.weight_sync import ControlChannel, WeightLayout, WeightReceiver, WeightSender, sync_group
+from tsd.models.policy_value import PolicyValueModel
 from tsd.rollouts.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -330,10 +331,10 @@ class GeneratorTrainerStrategy(ParallelStrategy):
             dist.destroy_process_group()
         self._sync_group = self._mesh = self._store = None
 
-    def _policy(self) -> nn.Module:
+    def _policy(self) -> PolicyValueModel:
         module = self.lightning_module
         policy = getattr(module, "policy", None)
-        if not isinstance(policy, nn.Module):
+        if not isinstance(policy, PolicyValueModel):
             raise TypeError(
                 f"GeneratorTrainerStrategy: {type(module).__name__} has no `policy` module to shard and sync"
             )
@@ -408,13 +409,12 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _shard(self, policy: nn.Module) -> None:
+    def _shard(self, policy: PolicyValueModel) -> None:
         """FSDP2: one unit per transformer block, then the root (embeddings, final norm, LM head
         and value head; tied embeddings stay in one unit)."""
         from torch.distributed.fsdp import fully_shard
 
-        blocks = getattr(getattr(getattr(policy, "lm", None), "model", None), "layers", None)
-        for block in blocks if isinstance(blocks, nn.ModuleList) else []:
+        for block in policy.transformer_blocks():  # GPT2Block, LlamaDecoderLayer, ...
             fully_shard(block, mesh=self._mesh)
         fully_shard(policy, mesh=self._mesh)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from tsd import TINY_POLICY_DIR
+from tsd.config import ConfigError
 from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, load_char_tokenizer
-from tsd.models.policy_value import PolicyValueModel
+from tsd.models.policy_value import PolicyValueModel, UnsupportedModelError
 from tsd.models.source import TINY_ALIASES, resolve_policy_path  # noqa: F401  (re-exported)
 
 
@@ -56,7 +57,9 @@ def load_policy(
     device: str | torch.device = "cpu",
 ):
     """``(PolicyValueModel, tokenizer)`` for ``name_or_path`` (``"tiny"``, a directory or a hub id),
-    in eval mode. A directory without ``value_head.safetensors`` gets a fresh value head."""
+    in eval mode. A directory without a saved value head (``value_head/``) gets a fresh one. A model
+    that is not a decoder-only causal LM (BERT, T5, ...) raises :class:`~tsd.config.ConfigError`
+    naming ``model.name_or_path``, before any training."""
     path = resolve_policy_path(name_or_path)
     if path == TINY_POLICY_DIR and not (path / "model.safetensors").exists():
         raise FileNotFoundError(
@@ -64,5 +67,10 @@ def load_policy(
             "build it with `python scripts/build_tiny_policy.py`"
         )
     tokenizer = load_tokenizer(path)
-    model = PolicyValueModel.from_pretrained(path, dtype=dtype, device=device)
+    try:
+        model = PolicyValueModel.from_pretrained(path, dtype=dtype, device=device)
+    except UnsupportedModelError as e:  # an encoder, an encoder-decoder, a head tsd can't reproduce
+        raise ConfigError(
+            f"model.name_or_path: {str(name_or_path)!r} is refused: {e} (accepted: a decoder-only causal LM)"
+        ) from None
     return model.eval(), tokenizer

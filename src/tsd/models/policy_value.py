@@ -1,12 +1,33 @@
-"""Policy + value head: any transformers causal LM with an MLP-then-tanh value head.
+"""Policy + value head: any decoder-only transformers causal LM with an MLP-then-tanh value head.
 
-The value head reads the final hidden state (after the LM's last norm). ``V(s_t)`` for the state
-that *precedes* token ``a_t`` is read at the position whose logits predict ``a_t``, so training
-(``A_t = r - sg(V_old(s_t))``) and search (the value of a leaf = the head at the leaf's last
-token) use the very same head at the very same place.
+The LM is taken apart the way transformers itself defines it, never by an attribute path that only
+some classes have: the *decoder* is ``lm.base_model`` (``base_model_prefix``: ``model`` for
+Llama/Qwen2, ``transformer`` for GPT-2, ``gpt_neox`` for GPT-NeoX), whose ``last_hidden_state`` is
+the final hidden state (after the last norm), and the *head* is ``lm.get_output_embeddings()``
+(tied to the input embeddings or not). So one forward gives the hidden state the value head reads
+and the logits, and the KV cache is the decoder's own.
 
-Saved as a transformers directory (``save_pretrained``) plus ``value_head.safetensors``; loaded
-only through safetensors.
+Logits are computed in float32, as ScaleRL does ("computed in float32", Khatri et al. 2025, the
+LM-head precision fix; the seed article follows it): the final hidden state and the head weight are
+upcast before the product, ``logits = h.float() @ W.float().T (+ b)``, outside any autocast. With
+fp32 weights this is exactly ``lm_head(h)``; with bf16 weights it removes the head's own rounding
+(the trunk's stays). Costs one fp32 copy of ``W`` per forward (V x H x 4 bytes: 0.93 GB for
+Qwen2.5-1.5B), freed after the product. Final-logit transforms that the config declares are applied
+after the product, as the models' own forwards do: ``final_logit_softcapping`` (Gemma 2/3:
+``c * tanh(z / c)``), ``logit_scale`` (Cohere: ``z * s``), ``logits_scaling`` (Granite: ``z / s``).
+:func:`check_causal_lm` verifies on a probe, at load time, that this reproduces the model's own
+logits and that the model is causal; anything else (an encoder such as BERT, an undeclared head
+transform) is refused there with one line.
+
+``V(s_t)`` for the state that *precedes* token ``a_t`` is read at the position whose logits predict
+``a_t``, so training (``A_t = r - sg(V_old(s_t))``) and search (the value of a leaf = the head at
+the leaf's last token) use the very same head at the very same place.
+
+Saved as a transformers directory (``save_pretrained``) with the value head in a subfolder,
+``value_head/model.safetensors`` + ``value_head/config.json``: the top level holds only the LM's
+files, because vLLM (and other loaders) read every ``*.safetensors`` at the top of a model
+directory and fail on a tensor the LM does not have. Loaded only through safetensors; the older
+layout (``value_head.safetensors`` + ``value_head.json`` at the top) is still read.
 """
 
 from __future__ import annotations
@@ -19,21 +40,27 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-# transformers >= 5.2x renamed the KV-cache argument; older releases (and vLLM's pins) use the old name
-_CACHE_KWARG = (
-    "cache"
-    if "cache" in inspect.signature(__import__("transformers").Qwen2Model.forward).parameters
-    else "past_key_values"
-)
+#: the value head's folder inside a saved policy, and its two files
+VALUE_HEAD_DIR = "value_head"
+VALUE_HEAD_FILE = f"{VALUE_HEAD_DIR}/model.safetensors"
+VALUE_HEAD_CONFIG = f"{VALUE_HEAD_DIR}/config.json"
+#: the layout before the subfolder (read, never written: vLLM would load it as an LM weight)
+LEGACY_VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.json")
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-VALUE_HEAD_CONFIG = "value_head.json"
+
+class UnsupportedModelError(ValueError):
+    """The model is not a decoder-only causal LM whose logits tsd can reproduce."""
 
 
 class ValueHead(nn.Module):
-    """``V(s) = tanh(W2 gelu(W1 h + b1) + b2)`` on the final hidden state ``h``."""
+    """``V(s) = tanh(W2 gelu(W1 h + b1) + b2)`` on the final hidden state ``h``, in float32.
+
+    Args:
+        hidden_size: width of the final hidden state (the LM head's input width).
+        mlp_size: width of the MLP's hidden layer (default: ``hidden_size``).
+    """
 
     def __init__(self, hidden_size: int, mlp_size: int | None = None) -> None:
         super().__init__()
@@ -45,21 +72,165 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (...)
-        h = self.fc1(hidden.float())
-        return torch.tanh(self.fc2(F.gelu(h))).squeeze(-1)
+        # fp32 whatever the parameters' dtype (a policy cast whole to bf16 keeps working)
+        h = F.linear(hidden.float(), self.fc1.weight.float(), self.fc1.bias.float())  # (..., M)
+        v = F.linear(F.gelu(h), self.fc2.weight.float(), self.fc2.bias.float())  # (..., 1)
+        return torch.tanh(v).squeeze(-1)
+
+
+def decoder_of(lm: PreTrainedModel) -> nn.Module:
+    """The decoder stack of a causal LM (``lm.base_model``), whose output's ``last_hidden_state`` is
+    what the LM head reads. Raises :class:`UnsupportedModelError` for an encoder-decoder model or a
+    model without a separate base model."""
+    cfg = lm.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{type(lm).__name__} is an encoder-decoder model ({cfg.model_type})")
+    base = lm.base_model
+    if base is lm:
+        raise UnsupportedModelError(
+            f"{type(lm).__name__} has no base model (base_model_prefix={lm.base_model_prefix!r}); "
+            "tsd reads the final hidden state from the base model's last_hidden_state"
+        )
+    return base
+
+
+def output_head(lm: PreTrainedModel) -> nn.Module:
+    """The LM head (``get_output_embeddings()``; a ``weight`` of shape (V, H) and maybe a bias)."""
+    head = lm.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+        raise UnsupportedModelError(f"{type(lm).__name__} has no linear output embedding (LM head)")
+    return head
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    """The KV-cache argument of ``module.forward``: transformers >= 5.2x renamed ``past_key_values``
+    to ``cache``; older releases (and vLLM's pins) use the old name."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def final_hidden(
+    lm: PreTrainedModel,
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor | None = None,  # (B, T[+past])
+    position_ids: torch.Tensor | None = None,  # (B, T)
+    past_key_values=None,
+    use_cache: bool = False,
+):
+    """``(hidden (B, T, H), cache)``: the decoder's final hidden state (after its last norm) and
+    its KV cache (``None`` unless ``use_cache``)."""
+    decoder = decoder_of(lm)
+    params = inspect.signature(decoder.forward).parameters
+    cache_kw = _cache_kwarg(decoder)
+    kwargs: dict = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
+    if position_ids is not None and "position_ids" in params:
+        kwargs["position_ids"] = position_ids  # models without it (ALiBi) derive positions from the mask
+    if past_key_values is not None:
+        kwargs[cache_kw] = past_key_values
+    out = decoder(**kwargs)
+    cache = out.get(cache_kw) if use_cache else None  # the output names it as the argument
+    return out.last_hidden_state, cache
+
+
+def fp32_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) in float32 from the final hidden state (..., H): the head's product with both
+    operands upcast, outside autocast, then the final-logit transform the config declares."""
+    head = output_head(lm)
+    cfg = lm.config
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        logits = F.linear(hidden.float(), head.weight.float(), bias)  # (..., V) fp32
+        scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            logits = logits * float(scale)
+        divisor = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
+        if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
+            logits = logits / float(divisor)
+        cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+        if cap:
+            logits = torch.tanh(logits / float(cap)) * float(cap)
+    return logits
+
+
+def lm_logits(
+    lm: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 logits (B, T, V) of a bare causal LM (the frozen reference policy of the KL term),
+    computed exactly as :class:`PolicyValueModel` computes the policy's."""
+    hidden, _ = final_hidden(lm, input_ids, attention_mask)  # (B, T, H)
+    return fp32_logits(lm, hidden)
+
+
+def check_causal_lm(lm: PreTrainedModel, probe_len: int = 8) -> None:
+    """Refuse, with one line (:class:`UnsupportedModelError`), a model tsd would get wrong.
+
+    On a probe of ``probe_len`` tokens (no gradients, eval mode): (1) the model is causal: changing
+    the last token leaves the logits of every earlier position unchanged (an encoder such as BERT
+    attends both ways); (2) :func:`fp32_logits` of :func:`final_hidden` reproduces the model's own
+    logits, up to the rounding of the head in the weights' dtype (``8 * eps(dtype) * max|z|``),
+    so an undeclared head transform is caught. Costs four short forwards."""
+    decoder_of(lm)
+    output_head(lm)
+    was_training = lm.training
+    lm.eval()
+    try:
+        vocab = output_head(lm).weight.shape[0]
+        dev = output_head(lm).weight.device
+        ids = (torch.arange(probe_len, device=dev) * 7 + 3) % vocab  # (T,)
+        ids = ids[None]  # (1, T)
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % vocab
+        with torch.no_grad():
+            ours = lm_logits(lm, ids)  # (1, T, V)
+            ours_changed = lm_logits(lm, changed)  # (1, T, V)
+            own = lm(input_ids=ids).logits.float()  # (1, T, V)
+        name = type(lm).__name__
+        leak = (ours[:, :-1] - ours_changed[:, :-1]).abs().max().item()
+        if leak > 0:
+            raise UnsupportedModelError(
+                f"{name} is not causal: changing the last token changed the logits of earlier positions "
+                f"by {leak:.3g} (it attends both ways, as an encoder does)"
+            )
+        eps = torch.finfo(output_head(lm).weight.dtype).eps
+        tol = 1e-4 + 8 * eps * own.abs().max().item()
+        err = (ours - own).abs().max().item()
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"{name}'s own logits are not its output embedding applied to its base model's final "
+                f"hidden state (max difference {err:.3g} > {tol:.3g}): its head has a transform tsd does not "
+                "reproduce (supported: final_logit_softcapping, logit_scale, logits_scaling)"
+            )
+    finally:
+        lm.train(was_training)
 
 
 class PolicyValueModel(nn.Module):
-    """A causal LM plus a value head; ``forward`` returns fp32 logits, values and the KV cache."""
+    """A causal LM plus a value head; ``forward`` returns fp32 logits, values and the KV cache.
+
+    Args:
+        lm: any decoder-only transformers causal LM (checked at load time by :func:`check_causal_lm`).
+        value_head: the value head (default: a fresh one as wide as the LM head's input).
+    """
 
     def __init__(self, lm: PreTrainedModel, value_head: ValueHead | None = None) -> None:
         super().__init__()
+        decoder_of(lm)  # structural checks, cheap; the behavioural ones are check_causal_lm's
         self.lm = lm
-        self.value_head = value_head or ValueHead(lm.config.hidden_size)
+        self.value_head = value_head or ValueHead(output_head(lm).weight.shape[1])
 
     @property
     def config(self):
         return self.lm.config
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The decoder's repeated blocks (``GPT2Block``, ``LlamaDecoderLayer``, ...): the modules
+        whose class transformers lists in ``_no_split_modules``; the units FSDP shards one by one."""
+        names = set(getattr(self.lm, "_no_split_modules", None) or ())
+        blocks = []
+        for m in decoder_of(self.lm).modules():
+            if isinstance(m, nn.ModuleList) and len(m) and all(type(b).__name__ in names for b in m):
+                blocks.extend(m)
+        return blocks
 
     def forward(
         self,
@@ -71,27 +242,25 @@ class PolicyValueModel(nn.Module):
         logits_to_keep: int = 0,
         detach_value_input: bool = False,
     ):
-        """``detach_value_input``: the value loss trains the head only, not the shared trunk."""
-        kwargs = {_CACHE_KWARG: past_key_values} if past_key_values is not None else {}
-        out = self.lm.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden = out.last_hidden_state  # (B, T, H), after the final norm
+        """``(logits (B, T', V) fp32, values (B, T'), cache)``; ``T' = logits_to_keep or T``.
+        ``detach_value_input``: the value loss trains the head only, not the shared trunk."""
+        hidden, cache = final_hidden(
+            self.lm, input_ids, attention_mask, position_ids, past_key_values, use_cache
+        )  # (B, T, H), after the final norm
         if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm.lm_head(hidden).float()  # (B, T, V) fp32 for log-probs
-        values = self.value_head(hidden.detach() if detach_value_input else hidden)  # (B, T)
-        return logits, values, getattr(out, _CACHE_KWARG, None)
+            hidden = hidden[:, -logits_to_keep:]  # (B, T', H)
+        logits = fp32_logits(self.lm, hidden)  # (B, T', V) fp32 for log-probs
+        values = self.value_head(hidden.detach() if detach_value_input else hidden)  # (B, T')
+        return logits, values, cache
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(path, safe_serialization=True)
+        for name in LEGACY_VALUE_HEAD_FILES:  # an older export being overwritten
+            (path / name).unlink(missing_ok=True)
+        (path / VALUE_HEAD_DIR).mkdir(exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
         save_file(state, str(path / VALUE_HEAD_FILE))
         (path / VALUE_HEAD_CONFIG).write_text(
@@ -104,16 +273,31 @@ class PolicyValueModel(nn.Module):
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> PolicyValueModel:
-        """Load the LM (safetensors only) and the value head if the directory has one."""
+        """Load the LM (safetensors only) and the value head if the directory has one (in
+        ``value_head/`` or, older exports, at the top); refuse a model that is not a decoder-only
+        causal LM (:func:`check_causal_lm`)."""
         path = Path(path)
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
-        head_cfg = path / VALUE_HEAD_CONFIG
+        config = AutoConfig.from_pretrained(str(path))
+        if getattr(config, "is_encoder_decoder", False):  # BART would load as its decoder alone
+            raise UnsupportedModelError(
+                f"{config.model_type} is an encoder-decoder model (only its decoder would load)"
+            )
+        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise UnsupportedModelError(
+                f"transformers has no causal-LM class for model_type {config.model_type!r}"
+            )
+        lm = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
+        lm = lm.to(device)
+        check_causal_lm(lm)
+        weights, head_cfg = path / VALUE_HEAD_FILE, path / VALUE_HEAD_CONFIG
+        if not head_cfg.exists():
+            weights, head_cfg = (path / name for name in LEGACY_VALUE_HEAD_FILES)
         if head_cfg.exists():
             cfg = json.loads(head_cfg.read_text())
             head = ValueHead(int(cfg["hidden_size"]), int(cfg["mlp_size"]))
-            head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
+            head.load_state_dict(load_file(str(weights)))
         else:
-            head = ValueHead(lm.config.hidden_size)
+            head = ValueHead(output_head(lm).weight.shape[1])
         return cls(lm, head).to(device)
 
 

@@ -55,3 +55,20 @@ def decode_completion(tokenizer, completion_ids: Sequence[int]) -> str:
 
 def grade(env: CountdownEnv, problem: Problem, tokenizer, completion_ids: Sequence[int]) -> Score:
     return env.score(decode_completion(tokenizer, completion_ids), problem)
+
+
+#: per-problem figures every selecting rollout (best-of-N, MCTS) attaches to its trajectory, so that
+#: rollouts can be compared at equal compute (``scripts/search_efficiency.py``)
+PROBLEM_STAT_KEYS = ("rollout/problem_tokens", "rollout/correct_found", "rollout/distinct_completions")
+
+
+def problem_stats(tokens: int, correct_found: bool, distinct_completions: int) -> dict[str, float]:
+    """Tokens generated for one problem, whether a correct answer was generated anywhere for it
+    (not only in the emitted trajectory), and how many distinct complete trajectories were."""
+    return dict(zip(PROBLEM_STAT_KEYS, (float(tokens), float(correct_found), float(distinct_completions))))
+
+
+def mean_problem_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """The mean of :data:`PROBLEM_STAT_KEYS` over a batch's trajectories."""
+    n = max(1, len(trajectories))
+    return {k: sum(t.stats.get(k, 0.0) for t in trajectories) / n for k in PROBLEM_STAT_KEYS}

@@ -10,7 +10,7 @@ import statistics
 from collections.abc import Sequence
 
 from tsd.envs.countdown import CountdownEnv, Problem
-from tsd.rollouts.base import Rollout, RolloutOutput
+from tsd.rollouts.base import Rollout, RolloutOutput, mean_problem_stats, problem_stats
 from tsd.rollouts.sampling import check_positive, sample_and_grade, to_trajectory
 from tsd.samplers.base import Sampler
 
@@ -31,18 +31,26 @@ class BestOfNRollout(Rollout):
 
     def run(self, problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv) -> RolloutOutput:
         groups = sample_and_grade(problems, sampler, env, self.n, self.max_new_tokens)
-        trajs, tokens, all_r, best_r, any_correct = [], 0, [], [], []
+        trajs, tokens, all_r, best_r = [], 0, [], []
         for g in groups:
-            tokens += sum(len(s.continuation.token_ids) for s in g)
+            g_tokens = sum(len(s.continuation.token_ids) for s in g)
+            tokens += g_tokens
             all_r += [s.score.dense for s in g]
             best = max(g, key=lambda s: s.score.dense)  # max keeps the first of equals
             best_r.append(best.score.dense)
-            any_correct.append(float(any(s.score.correct for s in g)))
-            trajs.append(to_trajectory(best, sampler.version, self.name))
+            traj = to_trajectory(best, sampler.version, self.name)
+            traj.stats.update(
+                problem_stats(
+                    tokens=g_tokens,
+                    correct_found=any(s.score.correct for s in g),
+                    distinct_completions=len({tuple(s.continuation.token_ids) for s in g}),
+                )
+            )
+            trajs.append(traj)
         stats = {
             "rollout/reward_mean": statistics.fmean(all_r),
             "rollout/selected_reward_mean": statistics.fmean(best_r),
             "rollout/correct_mean": statistics.fmean(t.correct for t in trajs),
-            "rollout/any_correct": statistics.fmean(any_correct),
+            **mean_problem_stats(trajs),  # rollout/correct_found: a correct one among the N
         }
         return RolloutOutput(trajs, stats, generated_tokens=tokens)

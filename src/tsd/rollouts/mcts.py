@@ -1,32 +1,48 @@
 """MCTS over reasoning steps with N parallel workers per tree (seed article; DESIGN.md "MCTS").
 
-    python scripts/draw_tree.py --problems 3      # search, then draw each tree
-    python scripts/bench_mcts.py                  # simulations/s for N = 1, 4, 16 workers
+    python scripts/draw_tree.py --problems 3            # search, then draw each tree
+    python scripts/search_efficiency.py                 # correct share against generated tokens, vs best-of-N
+    python scripts/bench_mcts.py                        # simulations/s for N = 1, 4, 16 workers
 
 The root is the prompt, a node is one reasoning step (tokens up to and including ``</step>``)
 and a terminal node holds the answer or ends the sequence (:mod:`tsd.rollouts.tree` has the pure
-tree logic: pUCT, virtual loss, expansion with merged duplicates, backup).
+tree logic: pUCT, virtual loss, progressive widening, expansion with merged duplicates, backup;
+:mod:`tsd.rollouts.selection` the rules that pick the emitted trajectory).
 
 One *wave* is one iteration of every worker on every tree of the batch:
 
-1. select: for each tree, each of the N workers in turn descends by pUCT to a leaf and applies
-   virtual loss on its path, which steers the next workers elsewhere;
-2. evaluate: ONE ``sampler.sample_and_value(states, n=K, stop="step")`` call expands every
-   distinct non-terminal leaf of the wave (all workers, all trees: the widest batch the sampler
-   can get) and values the same leaves with the value head, read from the pass that starts their
-   sampling; a terminal leaf is valued by its dense reward, graded once on its first visit and
-   cached on the node;
-3. backup: each worker takes its virtual loss off its path and adds one visit and its leaf's
-   value to every node on it, once.
+1. select: for each tree, each of the N workers in turn descends by pUCT to where its simulation
+   stops (a terminal, a node never sampled from, or a node with room to widen: at most
+   ``ceil(K * N(s)^alpha)`` samples) and applies virtual loss on its path, which steers the next
+   workers elsewhere;
+2. evaluate, in one of two ways (``rollout_mix``):
 
-Two workers that reach the same unexpanded leaf in one wave (always the case in the first wave,
-when the root is the only leaf) expand it once and both back up its value: two simulations, one
-expansion. M iterations are therefore M waves and N*M simulations per tree.
+   - ``rollout_mix = 0`` (the article): ONE ``sampler.sample_and_value(states, n=K, stop="step")``
+     call expands every distinct stopping node of the wave (all workers, all trees: the widest
+     batch the sampler can get) and values the same states with the value head, read from the
+     pass that starts their sampling; with widening (``alpha > 0``) a node that already has
+     children draws the samples it has room for in one more call of the same wave. Two workers
+     that stop at the same node share its expansion and both back up its value;
+   - ``rollout_mix > 0``: each simulation samples ONE path from where it stopped down to a
+     terminal, one step per sampler call (every worker of every tree in each call), and every
+     step becomes a node (identical steps merge), so the rollout's tokens stay in the tree and
+     later simulations branch from its intermediate steps. Its value is
+     ``(1 - lambda) * V(s_L) + lambda * z`` (AlphaGo, Silver et al. 2016): ``z`` the dense reward
+     of the terminal it reached, ``s_L`` the first node it created (``z`` alone when that is the
+     terminal). Every simulation ends on a graded answer, as every best-of-N sample does, but
+     samples that share a prefix pay for it once;
 
-After M waves the trajectory is the max-visit path from the root (ties: higher Q, larger prior),
-completed with one ``stop="answer"`` sample if it ends short of a terminal, graded, and emitted
-with the behaviour log-probs the sampler recorded for every token. ``advantage`` is left ``None``:
-the trainer uses the value baseline ``A_t = r - sg(V_old(s_t))``.
+   a terminal where selection stops is valued by its dense reward, graded once on its first
+   visit and cached on the node;
+3. backup: each worker takes its virtual loss off its path and adds one visit and its value to
+   every node on it (with rollouts: down to the terminal it reached), once.
+
+M iterations are therefore M waves and N*M simulations per tree. After M waves every terminal is
+graded (no tokens) and the selection rule (``max_visit``, the article's; ``best_terminal``;
+``max_q``) picks the emitted path, which is completed with one ``stop="answer"`` sample if it ends
+short of a terminal, graded, and emitted with the behaviour log-probs the sampler recorded for
+every token. ``advantage`` is left ``None``: the trainer uses the value baseline
+``A_t = r - sg(V_old(s_t))``.
 """
 
 from __future__ import annotations
@@ -40,7 +56,8 @@ from typing import Any
 
 from tsd.envs.countdown import CountdownEnv, Problem
 from tsd.rl.trajectory import Trajectory
-from tsd.rollouts.base import Rollout, RolloutOutput, encode_prompt, grade
+from tsd.rollouts.base import Rollout, RolloutOutput, encode_prompt, grade, mean_problem_stats, problem_stats
+from tsd.rollouts.selection import MaxVisit
 from tsd.rollouts.tree import Node, SearchTree
 from tsd.samplers.base import Continuation, Sampler
 
@@ -65,6 +82,8 @@ class SearchCounters:
     waves: int = 0
     simulations: int = 0
     terminal_evaluations: int = 0
+    #: simulations whose selection stopped on a terminal graded before (no new information)
+    cached_terminal_hits: int = 0
     grades: int = 0
     expansions: int = 0
     sample_calls: int = 0
@@ -73,6 +92,8 @@ class SearchCounters:
     completion_tokens: int = 0
     #: rows (state x continuation) of each search ``sample`` call
     sample_widths: list[int] = field(default_factory=list)
+    #: nodes created in each wave, all trees together
+    new_nodes_per_wave: list[int] = field(default_factory=list)
 
 
 class MCTSRollout(Rollout):
@@ -91,6 +112,12 @@ class MCTSRollout(Rollout):
         max_step_tokens: int = 64,
         max_depth: int = 12,
         max_new_tokens: int = 256,
+        widening_alpha: float = 0.0,
+        prior_temperature: float = 1.0,
+        rollout_mix: float = 0.0,
+        min_unseen_mass: float = 0.0,
+        skip_exhausted: bool = False,
+        selection: Callable[[SearchTree], list[Node]] | None = None,
         temperature: float | None = None,
         seed: int = 0,
         record_trees: bool = False,
@@ -98,7 +125,8 @@ class MCTSRollout(Rollout):
         """
         Args:
             workers: N, workers sharing one tree, each selecting one leaf per wave (article: 16).
-            completions_per_node: K, continuations sampled to expand a leaf (article: 4).
+            completions_per_node: K, samples drawn at a node before selection descends past it
+                (the article's K continuations per expansion: 4); with widening, ``k0``.
             iterations: M, waves per tree; N*M simulations per tree (article: 100).
             c_puct: exploration weight of pUCT (article: 0.5).
             virtual_loss: added to N and taken off W along a selected path until its backup
@@ -108,6 +136,22 @@ class MCTSRollout(Rollout):
                 branch (terminal, finish ``length``) and is graded as it stands.
             max_depth: steps from the root after which a node is terminal.
             max_new_tokens: token cap of the whole completion (search + final completion).
+            widening_alpha: progressive widening exponent, ``>= 0``: a node may draw up to
+                ``ceil(K * N(s)^alpha)`` samples (Coulom 2007); 0 = the article's fixed K.
+            prior_temperature: priors are ``softmax(summed log-probs / prior_temperature)``,
+                ``> 0``; 1 = the article's; larger flattens peaked priors.
+            rollout_mix: lambda in ``[0, 1]``: 0 = the article's leaf value, the value head
+                alone (K one-step children per expansion); > 0 = each simulation samples one path
+                to a terminal, keeps its steps as nodes and backs up
+                ``(1 - lambda) * V(new leaf) + lambda * reward``.
+            min_unseen_mass: in ``[0, 1)``: a node whose children already hold all but this much
+                of the sampler's probability for its next step is not widened (one more sample
+                would almost surely repeat a child); 0 = off (the article's).
+            skip_exhausted: selection passes over graded terminals and subtrees that can yield
+                nothing new, and a tree whose root is exhausted stops searching (the article's
+                search re-reads cached terminal rewards: False).
+            selection: the rule that picks the emitted path (:mod:`tsd.rollouts.selection`);
+                ``None`` = :class:`~tsd.rollouts.selection.MaxVisit`, the article's.
             temperature: informational only: the sampler's temperature is what samples; a
                 mismatch warns.
             seed: recorded for the run's provenance. The search itself draws no random numbers
@@ -125,6 +169,16 @@ class MCTSRollout(Rollout):
         self.max_step_tokens = _int_at_least(o, "max_step_tokens", max_step_tokens, 1)
         self.max_depth = _int_at_least(o, "max_depth", max_depth, 1)
         self.max_new_tokens = _int_at_least(o, "max_new_tokens", max_new_tokens, 1)
+        self.widening_alpha = _float_in(o, "widening_alpha", widening_alpha, 0.0, 1.0)
+        self.prior_temperature = _float_in(o, "prior_temperature", prior_temperature, 1e-3, 1e3)
+        self.rollout_mix = _float_in(o, "rollout_mix", rollout_mix, 0.0, 1.0)
+        self.min_unseen_mass = _float_in(o, "min_unseen_mass", min_unseen_mass, 0.0, 0.999)
+        if not isinstance(skip_exhausted, bool):
+            raise ValueError(f"{o}.skip_exhausted: must be True or False, got {skip_exhausted!r}")
+        self.skip_exhausted = skip_exhausted
+        if selection is not None and not callable(selection):
+            raise ValueError(f"{o}.selection: must be a rule from tsd.rollouts.selection, got {selection!r}")
+        self.selection = selection if selection is not None else MaxVisit()
         if temperature is not None and (
             isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0
         ):
@@ -172,10 +226,19 @@ class MCTSRollout(Rollout):
                 node.reward, node.correct = float(s.dense), bool(s.correct)
                 c.grades += 1
 
+        wave = self.rollout_wave if self.rollout_mix > 0 else self.wave
         for w in range(self.iterations):
-            self.wave(trees, sampler, grade_node, c)
+            before = sum(len(t.nodes) for t in trees)
+            wave(trees, sampler, grade_node, c)
+            c.new_nodes_per_wave.append(sum(len(t.nodes) for t in trees) - before)
             if on_wave is not None:
                 on_wave(w, trees, c)
+            if all(t.root.exhausted for t in trees):  # skip_exhausted: nothing left to find anywhere
+                break
+        for i, tree in enumerate(trees):  # grading costs no tokens: every answer found is known
+            for node in tree.nodes:
+                if node.terminal:
+                    grade_node(i, node)
 
         trajectories = self._finish(problems, trees, sampler, env, grade_node, c, version)
         if sampler.version != version:  # a trajectory must come from one set of weights
@@ -198,7 +261,44 @@ class MCTSRollout(Rollout):
             unvisited_value=self.unvisited_value,
             max_depth=self.max_depth,
             max_tokens=self.max_new_tokens,
+            completions_per_node=self.completions_per_node,
+            widening_alpha=self.widening_alpha,
+            prior_temperature=self.prior_temperature,
+            min_unseen_mass=self.min_unseen_mass,
+            skip_exhausted=self.skip_exhausted,
         )
+
+    def _select(
+        self, trees: Sequence[SearchTree], grade_node: Callable[[int, Node], None], c: SearchCounters
+    ) -> list[tuple[int, list[Node]]]:
+        """Every worker of every tree selects in turn (``(tree index, path)``, virtual loss on);
+        terminals where a selection stops are graded (once) and counted."""
+        selections: list[tuple[int, list[Node]]] = []
+        for i, tree in enumerate(trees):
+            if tree.root.exhausted:  # only with skip_exhausted: this tree has nothing left to find
+                continue
+            for _ in range(self.workers):
+                path = tree.select_leaf()
+                leaf = path[-1]
+                if leaf.terminal:
+                    c.terminal_evaluations += 1
+                    c.cached_terminal_hits += leaf.reward is not None
+                    grade_node(i, leaf)
+                else:
+                    self._reserve(tree, leaf)
+                selections.append((i, path))
+        return selections
+
+    def _reserve(self, tree: SearchTree, leaf: Node) -> None:
+        """What a simulation that stopped at the non-terminal ``leaf`` asks of the sampler: the
+        article's expansion draws every sample the node has room for (a second worker at the
+        same node joins it); a rollout simulation draws its own one."""
+        if self.rollout_mix > 0:
+            tree.schedule(leaf, 1)
+        else:
+            m = tree.widen_count(leaf)
+            if m:
+                tree.schedule(leaf, m)
 
     def wave(
         self,
@@ -207,47 +307,100 @@ class MCTSRollout(Rollout):
         grade_node: Callable[[int, Node], None],
         counters: SearchCounters,
     ) -> None:
-        """One iteration of every worker on every tree: select (with virtual loss), expand and
-        value all distinct new leaves in one ``sample`` and one ``value`` call, back up."""
+        """One iteration of every worker on every tree, the article's way: select (with virtual
+        loss), expand every distinct stopping node and value it with the value head (one
+        ``sample_and_value`` call per distinct number of samples asked: one call without
+        widening), back up."""
         c = counters
-        selections: list[tuple[int, list[Node]]] = []
-        for i, tree in enumerate(trees):
-            for _ in range(self.workers):
-                selections.append((i, tree.select_leaf()))
-
-        # distinct non-terminal leaves, first-selected order (deterministic); terminals graded
+        selections = self._select(trees, grade_node, c)
+        # distinct stopping nodes with samples to draw, first-selected order (deterministic)
         pending: dict[tuple[int, int], tuple[int, Node]] = {}
         for i, path in selections:
             leaf = path[-1]
-            if leaf.terminal:
-                grade_node(i, leaf)
-                c.terminal_evaluations += 1
-            else:
+            if leaf.scheduled:
                 pending.setdefault((i, leaf.id), (i, leaf))
-        if pending:
-            leaves = list(pending.values())
+        by_count: dict[int, list[tuple[int, Node]]] = {}
+        for i, leaf in pending.values():
+            by_count.setdefault(leaf.scheduled, []).append((i, leaf))
+        for n, leaves in by_count.items():
             states = [trees[i].prompt_ids + leaf.completion_ids() for i, leaf in leaves]
             budget = max(self.max_new_tokens - leaf.num_tokens for _, leaf in leaves)
             outs, values = sampler.sample_and_value(
-                states,
-                n=self.completions_per_node,
-                max_new_tokens=min(self.max_step_tokens, budget),
-                stop="step",
+                states, n=n, max_new_tokens=min(self.max_step_tokens, budget), stop="step"
             )
             c.sample_calls += 1
             c.value_calls += 1
-            c.sample_widths.append(len(states) * self.completions_per_node)
+            c.sample_widths.append(len(states) * n)
             for (i, leaf), conts, v in zip(leaves, outs, values):
-                c.search_tokens += sum(len(x.token_ids) for x in conts)
+                tokens = sum(len(x.token_ids) for x in conts)
+                c.search_tokens += tokens
+                trees[i].generated_tokens += tokens
                 leaf.value_estimate = min(1.0, max(-1.0, float(v)))
-                trees[i].expand(leaf, conts)
-                c.expansions += 1
+                c.expansions += not leaf.expanded
+                trees[i].add_samples(leaf, conts)
+                leaf.scheduled = 0
 
         for i, path in selections:
             leaf = path[-1]
             value = leaf.reward if leaf.terminal else leaf.value_estimate
             assert value is not None  # graded or valued above
             trees[i].backup(path, value)
+            c.simulations += 1
+        c.waves += 1
+
+    def rollout_wave(
+        self,
+        trees: Sequence[SearchTree],
+        sampler: Sampler,
+        grade_node: Callable[[int, Node], None],
+        counters: SearchCounters,
+    ) -> None:
+        """One iteration of every worker on every tree with rollout values: select (with
+        virtual loss); from every non-terminal stopping node sample one path to a terminal, one
+        step per sampler call for all simulations at once, each step a node; grade the terminals;
+        back up ``(1 - lambda) * V(first new node) + lambda * reward`` along root ... terminal."""
+        c = counters
+        selections = self._select(trees, grade_node, c)
+        ends = [path[-1] for _, path in selections]  # where each simulation's path is now
+        first_new: list[Node | None] = [None] * len(selections)
+        chains: list[list[Node]] = [[] for _ in selections]
+        live = [s for s, node in enumerate(ends) if not node.terminal]
+        while live:
+            states = [trees[selections[s][0]].prompt_ids + ends[s].completion_ids() for s in live]
+            budget = max(self.max_new_tokens - ends[s].num_tokens for s in live)
+            outs, values = sampler.sample_and_value(
+                states, n=1, max_new_tokens=min(self.max_step_tokens, budget), stop="step"
+            )
+            c.sample_calls += 1
+            c.value_calls += 1
+            c.sample_widths.append(len(states))
+            for s, conts, v in zip(live, outs, values):
+                i, node = selections[s][0], ends[s]
+                tokens = sum(len(x.token_ids) for x in conts)
+                c.search_tokens += tokens
+                trees[i].generated_tokens += tokens
+                node.value_estimate = min(1.0, max(-1.0, float(v)))
+                c.expansions += not node.expanded
+                n_before = len(trees[i].nodes)
+                (child,) = trees[i].add_samples(node, conts)
+                if first_new[s] is None and len(trees[i].nodes) > n_before:
+                    first_new[s] = child
+                chains[s].append(child)
+                ends[s] = child
+            live = [s for s in live if not ends[s].terminal]
+        for path in (p for _, p in selections):
+            path[-1].scheduled = 0
+
+        lam = self.rollout_mix
+        for s, (i, path) in enumerate(selections):
+            end = ends[s]
+            grade_node(i, end)
+            z = end.reward
+            assert z is not None
+            leaf = first_new[s]
+            value = z if leaf is None or leaf.terminal else (1 - lam) * leaf.value_estimate + lam * z
+            trees[i].undo_virtual_loss(path)
+            trees[i].backup(path + chains[s], value, virtual_loss_applied=False)
             c.simulations += 1
         c.waves += 1
 
@@ -263,7 +416,9 @@ class MCTSRollout(Rollout):
         version: int,
     ) -> list[Trajectory]:
         tok = sampler.tokenizer
-        paths = [t.choose_path() for t in trees]
+        paths = [self.selection(t) for t in trees]
+        for t, p in zip(trees, paths):
+            t.chosen = p
         # complete every chosen path that stops short of a terminal, in one sample call
         todo = [i for i, p in enumerate(paths) if not p[-1].terminal]
         completions: dict[int, Continuation] = {}
@@ -274,6 +429,7 @@ class MCTSRollout(Rollout):
             for i, b, out in zip(todo, budgets, outs):
                 x = out[0]
                 c.completion_tokens += len(x.token_ids)
+                trees[i].generated_tokens += len(x.token_ids)
                 if len(x.token_ids) > b:  # same cut as in expansion: the prefix's log-probs stand
                     x = Continuation(x.token_ids[:b], x.logprobs[:b], "length")
                 completions[i] = x
@@ -285,14 +441,16 @@ class MCTSRollout(Rollout):
             reward: float | None
             correct: bool | None
             finish: str | None
+            found = any(n.correct for n in tree.nodes if n.terminal)
             if i in completions:
                 x = completions[i]
                 ids, lps = ids + list(x.token_ids), lps + list(x.logprobs)
                 s = grade(env, problem, tok, ids)
                 c.grades += 1
                 reward, correct, finish = float(s.dense), bool(s.correct), x.finish_reason
+                found = found or correct
             else:
-                grade_node(i, last)  # cached unless the chosen terminal was never visited
+                grade_node(i, last)  # cached: every terminal was graded after the search
                 reward, correct, finish = last.reward, last.correct, last.terminal_reason
             assert reward is not None and correct is not None
             root = tree.root
@@ -315,6 +473,11 @@ class MCTSRollout(Rollout):
                         "search/chosen_q": last.q(self.unvisited_value),
                         "search/root_q": root.q(self.unvisited_value),
                         "search/completed": float(i in completions),
+                        **problem_stats(
+                            tokens=tree.generated_tokens,
+                            correct_found=found,
+                            distinct_completions=sum(n.terminal for n in tree.nodes) + (i in completions),
+                        ),
                     },
                 )
             )
@@ -329,22 +492,36 @@ class MCTSRollout(Rollout):
     ) -> dict[str, float]:
         n = len(problems)
         widths = [w for t in trees for w in t.expansion_widths]
+        waves = c.new_nodes_per_wave
         return {
             "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories),
             "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories),
+            **mean_problem_stats(trajectories),
             "search/tree_size": statistics.fmean(len(t.nodes) for t in trees),
             "search/chosen_depth": statistics.fmean(len(t.chosen) - 1 for t in trees),
             "search/distinct_children_per_expansion": statistics.fmean(widths) if widths else 0.0,
             "search/root_visit_entropy": statistics.fmean(t.root_visit_entropy() for t in trees),
             "search/root_prior_visit_kl": statistics.fmean(t.root_prior_visit_kl() for t in trees),
+            "search/root_max_prior": statistics.fmean(
+                max((k.prior for k in t.root.children), default=1.0) for t in trees
+            ),
             # per simulation: the share of leaves that were terminal (graded, not value-headed)
             "search/terminal_fraction": c.terminal_evaluations / max(1, c.simulations),
+            # ... and of those, terminals graded before: the simulation learnt nothing new
+            "search/cached_terminal_fraction": c.cached_terminal_hits / max(1, c.simulations),
+            "search/distinct_terminals": statistics.fmean(sum(x.terminal for x in t.nodes) for t in trees),
+            "search/correct_found": statistics.fmean(
+                float(any(x.correct for x in t.nodes if x.terminal)) for t in trees
+            ),
+            "search/new_nodes_per_wave_first": waves[0] / n if waves else 0.0,
+            "search/new_nodes_per_wave_last": waves[-1] / n if waves else 0.0,
             "search/chosen_reward": statistics.fmean(t.reward for t in trajectories),
             "search/chosen_completed_fraction": statistics.fmean(
                 t.stats["search/completed"] for t in trajectories
             ),
             "search/waves": float(c.waves),
             "search/simulations_per_problem": c.simulations / n,
+            "search/exhausted_fraction": statistics.fmean(float(t.root.exhausted) for t in trees),
             "search/sampler_tokens_per_problem": (c.search_tokens + c.completion_tokens) / n,
             "search/grades_per_problem": c.grades / n,
         }

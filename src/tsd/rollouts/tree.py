@@ -13,9 +13,25 @@ Everything here is single-agent with values in [-1, 1] (no sign flips between le
 - Backup: each simulation adds ONE visit and ONE value to every node on its path, root included,
   so ``root.visits == simulations`` and ``root.value_sum == sum of backed-up values`` (the
   article's public code adds a freshly expanded leaf's value twice; tests pin that we don't).
-- Expansion: K sampled continuations become the children; priors are the softmax of each one's
-  summed log-probs, and identical continuations (same token ids) are ONE child holding their
-  summed softmax mass (= softmax over distinct children of logsumexp of the copies' log-probs).
+- Expansion: sampled continuations become the children; priors are the softmax of each one's
+  summed log-probs (divided by ``prior_temperature``), and identical continuations (same token
+  ids) are ONE child holding their summed softmax mass (= softmax over distinct children of
+  logsumexp of the copies' log-probs). Priors are renormalised over every sample drawn at a node
+  whenever more arrive.
+- Progressive widening (Coulom 2007; Couëtoux et al. 2011): a node may have drawn at most
+  ``ceil(k0 * max(1, N(s))^alpha)`` samples, ``k0 = completions_per_node`` and ``N(s)`` its
+  completed simulations (virtual loss excluded). ``alpha = 0`` is the article's fixed K: a leaf is
+  expanded once with K samples and never again. With ``alpha > 0`` a node that has room is a place
+  where selection stops and more samples are drawn, so visits buy new children instead of
+  re-reading the same ones.
+- Unseen mass: the sampler records every step's exact probability, so the probability that one
+  more sample at a node is a step not yet in the tree is known exactly,
+  ``1 - sum_children exp(sum of the child's log-probs)``. A node whose unseen mass is below
+  ``min_unseen_mass`` is not widened (another sample would almost surely be a duplicate: paid
+  tokens, no new child).
+- Exhausted subtrees: with ``skip_exhausted`` selection passes over graded terminals and subtrees
+  that may never widen again, so no simulation is spent re-reading a cached reward; a search
+  whose root is exhausted stops early.
 """
 
 from __future__ import annotations
@@ -50,7 +66,17 @@ class Node:
     #: why the node is terminal (``answer|eos|length|max_depth|max_tokens``), ``None`` if it isn't
     terminal_reason: str | None = None
     children: list[Node] = field(default_factory=list)
-    expanded: bool = False
+    #: continuations sampled from this state so far, identical copies included (widening counts these)
+    samples: int = 0
+    #: samples requested from this state in the current wave, not drawn yet
+    scheduled: int = 0
+    #: workers of the current wave whose virtual loss is on this node
+    in_flight: int = 0
+    #: (child, summed behaviour log-prob) of every sample drawn here, in draw order (the priors' masses)
+    draws: list[tuple[Node, float]] = field(default_factory=list, repr=False)
+    #: nothing new can come from this subtree: a graded terminal, or a node that may never widen
+    #: again whose children are all exhausted (maintained by :meth:`SearchTree.backup`)
+    exhausted: bool = False
     #: N: real visits plus any virtual loss currently applied
     visits: float = 0.0
     #: W: sum of backed-up values minus any virtual loss currently applied
@@ -60,6 +86,11 @@ class Node:
     #: dense reward (terminal nodes; graded once, on first visit)
     reward: float | None = None
     correct: bool | None = None
+
+    @property
+    def expanded(self) -> bool:
+        """Whether anything was ever sampled from this state."""
+        return self.samples > 0
 
     def q(self, unvisited_value: float = 0.0) -> float:
         return self.value_sum / self.visits if self.visits > 0 else unvisited_value
@@ -72,6 +103,10 @@ class Node:
             out.append(node)
             node = node.parent
         return out[::-1]
+
+    def step_probability(self) -> float:
+        """Probability the sampler gave this node's step at its parent, ``exp(sum of log-probs)``."""
+        return math.exp(math.fsum(self.logprobs))
 
     def completion_ids(self) -> list[int]:
         """The step tokens from the root to here, concatenated."""
@@ -86,12 +121,17 @@ def puct_score(parent: Node, child: Node, c_puct: float, unvisited_value: float 
     return child.q(unvisited_value) + c_puct * child.prior * math.sqrt(parent.visits) / (1.0 + child.visits)
 
 
-def select_child(parent: Node, c_puct: float, unvisited_value: float = 0.0) -> Node:
-    """The child with the highest pUCT score; ties -> larger prior, then lower index."""
-    if not parent.children:
-        raise ValueError(f"select_child: node {parent.id} has no children")
+def select_child(
+    parent: Node, c_puct: float, unvisited_value: float = 0.0, skip_exhausted: bool = False
+) -> Node:
+    """The child with the highest pUCT score; ties -> larger prior, then lower index. With
+    ``skip_exhausted`` children whose subtree can yield nothing new are passed over (the caller
+    makes sure one is left)."""
+    kids = [i for i, c in enumerate(parent.children) if not (skip_exhausted and c.exhausted)]
+    if not kids:
+        raise ValueError(f"select_child: node {parent.id} has no child to select")
     best = max(
-        range(len(parent.children)),
+        kids,
         key=lambda i: (
             puct_score(parent, parent.children[i], c_puct, unvisited_value),
             parent.children[i].prior,
@@ -102,34 +142,42 @@ def select_child(parent: Node, c_puct: float, unvisited_value: float = 0.0) -> N
 
 
 def merge_continuations(
-    token_ids: Sequence[Sequence[int]], logprob_sums: Sequence[float]
+    token_ids: Sequence[Sequence[int]], logprob_sums: Sequence[float], temperature: float = 1.0
 ) -> list[tuple[int, float]]:
     """Distinct continuations and their priors.
 
     Returns ``(index of the first copy, prior)`` per distinct token sequence, in first-seen order.
-    The priors are ``softmax(summed log-probs)`` over all K samples with the masses of identical
-    samples added, i.e. ``softmax_j(logsumexp_{i in copies of j} s_i)`` over distinct ``j``.
+    The priors are ``softmax(summed log-probs / temperature)`` over all K samples with the masses
+    of identical samples added, i.e. ``softmax_j(logsumexp_{i in copies of j} s_i / T)`` over
+    distinct ``j``.
     """
     if not token_ids:
         return []
-    m = max(logprob_sums)
-    if not math.isfinite(m):  # every sample impossible (cannot happen with a real sampler): uniform
-        logprob_sums = [0.0] * len(logprob_sums)
-        m = 0.0
-    w = [math.exp(s - m) for s in logprob_sums]  # stable softmax numerators
-    total = sum(w)
+    w = softmax_weights(logprob_sums, temperature)
     first: dict[tuple[int, ...], int] = {}
     mass: dict[tuple[int, ...], float] = {}
     for i, ids in enumerate(token_ids):
         key = tuple(ids)
         if key not in first:
             first[key], mass[key] = i, 0.0
-        mass[key] += w[i] / total
+        mass[key] += w[i]
     return [(first[k], mass[k]) for k in first]
 
 
+def softmax_weights(logprob_sums: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """``softmax(s / temperature)`` of summed log-probs, stably (max subtracted); uniform when every
+    sample is impossible (cannot happen with a real sampler)."""
+    scaled = [s / temperature for s in logprob_sums]
+    m = max(scaled)
+    if not math.isfinite(m):
+        scaled, m = [0.0] * len(scaled), 0.0
+    w = [math.exp(s - m) for s in scaled]  # stable softmax numerators
+    total = sum(w)
+    return [x / total for x in w]
+
+
 class SearchTree:
-    """One problem's tree; grows by :meth:`expand`, is walked by :meth:`select_leaf` and
+    """One problem's tree; grows by :meth:`add_samples`, is walked by :meth:`select_leaf` and
     :meth:`backup`. All numbers live on the :class:`Node` objects in :attr:`nodes` (index = id)."""
 
     def __init__(
@@ -141,6 +189,11 @@ class SearchTree:
         unvisited_value: float = 0.0,
         max_depth: int = 12,
         max_tokens: int = 256,
+        completions_per_node: int = 4,
+        widening_alpha: float = 0.0,
+        prior_temperature: float = 1.0,
+        min_unseen_mass: float = 0.0,
+        skip_exhausted: bool = False,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.c_puct = c_puct
@@ -148,24 +201,79 @@ class SearchTree:
         self.unvisited_value = unvisited_value
         self.max_depth = max_depth
         self.max_tokens = max_tokens
+        self.completions_per_node = completions_per_node
+        self.widening_alpha = widening_alpha
+        self.prior_temperature = prior_temperature
+        self.min_unseen_mass = min_unseen_mass
+        self.skip_exhausted = skip_exhausted
         self.root = Node(
             id=0, parent=None, token_ids=[], logprobs=[], finish_reason=None, prior=1.0, depth=0, num_tokens=0
         )
         self.nodes: list[Node] = [self.root]
-        #: distinct children of each expansion (for ``search/distinct_children_per_expansion``)
+        #: distinct children of each first expansion (for ``search/distinct_children_per_expansion``)
         self.expansion_widths: list[int] = []
-        #: the chosen trajectory's nodes, set by :meth:`choose_path`
+        #: tokens the sampler generated for this tree (search and completion of the chosen path)
+        self.generated_tokens = 0
+        #: the chosen trajectory's nodes, set by the rollout's selection rule
         self.chosen: list[Node] = []
         #: optional token decoder used by :meth:`to_dict` for the step text
         self.decode: Callable[[list[int]], str] | None = None
 
+    # ------------------------------------------------------------------ widening
+    def real_visits(self, node: Node) -> float:
+        """N(s) without the virtual loss the current wave has put on it."""
+        return node.visits - node.in_flight * self.virtual_loss
+
+    def max_samples(self, node: Node) -> int:
+        """``ceil(k0 * max(1, N(s))^alpha)``: how many samples the node may have drawn by now."""
+        n = max(1.0, self.real_visits(node))
+        return max(1, math.ceil(self.completions_per_node * n**self.widening_alpha - 1e-9))
+
+    def unseen_mass(self, node: Node) -> float:
+        """Probability that one more sample at ``node`` is a step not among its children (exact:
+        the children are disjoint token sequences whose probabilities the sampler recorded)."""
+        return max(0.0, 1.0 - math.fsum(c.step_probability() for c in node.children))
+
+    def can_widen(self, node: Node) -> bool:
+        """Whether more samples could ever be worth drawing here: not terminal, new steps still
+        likely enough (``min_unseen_mass``), and a cap that grows or is not reached yet."""
+        if node.terminal:
+            return False
+        if node.expanded and self.min_unseen_mass > 0 and self.unseen_mass(node) < self.min_unseen_mass:
+            return False
+        return self.widening_alpha > 0 or node.samples + node.scheduled < self.completions_per_node
+
+    def widen_count(self, node: Node) -> int:
+        """Samples the node may draw now (0 for a terminal, when it is full, or when a new step
+        is too unlikely)."""
+        if not self.can_widen(node):
+            return 0
+        return max(0, self.max_samples(node) - node.samples - node.scheduled)
+
+    def _update_exhausted(self, node: Node) -> None:
+        node.exhausted = (node.terminal and node.reward is not None) or (
+            not node.terminal
+            and node.expanded
+            and not self.can_widen(node)
+            and all(c.exhausted for c in node.children)
+        )
+
+    def schedule(self, node: Node, count: int) -> None:
+        """Reserve ``count`` samples of ``node`` for this wave (so the next worker sees them)."""
+        if node.terminal or count < 1:
+            raise ValueError(f"SearchTree.schedule: node {node.id} is terminal or count {count} < 1")
+        node.scheduled += count
+
     # ------------------------------------------------------------------ selection + virtual loss
     def select_leaf(self) -> list[Node]:
-        """Descend by pUCT from the root to a node that is unexpanded or terminal, apply virtual
-        loss along the way and return the path (root ... leaf); :meth:`backup` must follow."""
+        """Descend by pUCT from the root to where this simulation stops: a terminal, a node with
+        nothing sampled below it yet, or a node with room to widen. Virtual loss is applied along
+        the way; :meth:`backup` (or :meth:`undo_virtual_loss`) must follow."""
         node, path = self.root, [self.root]
-        while node.expanded and not node.terminal:
-            node = select_child(node, self.c_puct, self.unvisited_value)
+        while node.children and not node.terminal and self.widen_count(node) == 0:
+            if self.skip_exhausted and all(c.exhausted for c in node.children):
+                break  # nothing new below: this node widens past its cap (the root's caller checks it)
+            node = select_child(node, self.c_puct, self.unvisited_value, self.skip_exhausted)
             path.append(node)
         self.apply_virtual_loss(path)
         return path
@@ -174,11 +282,13 @@ class SearchTree:
         for n in path:
             n.visits += self.virtual_loss
             n.value_sum -= self.virtual_loss
+            n.in_flight += 1
 
     def undo_virtual_loss(self, path: Sequence[Node]) -> None:
         for n in path:
             n.visits -= self.virtual_loss
             n.value_sum += self.virtual_loss
+            n.in_flight -= 1
 
     def backup(self, path: Sequence[Node], value: float, *, virtual_loss_applied: bool = True) -> None:
         """Take the path's virtual loss off (if it was applied) and add one visit and ``value``
@@ -188,6 +298,9 @@ class SearchTree:
         for n in path:
             n.visits += 1.0
             n.value_sum += value
+        if self.skip_exhausted:
+            for n in reversed(path):  # only nodes on the path changed: bottom-up
+                self._update_exhausted(n)
 
     # ------------------------------------------------------------------ expansion
     def add_child(
@@ -221,48 +334,51 @@ class SearchTree:
             return True, "max_depth"
         return False, None
 
-    def expand(self, node: Node, continuations: Sequence[Any]) -> list[Node]:
-        """Turn K sampled continuations (objects with ``token_ids``, ``logprobs``,
-        ``finish_reason``) into ``node``'s children, merging identical ones.
+    def add_samples(self, node: Node, continuations: Sequence[Any]) -> list[Node]:
+        """Add sampled continuations of ``node``'s state (objects with ``token_ids``, ``logprobs``,
+        ``finish_reason``) below it and return the child each one landed in, in order.
 
-        A continuation longer than the completion-token budget left at ``node`` is cut to it
-        (the prefix's behaviour log-probs are unchanged, sampling being left to right) and
-        marked ``length``, so one sampler call can serve leaves with different budgets.
+        A continuation identical to an existing child (same token ids) adds its softmax mass to
+        that child instead of a new one; the priors of all the node's children are then
+        renormalised over every sample drawn here. A continuation longer than the
+        completion-token budget left at ``node`` is cut to it (the prefix's behaviour log-probs
+        are unchanged, sampling being left to right) and marked ``length``, so one sampler call
+        can serve states with different budgets.
         """
-        if node.expanded or node.terminal:
-            raise ValueError(f"SearchTree.expand: node {node.id} is already expanded or terminal")
+        if node.terminal:
+            raise ValueError(f"SearchTree.add_samples: node {node.id} is terminal")
+        first = not node.expanded
         budget = self.max_tokens - node.num_tokens
-        cut = []
+        by_tokens = {tuple(c.token_ids): c for c in node.children}
+        landed = []
         for c in continuations:
             ids, lps, fin = list(c.token_ids), list(c.logprobs), c.finish_reason
             if len(ids) > budget:
                 ids, lps, fin = ids[:budget], lps[:budget], "length"
-            cut.append((ids, lps, fin))
-        merged = merge_continuations([c[0] for c in cut], [math.fsum(c[1]) for c in cut])
-        for i, prior in merged:
-            self.add_child(node, cut[i][0], cut[i][1], cut[i][2], prior)
-        node.expanded = True
-        self.expansion_widths.append(len(merged))
+            key = tuple(ids)
+            child = by_tokens.get(key)
+            if child is None:
+                child = by_tokens[key] = self.add_child(node, ids, lps, fin, prior=0.0)
+            node.draws.append((child, math.fsum(lps)))
+            node.samples += 1
+            landed.append(child)
+        weights = softmax_weights([s for _, s in node.draws], self.prior_temperature)
+        for child in node.children:
+            child.prior = 0.0
+        for (child, _), w in zip(node.draws, weights):
+            child.prior += w
+        if first:
+            self.expansion_widths.append(len(node.children))
+        return landed
+
+    def expand(self, node: Node, continuations: Sequence[Any]) -> list[Node]:
+        """The first expansion of a leaf (the article's: K samples at once); returns its children."""
+        if node.expanded or node.terminal:
+            raise ValueError(f"SearchTree.expand: node {node.id} is already expanded or terminal")
+        self.add_samples(node, continuations)
         return node.children
 
     # ------------------------------------------------------------------ the result
-    def choose_path(self) -> list[Node]:
-        """Greedy by visit count from the root (ties -> higher Q, then larger prior, then lower
-        index) until a node without children: a terminal, or a leaf that was never expanded. A
-        node expanded in the last wave has only unvisited children; the rule then takes the
-        child of largest prior (a step the policy sampled), as the tie-breaks say."""
-        node, path = self.root, [self.root]
-        while node.children:
-            kids = node.children
-            best = max(
-                range(len(kids)),
-                key=lambda i: (kids[i].visits, kids[i].q(self.unvisited_value), kids[i].prior, -i),
-            )
-            node = kids[best]
-            path.append(node)
-        self.chosen = path
-        return path
-
     def root_visit_distribution(self) -> list[float]:
         total = sum(c.visits for c in self.root.children)
         return [c.visits / total for c in self.root.children] if total > 0 else []

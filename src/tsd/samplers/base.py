@@ -44,7 +44,7 @@ class Sampler(ABC):
     """Samples continuations of token states and values them with the value head.
 
     Implementations: :class:`tsd.samplers.hf.HFSampler` (transformers, CPU/GPU) and
-    :class:`tsd.samplers.vllm.VLLMSampler` (vLLM, GPU).
+    :class:`tsd.samplers.vllm.VLLMSampler` (vLLM, GPU or its CPU build).
     """
 
     #: the tokenizer the states are written in (a transformers tokenizer)

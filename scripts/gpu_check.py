@@ -1,0 +1,342 @@
+"""The paper-scale path on one GPU, timed: vLLM sampling with behaviour log-probs, one MCTS wave
+batch, one FSDP2 trainer step, one weight sync into vLLM; printed as a table.
+
+    python scripts/gpu_check.py                          # one GPU, a Qwen2.5-1.5B-shaped model (< 8 min on an H200)
+    python scripts/gpu_check.py --device cpu --shape tiny  # the same code on CPU (the test suite runs it)
+    python scripts/gpu_check.py --parts fsdp             # only some parts (sample, mcts, sync, fsdp)
+
+No download: the model is ``Qwen2ForCausalLM`` with random weights, built from the Qwen2.5-1.5B
+config the project ships (``src/tsd/assets/qwen2_5_1_5b_config.json``: 28 layers, hidden 1536,
+12 heads of 128, 2 KV heads, vocabulary 151,936, tied embeddings), in bf16; ``--shape tiny`` is the
+same architecture at hidden 128, 2 layers (head_dim 32, what the CPU attention takes). The tokenizer
+is the bundled character tokenizer padded with filler tokens to the model's vocabulary, so every id
+a random model samples decodes. Random weights rarely stop early: the timings are of full-length
+continuations, an upper bound for a trained policy's.
+
+Parts (in this order: the vLLM ones first, the FSDP one last; an in-process vLLM engine starts its
+own one-rank process group, which the trainer step then reuses):
+- ``sample``: :class:`VLLMSampler` (fp32 LM head, ``processed_logprobs``), ``--states`` prompts x
+  ``--n`` continuations of ``--tokens`` tokens; tokens/s of generated tokens, log-probs recorded.
+- ``mcts``: :class:`MCTSRollout` with the article's N=16 workers and K=4, one wave (``iterations=1``)
+  over ``--problems`` Countdown problems sharing the wave's one sampler call, then the emitted
+  paths completed and graded (the rollout's full cost at M=1).
+- ``sync``: ``VLLMSampler.load_weights`` of a second model's full state dict (safetensors blobs over
+  ``collective_rpc`` into vLLM's in-place reload, the prefix cache reset, the value copy updated).
+- ``fsdp``: one optimiser step of :class:`PolicyValueModule` (CISPO + value + KL against a frozen
+  reference, AdamW, grad clip) on a policy sharded with FSDP2 ``fully_shard`` (one unit per block,
+  as ``GeneratorTrainerStrategy`` does) over a one-rank mesh (NCCL on a GPU, gloo on CPU), on the
+  trajectories the ``mcts`` part emitted (else random ones of the same shape).
+
+Without a GPU this session could not run the GPU mode; its CPU mode runs in
+``tests/test_gpu_check.py`` so the code cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tsd import ASSETS_DIR
+from tsd.models.char_tokenizer import ALPHABET, BOS, EOS, PAD, SPECIAL_TOKENS, TAGS, UNK
+from tsd.models.policy_value import PolicyValueModel
+from tsd.rl.trajectory import Trajectory
+
+QWEN_CONFIG = ASSETS_DIR / "qwen2_5_1_5b_config.json"
+PARTS = ("sample", "mcts", "sync", "fsdp")
+
+
+def filler_tokenizer(vocab_size: int):
+    """The char tokenizer's vocabulary, then ``<t{i}>`` filler tokens up to ``vocab_size``: prompts
+    encode as with the bundled tokenizer and any id a random model samples decodes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in ALPHABET:
+        vocab.setdefault(ch, len(vocab))
+    if vocab_size < len(vocab):
+        raise ValueError(f"filler_tokenizer: vocab_size {vocab_size} < {len(vocab)} base tokens")
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<t{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(TAGS),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_policy(shape: str, tokenizer, dtype: torch.dtype, device: str, seed: int) -> PolicyValueModel:
+    """A random Qwen2 policy + value head of the shipped 1.5B shape (or the tiny one)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = json.loads(QWEN_CONFIG.read_text())
+    if shape == "tiny":
+        cfg.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+        cfg.update(num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048)
+    cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg.update(pad_token_id=tokenizer.pad_token_id)
+    cfg.pop("architectures", None)
+    cfg.pop("torch_dtype", None)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        lm = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(dtype)
+        return PolicyValueModel(lm).to(device).eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sync_device(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def part_sample(sampler, env, args) -> dict:
+    from tsd.rollouts.base import encode_prompt
+
+    problems = [env.test[i % len(env.test)] for i in range(args.states)]
+    states = [encode_prompt(env, p, sampler.tokenizer) for p in problems]
+    sampler.sample(states[:2], n=1, max_new_tokens=4, stop="answer")  # warm-up
+    before = sampler.generated_tokens
+    t0 = time.perf_counter()
+    out = sampler.sample(states, n=args.n, max_new_tokens=args.tokens, stop="answer")
+    dt = time.perf_counter() - t0
+    tokens = sampler.generated_tokens - before
+    assert all(len(c.logprobs) == len(c.token_ids) for conts in out for c in conts)
+    return {
+        "shape": f"{args.states} states x n={args.n} x <= {args.tokens} tokens",
+        "seconds": dt,
+        "throughput": f"{tokens / dt:,.0f} tokens/s",
+    }
+
+
+def part_mcts(sampler, env, args) -> tuple[dict, list[Trajectory]]:
+    from tsd.rollouts.mcts import MCTSRollout
+
+    rollout = MCTSRollout(
+        workers=16, completions_per_node=4, iterations=1, max_step_tokens=args.step_tokens,
+        max_new_tokens=2 * args.step_tokens, seed=args.seed,
+    )  # fmt: skip
+    problems = env.train[: args.problems]
+    before = sampler.generated_tokens
+    t0 = time.perf_counter()
+    trajs = rollout.run(problems, sampler, env).trajectories
+    dt = time.perf_counter() - t0
+    tokens = sampler.generated_tokens - before
+    return {
+        "shape": f"{args.problems} trees x 16 workers x K=4, 1 wave (+ completion)",
+        "seconds": dt,
+        "throughput": f"{tokens / dt:,.0f} tokens/s, {len(trajs)} trajectories",
+    }, trajs
+
+
+def part_sync(sampler, tokenizer, args, dtype) -> dict:
+    other = build_policy(args.shape, tokenizer, dtype, args.device, seed=args.seed + 1)
+    state = other.state_dict()
+    n_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    t0 = time.perf_counter()
+    sampler.load_weights(state, version=1)
+    dt = time.perf_counter() - t0
+    del other, state
+    return {
+        "shape": f"{n_bytes / 2**20:,.1f} MiB of weights",
+        "seconds": dt,
+        "throughput": f"{n_bytes / 2**20 / dt:,.0f} MiB/s",
+    }
+
+
+def random_trajectories(tokenizer, vocab: int, count: int, prompt: int, completion: int) -> list[Trajectory]:
+    g = random.Random(0)
+    return [
+        Trajectory(
+            problem_id=i,
+            prompt_ids=[g.randrange(8, vocab) for _ in range(prompt)],
+            completion_ids=[g.randrange(8, vocab) for _ in range(completion)],
+            behaviour_logprobs=[-g.random() * 5 for _ in range(completion)],
+            reward=g.uniform(-1, 1),
+            correct=False,
+            policy_version=0,
+            rollout="random",
+        )
+        for i in range(count)
+    ]
+
+
+def part_fsdp(tokenizer, trajs: list[Trajectory], args, dtype) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tsd.data.collate import collate_trajectories
+    from tsd.module import PolicyValueModule
+    from tsd.rl.losses import CISPOLoss, RLObjective
+
+    on_gpu = args.device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
+    mesh = init_device_mesh("cuda" if on_gpu else "cpu", (1,))
+    policy = build_policy(args.shape, tokenizer, dtype, args.device, seed=args.seed).train()
+    module = PolicyValueModule(
+        policy,
+        RLObjective(CISPOLoss(eps_high=5.0), c_ppo=1.0, c_value=1.0, c_kl=0.05),  # the article's
+        optimizer=lambda params: torch.optim.AdamW(params, lr=5e-6),
+        grad_clip=0.1,
+    )
+    for block in policy.lm.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    opt = torch.optim.AdamW(policy.parameters(), lr=5e-6)
+    if len(trajs) < args.batch:
+        vocab = policy.config.vocab_size
+        trajs = trajs + random_trajectories(tokenizer, vocab, args.batch - len(trajs), 64, args.tokens)
+    batch = {
+        k: v.to(args.device)
+        for k, v in collate_trajectories(trajs[: args.batch], tokenizer.pad_token_id).items()
+    }
+    tokens = int(batch["mask"].sum())
+    sync_device(args.device)
+    t0 = time.perf_counter()
+    out = module.compute_loss(batch)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.1)
+    opt.step()
+    sync_device(args.device)
+    dt = time.perf_counter() - t0
+    loss = float(out.loss.detach().float())
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(norm))):
+        raise RuntimeError(f"fsdp step: loss {loss}, grad norm {norm}")
+    return {
+        "shape": f"B={len(trajs[: args.batch])}, {batch['input_ids'].shape[1]} positions, {tokens} trained tokens",
+        "seconds": dt,
+        "throughput": f"{tokens / dt:,.0f} tokens/s (loss {loss:.3f}, grad norm {norm:.3g})",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (the GPU check) or cpu")
+    ap.add_argument(
+        "--shape", default=None, choices=["qwen2.5-1.5b", "tiny"], help="default: 1.5b on cuda, tiny on cpu"
+    )
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    ap.add_argument("--states", type=int, default=None, help="prompts for the sampling part")
+    ap.add_argument("--n", type=int, default=4, help="continuations per prompt")
+    ap.add_argument(
+        "--tokens", type=int, default=None, help="tokens per continuation (sampling, trainer batch)"
+    )
+    ap.add_argument("--problems", type=int, default=None, help="MCTS trees in the wave batch")
+    ap.add_argument("--step-tokens", type=int, default=None, help="token cap of one MCTS step")
+    ap.add_argument("--batch", type=int, default=32, help="trajectories in the trainer step (article: 32)")
+    ap.add_argument(
+        "--kv-cache-gib", type=float, default=None, help="vLLM KV cache (default 40 GPU, 0.25 CPU)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the table here")
+    args = ap.parse_args(argv)
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        print(
+            "gpu_check: no CUDA device here; run with --device cpu --shape tiny for the CPU mode",
+            file=sys.stderr,
+        )
+        return 2
+    args.shape = args.shape or ("qwen2.5-1.5b" if on_gpu else "tiny")
+    big = args.shape != "tiny"
+    args.states = args.states or (256 if big else 8)
+    args.tokens = args.tokens or (512 if big else 32)
+    args.problems = args.problems or (32 if big else 2)
+    args.step_tokens = args.step_tokens or (64 if big else 16)
+    args.kv_cache_gib = args.kv_cache_gib or (40.0 if on_gpu else 0.25)
+    parts = [p for p in args.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        print(f"gpu_check: --parts: {bad} not in {PARTS}", file=sys.stderr)
+        return 2
+    if not on_gpu:
+        torch.set_num_threads(1)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: 5-7 s start-up
+
+    from tsd.envs.countdown import CountdownEnv
+
+    t_all = time.perf_counter()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    vocab = json.loads(QWEN_CONFIG.read_text())["vocab_size"] if big else 1024
+    tokenizer = filler_tokenizer(vocab)
+    env = CountdownEnv(n_train=max(64, args.problems), n_test=max(64, args.states), seed=args.seed)
+    rows: list[tuple[str, dict]] = []
+    trajs: list[Trajectory] = []
+    log = lambda msg: print(f"[gpu_check {time.perf_counter() - t_all:6.1f}s] {msg}", flush=True)  # noqa: E731
+
+    if any(p in parts for p in ("sample", "mcts", "sync")):
+        from tsd.samplers.vllm import VLLMSampler
+
+        log(f"building the {args.shape} policy ({dtype}) and the vLLM engine")
+        policy = build_policy(args.shape, tokenizer, dtype, args.device, seed=args.seed)
+        t0 = time.perf_counter()
+        sampler = VLLMSampler(
+            policy,
+            tokenizer,
+            temperature=0.8,
+            seed=args.seed,
+            kv_cache_gib=args.kv_cache_gib,
+            max_model_len=1024 if big else 256,
+            block_size=None if on_gpu else 32,
+            llm_kwargs={} if on_gpu else {"enforce_eager": True},
+        )
+        rows.append(
+            (
+                "vLLM engine start-up",
+                {"shape": args.shape, "seconds": time.perf_counter() - t0, "throughput": ""},
+            )
+        )
+        if "sample" in parts:
+            log("sampling")
+            rows.append(("vLLM sampling + behaviour log-probs", part_sample(sampler, env, args)))
+        if "mcts" in parts:
+            log("one MCTS wave batch")
+            row, trajs = part_mcts(sampler, env, args)
+            rows.append(("MCTS wave batch (vLLM)", row))
+        if "sync" in parts:
+            log("weight sync")
+            rows.append(("weight sync into vLLM", part_sync(sampler, tokenizer, args, dtype)))
+        del sampler, policy
+    if "fsdp" in parts:
+        log("FSDP2 trainer step")
+        rows.append(("FSDP2 trainer step", part_fsdp(tokenizer, trajs, args, dtype)))
+
+    device_name = torch.cuda.get_device_name() if on_gpu else "CPU"
+    print(f"\n{device_name}, {args.shape} shape, {dtype}; total {time.perf_counter() - t_all:.1f} s\n")
+    print("| part | shape | seconds | throughput |\n|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['shape']} | {r['seconds']:.2f} | {r['throughput']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({name: r for name, r in rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Target quality against compute: share of emitted trajectories that are correct, against the
+tokens generated per problem, for best-of-N at several N and MCTS variants at several budgets.
+
+    python scripts/search_efficiency.py                                   # the README's table and picture
+    python scripts/search_efficiency.py --problems 48 --bon 4 16 --budgets 4x6 16x12
+    python scripts/search_efficiency.py --policy outputs/mcts_countdown/<time>/policy
+    python scripts/search_efficiency.py --variant "mine: rollout.rollout_mix=0.5 rollout.c_puct=1.0"
+
+Every method is a set of Hydra overrides of ``configs/train.yaml``: it searches exactly as
+``python train.py <overrides>`` would (``--variant`` adds more; ``--budgets WxM`` sets
+``rollout.workers=W rollout.iterations=M`` on every MCTS variant). The problems are the last
+``--problems`` of the train split (never the test set; the training stream draws from the whole
+train split, so a 200-step run sees about 16% of them). Each method gets a fresh sampler with the
+same seed over the same policy, and the problems are searched ``--batch`` at a time, as in
+training (MCTS shares each wave across a batch's trees).
+
+Printed: one row per method (tokens per problem, correct share with its 95% interval, mean dense
+reward, share of problems where a correct answer was generated anywhere, distinct complete
+trajectories per problem, wall time), then every MCTS point against the best-of-N point nearest
+in tokens: the paired per-problem difference with its 95% interval (a difference whose interval
+holds 0 is "no difference"). Written: ``--out``/search_efficiency.json and .png (correct share
+and found share against tokens per problem, one curve per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tsd.config import build
+from tsd.envs.countdown import CountdownEnv
+from tsd.eval.search_efficiency import (
+    Method,
+    MethodResult,
+    compare,
+    compose_rollout_config,
+    measure,
+    nearest_in_tokens,
+)
+from tsd.models.loading import load_policy
+
+#: the MCTS variants measured by default (each at every --budgets); "default" is configs/rollout/mcts.yaml
+VARIANTS = {
+    "default": [],
+    "article": [
+        "rollout/selection=max_visit",
+        "rollout.widening_alpha=0",
+        "rollout.prior_temperature=1",
+        "rollout.rollout_mix=0",
+    ],
+}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, rest = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected 'NAME: override override ...'")
+    return name.strip(), rest.split()
+
+
+def parse_budget(text: str) -> tuple[int, int]:
+    w, sep, m = text.partition("x")
+    if not sep or not w.isdigit() or not m.isdigit() or int(w) < 1 or int(m) < 1:
+        raise argparse.ArgumentTypeError(f"--budgets {text!r}: expected WORKERSxITERATIONS, e.g. 4x6")
+    return int(w), int(m)
+
+
+def methods_from(args) -> list[Method]:
+    out = [Method("best-of-N", f"bon{n}", ["rollout=best_of_n", f"rollout.n={n}"]) for n in args.bon]
+    variants = dict(VARIANTS) if not args.only_variants else {}
+    variants.update(dict(args.variant))
+    for name, overrides in variants.items():
+        for w, m in args.budgets:
+            out.append(
+                Method(
+                    f"MCTS {name}",
+                    f"{name} {w}x{m}",
+                    ["rollout=mcts", f"rollout.workers={w}", f"rollout.iterations={m}", *overrides],
+                )
+            )
+    return out
+
+
+def plot(results: list[MethodResult], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    families = list(dict.fromkeys(r.method.family for r in results))
+    for fam in families:
+        pts = sorted((r for r in results if r.method.family == fam), key=lambda r: r.mean("tokens"))
+        x = [r.mean("tokens") for r in pts]
+        style = dict(marker="o", linestyle="--" if fam == "best-of-N" else "-", label=fam)
+        axes[0].plot(x, [r.mean("correct") for r in pts], **style)
+        axes[1].plot(x, [r.mean("found") for r in pts], **style)
+        for r in pts:
+            axes[0].annotate(r.method.label.split()[-1], (r.mean("tokens"), r.mean("correct")), fontsize=7,
+                             textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    for ax, what in zip(axes, ("emitted trajectory correct", "a correct answer generated anywhere")):
+        ax.set_xscale("log")
+        ax.set_xlabel("generated tokens per problem (log)")
+        ax.set_ylabel(f"share of problems: {what}")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default="tiny", help="'tiny' (bundled) or an exported policy directory")
+    ap.add_argument("--problems", type=int, default=128, help="the last N problems of the train split")
+    ap.add_argument(
+        "--batch", type=int, default=16, help="problems per rollout call (as data.problems_per_rollout)"
+    )
+    ap.add_argument("--bon", type=int, nargs="*", default=[4, 8, 16, 32, 64], help="best-of-N values of N")
+    ap.add_argument("--budgets", type=parse_budget, nargs="*", default=[(4, 3), (4, 6), (8, 6), (16, 6), (16, 12)],
+                    help="MCTS budgets WORKERSxITERATIONS")  # fmt: skip
+    ap.add_argument("--variant", type=parse_variant, action="append", default=[],
+                    help="'NAME: override ...' an MCTS variant (Hydra overrides of configs/train.yaml)")  # fmt: skip
+    ap.add_argument(
+        "--only-variants", action="store_true", help="skip the built-in variants (default, article)"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="the sampler's seed (the same for every method)")
+    ap.add_argument(
+        "--temperature", type=float, default=None, help="sampler temperature (default: the config's)"
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("outputs/search_efficiency"))
+    args = ap.parse_args(argv)
+    if args.problems < 2 or args.batch < 1:
+        ap.error("--problems must be >= 2 and --batch >= 1")
+    if any(n < 1 for n in args.bon):
+        ap.error("--bon values must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    policy, tok = load_policy(args.policy)
+    policy.eval()
+    env = CountdownEnv()
+    problems = list(env.train[-args.problems :])
+
+    def make_sampler(cfg):
+        extra = {"seed": args.seed}
+        if args.temperature is not None:
+            extra["temperature"] = args.temperature
+        return build(cfg.sampler, "sampler", **extra)(policy, tok)
+
+    methods = methods_from(args)
+    for m in methods:  # every config composes and builds before any compute
+        try:
+            build(compose_rollout_config(m.overrides).rollout, f"{m.label}: rollout")
+        except Exception as e:  # noqa: BLE001 - reported with the method's name, then exit 2
+            print(f"error: {m.label}: {e}", file=sys.stderr)
+            return 2
+    print(f"policy {args.policy}; {len(problems)} problems (train[-{args.problems}:]), {args.batch} per call, "
+          f"sampler seed {args.seed}, {args.threads} torch thread(s); {len(methods)} methods", flush=True)  # fmt: skip
+    results: list[MethodResult] = []
+    for i, m in enumerate(methods, 1):
+        r = measure(m, problems, env, make_sampler, args.batch)
+        results.append(r)
+        print(f"[{i}/{len(methods)}] {m.label:<24} {r.mean('tokens'):7.0f} tok/problem  correct {r.mean('correct'):.3f}  "
+              f"found {r.mean('found'):.3f}  {r.wall_s:6.1f}s", flush=True)  # fmt: skip
+
+    summaries = [r.summary() for r in results]
+    head = f"{'method':<26} {'tok/prob':>8} {'correct':>7} {'95% CI':>15} {'reward':>7} {'found':>6} {'distinct':>8} {'wall s':>7}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for s in summaries:
+        lo, hi = s["correct_ci95"]
+        print(f"{s['label']:<26} {s['tokens_per_problem']:>8.0f} {s['correct_share']:>7.3f} "
+              f"[{lo:>+.3f},{hi:>+.3f}] {s['reward_mean']:>+7.3f} {s['found_share']:>6.3f} "
+              f"{s['distinct_per_problem']:>8.1f} {s['wall_s']:>7.1f}")  # fmt: skip
+
+    bons = [r for r in results if r.method.family == "best-of-N"]
+    comparisons = []
+    if bons:
+        print("\nMCTS against the best-of-N point nearest in tokens (paired per problem, correct share):")
+        for r in results:
+            if r.method.family == "best-of-N":
+                continue
+            c = compare(r, nearest_in_tokens(r, bons))
+            comparisons.append(c)
+            lo, hi = c["ci95"]
+            eq = "equal tokens" if c["equal_compute"] else "tokens differ >10%"
+            print(f"  {c['run']:<24} vs {c['base']:<6} tokens x{c['token_ratio']:.2f} ({eq}): "
+                  f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] -> {c['verdict']}")  # fmt: skip
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "policy": args.policy,
+        "problems": f"train[-{args.problems}:]",
+        "seed": args.seed,
+        "batch": args.batch,
+        "methods": summaries,
+        "comparisons": comparisons,
+        "per_problem": {r.method.label: r.per_problem for r in results},
+    }
+    (args.out / "search_efficiency.json").write_text(json.dumps(payload, indent=1))
+    title = f"{args.policy} policy, {len(problems)} held train problems, sampler seed {args.seed}"
+    plot(results, args.out / "search_efficiency.png", title)
+    print(f"\nwrote {args.out / 'search_efficiency.json'} and {args.out / 'search_efficiency.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Paired comparison of two methods scored on the same problems.
+
+Problem difficulty is shared by both methods, so the standard error of the per-problem
+*differences* is much tighter than two independent error bars. The interval is the normal
+approximation ``mean(d) +- 1.96 * sd(d) / sqrt(n)``: it says how sure the measurement on these
+problems is, not how much another seed of a whole training run would vary. A difference whose
+interval contains 0 is reported as no difference.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+
+def paired_difference(base: Sequence[float], run: Sequence[float]) -> dict:
+    """Means of both, ``run - base``, its paired standard error, 95% CI, z, and how many problems
+    ``run`` scored higher / lower on. ``base[i]`` and ``run[i]`` are the same problem's scores."""
+    if len(base) != len(run):
+        raise ValueError(f"paired_difference: {len(base)} base scores but {len(run)} run scores")
+    if len(base) < 2:
+        raise ValueError(f"paired_difference: needs at least 2 problems, got {len(base)}")
+    d = [y - x for x, y in zip(base, run)]
+    mean_d = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    return {
+        "problems": len(d),
+        "base": statistics.fmean(base),
+        "run": statistics.fmean(run),
+        "diff": mean_d,
+        "se": se,
+        "ci95": (mean_d - 1.96 * se, mean_d + 1.96 * se),
+        "z": mean_d / se if se > 0 else math.copysign(math.inf, mean_d) if mean_d else 0.0,
+        "better": sum(y > x for x, y in zip(base, run)),
+        "worse": sum(y < x for x, y in zip(base, run)),
+    }

@@ -1,0 +1,1 @@
+"""Pictures of what a run did (search trees), shared by the scripts and the callbacks."""
