@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -102,18 +104,35 @@ class Accounting(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         dm = trainer.datamodule
-        out = {"steps": self.steps, "dropped_stale": dm.dropped_stale, "world_size": trainer.world_size}
+        out = {
+            "steps": self.steps,
+            "dropped_stale": dm.dropped_stale,
+            "dropped_invalid": dm.dropped_invalid,
+            "world_size": trainer.world_size,
+        }
         (self.dir / f"acct_rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
 # ---------------------------------------------------------------------------- fixtures
+#: every run of these tests has this run id, so its stream is ``<stream>:run0`` (see _key)
+RUN_ID = "run0"
+
+
 @pytest.fixture
 def stream(request, redis_url):
-    key = f"tsd-test:{request.node.name[:40]}:{uuid.uuid4().hex[:8]}"
-    yield key
+    """The stream key prefix of one test (buffer.stream): its runs' streams are under it."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name[:40])  # a Hydra override value
+    prefix = f"tsd-test:{name}:{uuid.uuid4().hex[:8]}"
+    yield prefix
     client = redis.Redis.from_url(redis_url)
-    client.delete(key)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
     client.close()
+
+
+def _key(stream: str) -> str:
+    """The Redis key of the runs' stream: ``<buffer.stream>:<run_id>``."""
+    return f"{stream}:{RUN_ID}"
 
 
 def _train(overrides: list[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> tuple[int, str, float]:
@@ -157,6 +176,7 @@ def _base(policy_dir: str, redis_url: str, stream: str, rec: Path) -> list[str]:
         f"model.name_or_path={policy_dir}",
         f"buffer.url={redis_url}",
         f"buffer.stream={stream}",
+        f"run_id={RUN_ID}",
         "sampler._target_=test_distributed.RecordingHFSampler",
         f"+sampler.record_dir={rec}",
         "+callbacks.acct._target_=test_distributed.Accounting",
@@ -168,13 +188,13 @@ def _stream_counts(redis_url: str, stream: str) -> tuple[int, int]:
     """(trajectories ever added, trajectories still in the stream: undelivered or pending)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        info = client.xinfo_stream(stream)
-        return int(info["entries-added"]), int(client.xlen(stream))
+        info = client.xinfo_stream(_key(stream))
+        return int(info["entries-added"]), int(client.xlen(_key(stream)))
     finally:
         client.close()
 
 
-def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int) -> list[dict]:
+def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int, policy_dir: str) -> list[dict]:
     """The properties every run must have; returns both ranks' accounts."""
     accts = [json.loads((rec / f"acct_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(a["world_size"] == 2 for a in accts)  # Lightning sees the trainers only
@@ -200,13 +220,18 @@ def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int) -> list[dic
         gen, ref = torch.load(rec / f"gen_v{v}.pt"), torch.load(rec / f"trainer_v{v}.pt")
         assert gen.keys() == ref.keys()
         assert all(torch.equal(gen[k], ref[k]) for k in ref), f"version {v} differs"
-    first = torch.load(rec / f"trainer_v{synced[0]}.pt")
-    last = torch.load(rec / f"trainer_v{synced[-1]}.pt")
-    assert len(synced) == 1 or any(not torch.equal(first[k], last[k]) for k in first)  # trained
+    # trained: the LM the generator last received is not the one the run started from
+    from tsd.models.loading import load_policy
 
-    # every trajectory produced is trained, dropped as stale, or still in the stream (pending)
+    initial = load_policy(policy_dir)[0].state_dict()
+    last = torch.load(rec / f"trainer_v{synced[-1]}.pt")
+    assert any(not torch.equal(last[k], initial[k]) for k in last if k.startswith("lm."))
+
+    # every trajectory produced is trained, dropped as stale, or still in the stream (pending);
+    # none of this run's own is invalid
     produced, remaining = _stream_counts(redis_url, stream)
     dropped = sum(a["dropped_stale"] for a in accts)
+    assert all(a["dropped_invalid"] == 0 for a in accts)
     assert produced == len(trained) + dropped + remaining, (produced, len(trained), dropped, remaining)
     return accts
 
@@ -224,14 +249,17 @@ def _check_ratios(accts: list[dict], rec: Path, policy_dir: str, require_stale: 
     def lm_same(a: int, b: int) -> bool:
         return all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a] if k.startswith("lm."))
 
-    stale = 0
+    on_policy = stale = 0  # steps whose data all came from the trained LM / all from older ones
     for s in (s for a in accts for s in a["steps"]):
         now, versions = s["version_before"], set(s["versions"])
         if all(lm_same(v, now) for v in versions):
             assert s["ratio"] == pytest.approx(1.0, abs=1e-3), s
+            on_policy += 1
         elif not any(lm_same(v, now) for v in versions):
             assert abs(s["ratio"] - 1.0) > 1e-4, s
             stale += 1
+    # each trainer's first step trains version-0 data on version-0 weights
+    assert on_policy >= 2, "expected the first step of each trainer to be on-policy"
     assert stale or not require_stale, "expected a step trained only on data from older weights"
 
 
@@ -254,7 +282,7 @@ def test_group_sampling_two_fsdp_trainers_one_generator(policy_dir, redis_url, s
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=1)
+    accts = _check_run(rec, redis_url, stream, max_lag=1, policy_dir=policy_dir)
 
     _check_ratios(accts, rec, policy_dir)
 
@@ -292,7 +320,7 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=2)
+    accts = _check_run(rec, redis_url, stream, max_lag=2, policy_dir=policy_dir)
     _check_ratios(accts, rec, policy_dir, require_stale=False)
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
@@ -348,20 +376,33 @@ def test_hung_generator_trips_max_wait_on_the_trainers(policy_dir, redis_url, st
     assert secs < RUN_TIMEOUT
 
 
+def _id_key(eid: str | bytes) -> tuple[int, int]:
+    ms, seq = (eid.decode() if isinstance(eid, bytes) else eid).split("-")
+    return int(ms), int(seq)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.redis
-def test_killed_trainer_entries_are_trained_by_the_next_consumers(policy_dir, redis_url, stream, tmp_path):
-    """A trainer SIGKILLed after receiving its batch (before the optimiser step, so before the ack):
-    the job stops; the entries it held stay pending in Redis, and the trainers of the next run
-    reclaim them (``claim_idle_ms``) and train on them."""
+def test_resume_after_a_killed_trainer_trains_only_what_its_own_generators_write(
+    policy_dir, redis_url, stream, tmp_path
+):
+    """Run A: trainer rank 1 is SIGKILLed after receiving its batch of step 3 (before the step, so
+    before the ack); the job stops, and nothing is lost with the trainer: its entries are still in
+    the run's stream. Run B resumes from A's last checkpoint (step 2), into another directory: it
+    keeps the run id (the same stream), drops everything A left there (pending or not: A's
+    generator kept writing after the checkpoint, with weights B does not have) and trains only
+    entries its own generator wrote after B started, none of them ahead of the trainers."""
     rec_a, rec_b = tmp_path / "a", tmp_path / "b"
+    no_eval = ["callbacks.eval=null", "callbacks.export=null"]
     code, out, _ = _train(
         [
             "experiment=cispo_countdown",
             *_base(policy_dir, redis_url, stream, rec_a),
-            *FAULT,
+            *no_eval,
+            "callbacks.checkpoint.every_n_train_steps=1",
             "+callbacks.acct.kill_rank=1",
+            "+callbacks.acct.kill_at_step=2",
             "trainer.max_steps=50",
             f"hydra.run.dir={tmp_path / 'run_a'}",
         ],
@@ -370,29 +411,121 @@ def test_killed_trainer_entries_are_trained_by_the_next_consumers(policy_dir, re
     assert code != 0 and "rank 1 (trainer 1 of 2) failed" in out, out[-4000:]
     held = json.loads((rec_a / "killed_rank1.json").read_text())
     client = redis.Redis.from_url(redis_url)
-    pending = {e["message_id"].decode() for e in client.xpending_range(stream, "trainers", "-", "+", 10_000)}
-    client.close()
-    assert set(held) <= pending  # nothing was lost with the trainer
+    left = [eid.decode() for eid, _ in client.xrange(_key(stream))]
+    assert held and set(held) <= set(left)  # nothing was lost with the trainer
+    ckpt = tmp_path / "run_a" / "checkpoints" / "last.ckpt"
+    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    assert step == 2
 
     code, out, _ = _train(
         [
             "experiment=cispo_countdown",
             *_base(policy_dir, redis_url, stream, rec_b),
-            *FAULT,
-            "buffer.claim_idle_ms=1000",
-            "trainer.max_steps=3",
+            *no_eval,
+            "callbacks.checkpoint=null",
+            f"ckpt_path={ckpt}",
+            "trainer.max_steps=4",
             f"hydra.run.dir={tmp_path / 'run_b'}",
         ],
         tmp_path,
     )
+    client.close()
     assert code == 0, out[-6000:]
-    trained = {
-        i
-        for r in (0, 1)
-        for s in json.loads((rec_b / f"acct_rank{r}.json").read_text())["steps"]
-        for i in s["ids"]
+    assert f"dropped {len(left)} records an earlier incarnation of run {RUN_ID} left" in out
+    steps = [s for r in (0, 1) for s in json.loads((rec_b / f"acct_rank{r}.json").read_text())["steps"]]
+    trained = [i for s in steps for i in s["ids"]]
+    assert len(steps) == 4 and len(trained) == 16  # steps 3 and 4 on both trainers, 4 each
+    assert not set(trained) & set(left)
+    assert all(_id_key(i) > _id_key(left[-1]) for i in trained)  # written after B started
+    assert all(s["lag"] >= 0 for s in steps), steps
+
+
+def _rank_pids(parent: int) -> list[int]:
+    """The processes ``parent`` forked as ranks: its children running the same command line (not
+    e.g. multiprocessing's resource tracker)."""
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent and cmdline(int(d.name)) == cmdline(parent):
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not reaped by whoever adopted it, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_ranks_die_with_the_launcher(sig, policy_dir, redis_url, stream, tmp_path):
+    """``train.py`` (the launcher) is killed while its three forked ranks train; they must stop
+    with it instead of training on to max_steps. It is started the way ``python train.py ... &`` in
+    a script starts it: with SIGINT ignored (a non-interactive shell does that to background
+    jobs), which the ranks inherit, so torch's own parent-death signal for its forked children
+    (SIGINT) does nothing."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
     }
-    assert set(held) <= trained
+    args = [
+        "experiment=cispo_countdown",
+        *_base(policy_dir, redis_url, stream, tmp_path / "rec"),
+        *FAULT,
+        "trainer.max_steps=100000",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not any("step 2/100000" in line for line in lines):  # the ranks are training
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.2)
+        ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 3, (ranks, "".join(lines)[-2000:])
+        t0 = time.monotonic()
+        os.kill(proc.pid, sig)  # the launcher only, not its process group
+        while any(_alive(pid) for pid in ranks) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+        print(f"{sig.name}: all ranks gone {seconds:.2f}s after the launcher was killed")
+        assert not any(_alive(pid) for pid in ranks), f"ranks still running {seconds:.0f}s after {sig.name}"
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _rank_pids(proc.pid) if proc.poll() is None else []:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- config errors (in process)

@@ -27,7 +27,7 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_train_smoke_then_eval_the_export_with_and_without_search(policy_dir, tmp_path):
     out = tmp_path / "run"
-    run(
+    p = run(
         [
             "train.py",
             "experiment=mcts_countdown",
@@ -36,6 +36,8 @@ def test_train_smoke_then_eval_the_export_with_and_without_search(policy_dir, tm
             f"hydra.run.dir={out}",
         ]
     )
+    # the line test_user_errors.py looks for to tell that a bad command failed before the model loaded
+    assert "loading policy" in p.stdout + p.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["global_step"] == 3 and "search/tree_size" in res
     ev = tmp_path / "eval"
@@ -57,6 +59,7 @@ def test_train_smoke_then_eval_the_export_with_and_without_search(policy_dir, tm
     r = json.loads((ev / "results.json").read_text())
     assert r["num_problems"] == 3 and 0.0 <= r["mean@2"] <= 1.0 and 0.0 <= r["search@1"] <= 1.0
     assert "mean@2" in p.stdout and "search@1" in p.stdout  # the printed table
+    assert "loading policy" in p.stdout + p.stderr
     per = r["per_problem_correct"]  # what scripts/compare_evals.py pairs on
     assert len(per) == 3 and all(0 <= c <= 2 for c in per.values())
     assert r["mean@2"] == pytest.approx(sum(per.values()) / (3 * 2))

@@ -304,7 +304,17 @@ def test_nan_loss_skips_the_step_leaves_weights_and_stops_clearly(policy_dir, tm
         return _NaNObjective(obj) if field == "loss" else obj
 
     monkeypatch.setattr(train_mod, "build", build)
-    before = load_policy(policy_dir)[0].state_dict()
+    import tsd.models.loading
+
+    loaded, real_load = [], tsd.models.loading.load_policy
+
+    def load(*args, **kwargs):  # keeps the policy train() trains, to look at it after the error
+        out = real_load(*args, **kwargs)
+        loaded.append(out[0])
+        return out
+
+    monkeypatch.setattr(tsd.models.loading, "load_policy", load)
+    before = real_load(policy_dir)[0].state_dict()
     with pytest.raises(NonFiniteLossError, match="max_bad_steps=2"):
         _run(
             [
@@ -316,9 +326,13 @@ def test_nan_loss_skips_the_step_leaves_weights_and_stops_clearly(policy_dir, tm
             ],
             tmp_path,
         )
-    # the optimiser never stepped: nothing was exported, and the step counter never moved
+    # the optimiser never stepped: the weights train() held are the loaded ones, bit for bit (no
+    # NaN reached them), and nothing was exported
+    (policy,) = loaded
+    after = policy.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
     assert not (tmp_path / "policy").exists()
-    assert before  # weights on disk untouched by construction (export never ran)
 
 
 @pytest.mark.parametrize(
@@ -331,8 +345,23 @@ def test_nan_loss_skips_the_step_leaves_weights_and_stops_clearly(policy_dir, tm
         ("env.high=0", "high"),
         ("model.dtype=float8", "model.dtype"),
         ("loss.pg_loss.eps_high=-1", "eps_high"),
+        ("data.max_wait=0", "data.max_wait"),
+        ("module.grad_clip=-1", "module.grad_clip"),
+        ("+data.batchsize=4", "data.batchsize"),
+        ("+module.optimizer.betaz=1", "module.optimizer.betaz"),
     ],
 )
-def test_bad_config_fails_before_compute_naming_the_field(override, field, policy_dir, tmp_path):
+def test_bad_config_fails_before_compute_naming_the_field(override, field, policy_dir, tmp_path, monkeypatch):
+    """In process: the error names the field, comes before the model is loaded (loading it fails
+    this test) and leaves the output directory empty. tests/test_user_errors.py runs the commands
+    as subprocesses: exit code 2, one line, no traceback."""
+    import tsd.models.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config error")
+
+    monkeypatch.setattr(tsd.models.loading, "load_policy", no_load)
+    out = tmp_path / "run"
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        _run(["experiment=cispo_countdown", f"model.name_or_path={policy_dir}", override], tmp_path)
+        _run(["experiment=cispo_countdown", f"model.name_or_path={policy_dir}", override], out)
+    assert not out.exists() or not any(out.iterdir())

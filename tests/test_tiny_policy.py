@@ -66,7 +66,7 @@ def test_bundle_loads_with_the_char_tokenizer(bundled):
 
 
 @needs_bundle
-def test_bundle_size_and_recorded_score(bundled):
+def test_bundle_size_and_build_record(bundled):
     model, _ = bundled
     n = sum(p.numel() for p in model.lm.parameters())
     assert 500_000 <= n <= 3_000_000
@@ -76,8 +76,29 @@ def test_bundle_size_and_recorded_score(bundled):
     assert info["parameters"] == n
     for key in ("command", "seed", "steps", "wall_seconds", "train_loss_final"):
         assert key in info
-    assert 0.03 <= info["eval"]["mean@16"] <= 0.15
     assert info["eval"]["samples_per_problem"] == 16
+
+
+@needs_bundle
+@pytest.mark.slow
+def test_bundle_scores_what_its_build_recorded(bundled):
+    """Measured here, not read from build_info.json: mean@16 of the bundled policy on the first 200
+    test problems (16 samples each, temperature 1, the build's 96-token cap) is low but above zero,
+    as advertised, and agrees with the score the build recorded on all 820 within 4 standard errors
+    (measured 3.9% +- 0.4 against 3.46% recorded, with torch 2.13 on CPU)."""
+    from tsd.eval.runner import evaluate_mean_at_k
+    from tsd.samplers.hf import HFSampler
+
+    model, tok = bundled
+    info = json.loads((TINY_POLICY_DIR / "build_info.json").read_text())["eval"]
+    env = CountdownEnv()
+    sampler = HFSampler(model, tok, temperature=1.0, seed=0)
+    res = evaluate_mean_at_k(sampler, env, env.test[:200], k=16, max_new_tokens=96, progress=False)
+    mean, se = res["mean@16"], res["mean@16_se"]
+    assert 0.005 <= mean <= 0.15, res
+    assert abs(mean - info["mean@16"]) <= 4 * se, (mean, se, info["mean@16"])
+    pass_se = (info["pass@16"] * (1 - info["pass@16"]) / 200) ** 0.5
+    assert abs(res["pass@16"] - info["pass@16"]) <= 4 * pass_se, (res["pass@16"], info["pass@16"])
 
 
 @needs_bundle

@@ -91,7 +91,7 @@ class MeanAtKEval(L.Callback):
             problems_per_batch: problems sampled together (k rows each).
             temperature, top_p: sampling for evaluation.
             seed: the eval sampler's seed (the same samples for the same weights).
-            at_start: evaluate the base policy at step 0.
+            at_start: evaluate the base policy at step 0 (not again when a run resumes).
             table_rows: sampled completions (problem, completion, reward, correct) logged to W&B as
                 the table ``eval/samples`` at each evaluation, >= 0 (0: none); the first sample of
                 every problem first, then the second, ...
@@ -223,7 +223,8 @@ class MeanAtKEval(L.Callback):
         return media
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.at_start:
+        # the base policy, once: a resumed run (step > 0) was evaluated by the run it continues
+        if self.at_start and trainer.global_step == 0:
             self._run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -238,6 +239,9 @@ class MeanAtKEval(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
+        # a run resumed at a step it already evaluated (the checkpoint came after the evaluation)
+        # does not evaluate it again at the end
+        self._last_step = int(self.history[-1]["step"]) if self.history else -1
 
 
 class ExportPolicy(L.Callback):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tsd import PACKAGE_DIR
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: a bad command line fails before paying for it
 
 
 class ConfigError(ValueError):
@@ -42,13 +46,16 @@ def build(cfg: DictConfig | None, field: str, **kwargs: Any) -> Any:
         raise ConfigError(f"{field}: {e}") from e
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the accepted ``model.dtype`` names (attributes of ``torch``)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dtype_of(name: str, field: str = "model.dtype") -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"{field}: {name!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
 def require(cond: bool, field: str, accepted: str, value: Any) -> None:
@@ -65,4 +72,6 @@ def apply_threads(n: int | None) -> None:
     if n is None:
         return
     require(isinstance(n, int) and n >= 1, "threads", "null or an integer >= 1", n)
+    import torch
+
     torch.set_num_threads(n)

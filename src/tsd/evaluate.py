@@ -14,22 +14,29 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from tsd.config import ConfigError, apply_threads, build, config_dir, dtype_of, require
-from tsd.eval.runner import evaluate_mean_at_k
-from tsd.models.loading import load_policy
+from tsd.config import DTYPES, ConfigError, apply_threads, build, config_dir, dtype_of, require
+from tsd.config_checks import check_known_keys, check_policy_source, check_target_keys
 
 log = logging.getLogger("tsd.eval")
+
+#: the keys of the config nodes run_eval() reads itself; any other is a typo, refused
+KNOWN_KEYS = {
+    "": {"model", "env", "sampler", "paths", "search", "eval", "task_name", "seed", "threads"},
+    "model": {"name_or_path", "dtype"},
+    "eval": {"k", "num_problems", "max_new_tokens", "problems_per_batch", "save_samples"},
+    "search": {"rollout", "problems_per_batch"},
+    "paths": {"root_dir", "output_dir"},
+}
 
 
 def evaluate_with_search(cfg: DictConfig, sampler, env, problems) -> dict:
     """Run the configured search rollout on each problem; score its chosen trajectory (sparse)."""
+    from tqdm.auto import tqdm
+
     rollout = build(cfg.search.rollout, "search.rollout")
-    ppb = int(cfg.search.get("problems_per_batch", 8))
-    require(ppb >= 1, "search.problems_per_batch", "an integer >= 1", ppb)
+    ppb = cfg.search.get("problems_per_batch", 8)
     t0, correct, dense, tokens = time.perf_counter(), 0, 0.0, 0
     for i in tqdm(range(0, len(problems), ppb), desc="search", leave=False):
         out = rollout.run(problems[i : i + ppb], sampler, env)
@@ -45,9 +52,16 @@ def evaluate_with_search(cfg: DictConfig, sampler, env, problems) -> dict:
     }
 
 
-def run_eval(cfg: DictConfig) -> dict:
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Keys and plain values, the policy's path and the targets' keys: before any model is loaded."""
+    check_known_keys(cfg, KNOWN_KEYS)
+    require(_integer(cfg.seed), "seed", "an integer", cfg.seed)
     e = cfg.eval
-    require(isinstance(e.k, int) and e.k >= 1, "eval.k", "an integer >= 1", e.k)
+    require(_integer(e.k) and e.k >= 1, "eval.k", "an integer >= 1", e.k)
     require(
         e.num_problems is None or (isinstance(e.num_problems, int) and e.num_problems >= 1),
         "eval.num_problems",
@@ -60,13 +74,50 @@ def run_eval(cfg: DictConfig) -> dict:
         ">= 1",
         e.max_new_tokens,
     )
+    for field, v in (("eval.problems_per_batch", e.problems_per_batch),) + (
+        (("search.problems_per_batch", cfg.search.get("problems_per_batch", 8)),) if cfg.get("search") else ()
+    ):
+        require(_integer(v) and v >= 1, field, "an integer >= 1", v)
+    t = cfg.sampler.get("temperature", 1.0)
+    require(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0,
+        "sampler.temperature",
+        ">= 0 (0: greedy)",
+        t,
+    )
+    top_p = cfg.sampler.get("top_p", 1.0)
+    require(
+        isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1,
+        "sampler.top_p",
+        "0 < top_p <= 1",
+        top_p,
+    )
+    require(cfg.model.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", cfg.model.dtype)
+    check_policy_source(cfg.model.name_or_path)
+    check_target_keys(cfg)
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    _validate(cfg)
+    # the heavy imports only now: a bad command above fails before paying for them
+    import torch
+
+    from tsd.eval.runner import evaluate_mean_at_k
+    from tsd.models.loading import load_policy
+
+    e = cfg.eval
     apply_threads(cfg.get("threads"))
     torch.manual_seed(cfg.seed)
     env = build(cfg.env, "env")
     make_sampler = build(cfg.sampler, "sampler")
+    try:  # the env reads or generates its problems on first use: a bad problems file fails here
+        problems = env.test if e.num_problems is None else env.test[: e.num_problems]
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{'env.data_dir' if cfg.env.get('data_dir') else 'env'}: {err}") from None
+    require(len(problems) >= 1, "env.n_test", "an integer >= 1 (the problems evaluated)", len(env.test))
+    log.info("loading policy %s", cfg.model.name_or_path)
     policy, tokenizer = load_policy(cfg.model.name_or_path, dtype=dtype_of(cfg.model.dtype))
     sampler = make_sampler(policy.eval(), tokenizer)
-    problems = env.test if e.num_problems is None else env.test[: e.num_problems]
     res = evaluate_mean_at_k(
         sampler,
         env,

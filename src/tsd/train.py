@@ -10,25 +10,17 @@ Compose, validate, instantiate in order, fit, evaluate, export; returns the fina
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import warnings
 from pathlib import Path
 
 import hydra
-import lightning as L
 from omegaconf import DictConfig
 
-from tsd.callbacks import ExportPolicy, LogRunConfig, MeanAtKEval
-from tsd.config import ConfigError, apply_threads, build, config_dir, dtype_of, require
-from tsd.data.datamodule import TrajectoryDataModule
-from tsd.loggers.run_info import logged_config
-from tsd.models.loading import load_policy
-from tsd.module import PolicyValueModule
-from tsd.rollouts.mcts import MCTSRollout
-from tsd.rollouts.worker import RolloutWorker
-from tsd.samplers.hf import banned_token_ids, eos_token_ids
+from tsd.config import DTYPES, ConfigError, apply_threads, build, config_dir, dtype_of, require
+from tsd.config_checks import check_known_keys, check_policy_source, check_target_keys
+from tsd.resume import read_checkpoint, resolve_run_id
 
 log = logging.getLogger("tsd.train")
 
@@ -38,31 +30,100 @@ warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimiz
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
+GROUPS = ("model", "env", "sampler", "rollout", "loss", "buffer", "data", "module", "trainer")
+#: the keys of the config nodes train() reads itself (the ``_target_`` nodes are checked against
+#: their targets' signatures): any other key is a typo, refused (``+data.batchsize=4``)
+KNOWN_KEYS = {
+    "": {
+        *GROUPS,
+        *("callbacks", "logger", "strategy", "paths"),
+        *("task_name", "seed", "threads", "tags", "ckpt_path", "run_id", "optimized_metric"),
+    },
+    "model": {"name_or_path", "dtype"},
+    "data": {"batch_size", "problems_per_rollout", "sync_every", "max_lag", "max_wait"},
+    "module": {"optimizer", "scheduler", "grad_clip", "value_trunk_grad", "max_bad_steps"},
+    "paths": {"root_dir", "output_dir"},
+}
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
 
 def _validate(cfg: DictConfig) -> None:
-    """Cheap checks of plain values, before any model is loaded."""
+    """Cheap checks of keys and plain values, before any heavy import or model load: a bad value
+    fails in seconds with one line naming the field."""
+    check_known_keys(cfg, KNOWN_KEYS, containers=("callbacks", "logger"))
+    for group in GROUPS:
+        require(cfg.get(group) is not None, group, "a config group (see configs/)", None)
+    require(_integer(cfg.seed), "seed", "an integer", cfg.seed)
     d = cfg.data
     for k in ("batch_size", "problems_per_rollout", "sync_every"):
-        require(isinstance(d[k], int) and d[k] >= 1, f"data.{k}", "an integer >= 1", d[k])
-    require(isinstance(d.max_lag, int) and d.max_lag >= 0, "data.max_lag", "an integer >= 0", d.max_lag)
+        require(_integer(d[k]) and d[k] >= 1, f"data.{k}", "an integer >= 1", d[k])
+    require(_integer(d.max_lag) and d.max_lag >= 0, "data.max_lag", "an integer >= 0", d.max_lag)
+    require(_number(d.max_wait) and d.max_wait > 0, "data.max_wait", "seconds > 0", d.max_wait)
     ms = cfg.trainer.get("max_steps", -1)
-    require(isinstance(ms, int) and ms >= 1, "trainer.max_steps", "an integer >= 1", ms)
-    lr = cfg.module.optimizer.get("lr")
-    require(isinstance(lr, (int, float)) and 0 < lr < 1, "module.optimizer.lr", "0 < lr < 1", lr)
+    require(_integer(ms) and ms >= 1, "trainer.max_steps", "an integer >= 1", ms)
+    m = cfg.module
+    lr = m.optimizer.get("lr") if m.get("optimizer") else None
+    require(_number(lr) and 0 < lr < 1, "module.optimizer.lr", "0 < lr < 1", lr)
+    require(
+        _number(m.grad_clip) and m.grad_clip >= 0, "module.grad_clip", ">= 0 (0: no clipping)", m.grad_clip
+    )
+    require(
+        _integer(m.max_bad_steps) and m.max_bad_steps >= 1,
+        "module.max_bad_steps",
+        "an integer >= 1",
+        m.max_bad_steps,
+    )
+    require(
+        isinstance(m.value_trunk_grad, bool), "module.value_trunk_grad", "true or false", m.value_trunk_grad
+    )
     t = cfg.sampler.get("temperature", 1.0)
-    require(isinstance(t, (int, float)) and t > 0, "sampler.temperature", "> 0", t)
-    dtype_of(cfg.model.dtype)
+    require(_number(t) and t > 0, "sampler.temperature", "> 0", t)
+    top_p = cfg.sampler.get("top_p", 1.0)
+    require(_number(top_p) and 0 < top_p <= 1, "sampler.top_p", "0 < top_p <= 1", top_p)
+    require(cfg.model.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", cfg.model.dtype)
+    check_policy_source(cfg.model.name_or_path)
 
 
 def train(cfg: DictConfig) -> dict:
     _validate(cfg)
+    ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    cfg.run_id = resolve_run_id(cfg.get("run_id"), ckpt, cfg.paths.output_dir)
+    check_target_keys(cfg)  # imports every _target_ (Lightning among them)
     apply_threads(cfg.get("threads"))
-    L.seed_everything(cfg.seed, workers=True)
+
+    # the heavy imports only now: a bad command above fails before paying for them
+    import copy
+
+    import lightning as L
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from tsd.callbacks import ExportPolicy, LogRunConfig, MeanAtKEval
+    from tsd.data.datamodule import TrajectoryDataModule
+    from tsd.data.record_check import RecordCheck
+    from tsd.loggers.run_info import logged_config
+    from tsd.models.loading import load_policy
+    from tsd.module import PolicyValueModule
+    from tsd.rollouts.mcts import MCTSRollout
+    from tsd.rollouts.worker import RolloutWorker
+    from tsd.samplers.hf import banned_token_ids, eos_token_ids
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # light objects first: a bad value fails here, before any compute
     env = build(cfg.env, "env")
+    try:  # the env reads or generates its problems on first use: a bad problems file fails here
+        n_train, n_test = len(env.train), len(env.test)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{'env.data_dir' if cfg.env.get('data_dir') else 'env'}: {e}") from None
+    require(n_train >= 1, "env.n_train", "an integer >= 1 (training draws its problems from it)", n_train)
     rollout = build(cfg.rollout, "rollout")
     objective = build(cfg.loss, "loss")
     make_sampler = build(cfg.sampler, "sampler")
@@ -70,8 +131,13 @@ def train(cfg: DictConfig) -> dict:
         build(cfg.strategy, "strategy") if cfg.get("strategy") and cfg.strategy.get("_target_") else None
     )
     callbacks = {k: build(v, f"callbacks.{k}") for k, v in (cfg.get("callbacks") or {}).items() if v}
+    if any(isinstance(cb, MeanAtKEval) for cb in callbacks.values()):
+        require(n_test >= 1, "env.n_test", "an integer >= 1 (callbacks.eval evaluates on it)", n_test)
     loggers = [build(v, f"logger.{k}") for k, v in (cfg.get("logger") or {}).items() if v]
+    buffer = build(cfg.buffer, "buffer")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
+    log.info("loading policy %s", cfg.model.name_or_path)
     policy, tokenizer = load_policy(cfg.model.name_or_path, dtype=dtype_of(cfg.model.dtype))
     module = PolicyValueModule(
         policy,
@@ -85,7 +151,15 @@ def train(cfg: DictConfig) -> dict:
         banned_token_ids=banned_token_ids(tokenizer, eos_token_ids(tokenizer, policy)),
     )
 
-    buffer = build(cfg.buffer, "buffer")
+    # a run (or its resume) starts from an empty buffer: what an interrupted incarnation of it left
+    # behind was made by weights this checkpoint may not have. Rank zero empties it before any other
+    # rank can read or write (under torchrun the others wait for it in the process-group setup).
+    if rank_zero_only.rank == 0:
+        dropped = buffer.clear()
+        if dropped:
+            log.warning(
+                "buffer: dropped %d records an earlier incarnation of run %s left", dropped, cfg.run_id
+            )
     if strategy is None:
         # single process: a generator copy of the policy, refreshed every data.sync_every steps
         gen_policy = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -109,6 +183,8 @@ def train(cfg: DictConfig) -> dict:
         pad_id=tokenizer.pad_token_id,
         worker=worker,
         max_wait=cfg.data.max_wait,
+        record_check=RecordCheck.for_policy(policy),
+        run_id=cfg.run_id,
     )
     for cb in callbacks.values():
         if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
@@ -124,10 +200,16 @@ def train(cfg: DictConfig) -> dict:
         trainer_kwargs["strategy"] = strategy
     trainer = build(cfg.trainer, "trainer", **trainer_kwargs)
 
-    log.info("output dir: %s", out_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    log.info(
+        "output dir: %s, run id: %s%s", out_dir, cfg.run_id, f", resuming from {ckpt.path}" if ckpt else ""
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt.path) if ckpt else None, weights_only=True)
 
-    result: dict = {"global_step": trainer.global_step, "skipped_steps": module.skipped_steps}
+    result: dict = {
+        "global_step": trainer.global_step,
+        "skipped_steps": module.skipped_steps,
+        "run_id": cfg.run_id,
+    }
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
     if ev is not None and ev.history:

@@ -15,7 +15,12 @@ Delivery semantics (every implementation):
   :class:`BufferFullError`. Nothing is ever dropped to make room.
 - **FIFO** per buffer for fresh items; reclaimed / requeued items come first.
 - ``stats`` counts, for this process's handle only: ``put``, ``delivered`` (including reclaimed),
-  ``acked``, ``dropped_invalid`` (malformed records discarded on the way out) and ``reclaimed``.
+  ``acked``, ``dropped_invalid`` (records that never reach a batch: malformed ones discarded on
+  the way out, and those a consumer :meth:`~Buffer.reject` s) and ``reclaimed``.
+- **dead letters.** A record that must not be trained (malformed, or unfit for the model: see
+  :mod:`tsd.data.record_check`) is not an error of the run: it is moved to a bounded dead-letter
+  list with its reason (:meth:`~Buffer.reject`; for Redis the stream ``<stream>:dead``), acked so
+  that nobody receives it again, counted, logged, and the run goes on.
 
 Typical consumer loop::
 
@@ -33,6 +38,9 @@ from dataclasses import dataclass
 from tsd.rl.trajectory import Trajectory
 
 STAT_KEYS = ("put", "delivered", "acked", "dropped_invalid", "reclaimed")
+#: most dead letters kept (the oldest go first), and the most bytes of a record kept in one
+DEAD_LETTER_CAP = 10_000
+DEAD_LETTER_RECORD_BYTES = 1 << 16
 
 
 class BufferClosedError(RuntimeError):
@@ -84,6 +92,22 @@ class Buffer(ABC):
     def ack(self, ids: Sequence[str]) -> None:
         """The consumer is done with these items (call after the optimiser step that used them).
         Unknown or already-acked ids are ignored."""
+
+    @abstractmethod
+    def reject(self, items: Sequence[BufferItem], reasons: Sequence[str]) -> None:
+        """Take delivered items out for good, one reason each: they go to the dead-letter list,
+        are acked (no consumer gets them again) and counted in ``stats["dropped_invalid"]``."""
+
+    @abstractmethod
+    def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
+        """The newest ``limit`` dead letters, oldest first: ``{"id", "reason", "record"}`` (the
+        record as JSON, cut at ``DEAD_LETTER_RECORD_BYTES``)."""
+
+    @abstractmethod
+    def clear(self) -> int:
+        """Drop every item, undelivered and pending, and return how many: a run (or its resume)
+        starts from an empty buffer, so what an earlier, interrupted incarnation left behind
+        (made by weights the checkpoint may not have) is never trained. Dead letters are kept."""
 
     @abstractmethod
     def pending(self) -> int:

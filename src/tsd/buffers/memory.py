@@ -12,13 +12,23 @@ entries: it puts every delivered-but-unacked item back at the front of the queue
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-from tsd.buffers.base import Buffer, BufferClosedError, BufferFullError, BufferItem
+from tsd.buffers.base import (
+    DEAD_LETTER_CAP,
+    DEAD_LETTER_RECORD_BYTES,
+    Buffer,
+    BufferClosedError,
+    BufferFullError,
+    BufferItem,
+)
 from tsd.rl.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
 
 
 class MemoryBuffer(Buffer):
@@ -40,6 +50,7 @@ class MemoryBuffer(Buffer):
         self._pending: OrderedDict[str, BufferItem] = OrderedDict()  # delivered, in delivery order
         self._ids = itertools.count()
         self._closed = False
+        self._dead: deque[dict[str, str]] = deque(maxlen=DEAD_LETTER_CAP)
 
     def _room(self) -> int:
         if not self.capacity:
@@ -94,6 +105,29 @@ class MemoryBuffer(Buffer):
             self.stats["acked"] += done
             if done:
                 self._cond.notify_all()  # wake producers waiting for room
+
+    def reject(self, items: Sequence[BufferItem], reasons: Sequence[str]) -> None:
+        with self._cond:
+            for item, why in zip(items, reasons, strict=True):
+                if self._pending.pop(item.id, None) is None:
+                    continue  # not delivered, or already acked / rejected
+                record = item.trajectory.to_json()[:DEAD_LETTER_RECORD_BYTES]
+                self._dead.append({"id": item.id, "reason": why, "record": record})
+                self.stats["dropped_invalid"] += 1
+                log.warning("MemoryBuffer: dropping invalid record %s: %.200s", item.id, why)
+            self._cond.notify_all()  # room for producers
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
+        with self._cond:
+            return list(self._dead)[-limit:] if limit > 0 else []
+
+    def clear(self) -> int:
+        with self._cond:
+            n = len(self._queue) + len(self._pending)
+            self._queue.clear()
+            self._pending.clear()
+            self._cond.notify_all()
+            return n
 
     def requeue_pending(self) -> int:
         """Put every delivered-but-unacked item back at the front, in delivery order; returns how

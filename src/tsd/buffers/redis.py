@@ -1,9 +1,14 @@
 """Trajectory buffer on a Redis stream: generators on any node ``put``, trainers ``get`` / ``ack``.
 
-Layout: one stream (``tsd:trajectories``); each entry has field ``t`` (the
-:meth:`Trajectory.to_json` record; JSON, never pickle) and ``v`` (the policy version, so
-``XRANGE`` shows staleness at a glance). Trainers read through one consumer group
-(``trainers``), one consumer name per process.
+Layout: one stream per run, ``<stream>:<run_id>`` (``tsd:trajectories:<run_id>``; ``train.py``
+sets ``run_id``, and a resume takes it from the checkpoint), so two runs on one server never read
+each other's trajectories. Each entry has field ``t`` (the :meth:`Trajectory.to_json` record; JSON,
+never pickle) and ``v`` (the policy version, so ``XRANGE`` shows staleness at a glance). Trainers
+read through one consumer group (``trainers``), one consumer name per process. The group is
+created at the stream's end (``$``) when the first handle opens it, and a run empties its stream
+when it starts or resumes (:meth:`RedisBuffer.clear`), so it reads only what its own generators
+write from then on. Records that must not be trained go to ``<stream>:<run_id>:dead`` with their
+reason (:meth:`RedisBuffer.reject`).
 
 Delivery semantics: **at-least-once**, the same as :mod:`tsd.buffers.base`:
 
@@ -17,12 +22,15 @@ Delivery semantics: **at-least-once**, the same as :mod:`tsd.buffers.base`:
   time of this consumer's own pending entries, so a live trainer that keeps calling ``get`` keeps
   them. Set ``claim_idle_ms`` well above the longest optimiser step.
 - Back-pressure instead of trimming: ``put`` waits while undelivered + pending >= ``maxlen``.
-- A malformed entry (corrupt or hostile) is logged, counted in ``stats["dropped_invalid"]``, and
-  acked + deleted so no trainer sees it again; it never raises into the trainer.
+- A malformed entry (corrupt or hostile) is logged, counted in ``stats["dropped_invalid"]``,
+  copied to the dead-letter stream with its reason, and acked + deleted so no trainer sees it
+  again; it never raises into the trainer. The same happens to a well-formed record a consumer
+  :meth:`~RedisBuffer.reject` s (unfit for its model: :mod:`tsd.data.record_check`).
 
-Quick look at a live buffer::
+Quick look at a live buffer (the run id is in the run's log and ``results.json``)::
 
-    redis-cli XLEN tsd:trajectories; redis-cli XINFO GROUPS tsd:trajectories
+    redis-cli XLEN tsd:trajectories:<run_id>; redis-cli XINFO GROUPS tsd:trajectories:<run_id>
+    redis-cli XREVRANGE tsd:trajectories:<run_id>:dead + - COUNT 5     # rejected records, with why
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from tsd.buffers.base import (
+    DEAD_LETTER_CAP,
+    DEAD_LETTER_RECORD_BYTES,
     Buffer,
     BufferClosedError,
     BufferConnectionError,
@@ -103,7 +113,9 @@ class RedisBuffer(Buffer):
     Args:
         url: ``redis://[[user]:password@]host:port/db``; default ``$TSD_REDIS_URL``, else
             ``redis://127.0.0.1:6379/0``.
-        stream: stream key shared by producers and consumers.
+        stream: stream key prefix shared by producers and consumers.
+        run_id: the run whose trajectories the stream carries: the key is ``<stream>:<run_id>``
+            (``None``: ``stream`` itself, for tools and tests that name the key).
         group: consumer group; trainers in one group split the entries between them.
         consumer: this process's name in the group; default ``<host>-<pid>-<random>``.
         maxlen: most entries held, undelivered plus pending; ``put`` waits above it.
@@ -119,6 +131,7 @@ class RedisBuffer(Buffer):
         self,
         url: str | None = None,
         stream: str = "tsd:trajectories",
+        run_id: str | None = None,
         group: str = "trainers",
         consumer: str | None = None,
         maxlen: int = 10000,
@@ -132,7 +145,10 @@ class RedisBuffer(Buffer):
             raise ValueError("RedisBuffer: need maxlen >= 1, block_ms >= 1 and claim_idle_ms >= 0")
         self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
         self.safe_url = redact_url(self.url)
-        self.stream, self.group = stream, group
+        self._stream_prefix, self.run_id = stream, run_id
+        self.stream = f"{stream}:{run_id}" if run_id else stream
+        self.dead_stream = f"{self.stream}:dead"
+        self.group = group
         self._explicit_consumer = consumer is not None
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.maxlen, self.block_ms, self.claim_idle_ms = maxlen, block_ms, claim_idle_ms
@@ -156,9 +172,9 @@ class RedisBuffer(Buffer):
             socket_timeout=block_ms / 1000 + max(5.0, connect_timeout),
         )
         self._put_script = self._r.register_script(_PUT_SCRIPT)
-        self._create_group()
+        self._create_group("$")
         log.info(
-            "RedisBuffer: %s stream=%s group=%s consumer=%s", self.safe_url, stream, group, self.consumer
+            "RedisBuffer: %s stream=%s group=%s consumer=%s", self.safe_url, self.stream, group, self.consumer
         )
 
     # ------------------------------------------------------------------ connection
@@ -204,10 +220,12 @@ class RedisBuffer(Buffer):
                 ) from None
             raise
 
-    def _create_group(self) -> None:
-        # id 0: a group created after producers started still sees every entry already there
+    def _create_group(self, start: str) -> None:
+        """The consumer group, unless it exists. Every handle calls this before its first put or
+        get, so the group always exists before the first entry: starting at ``$`` (the end)
+        loses nothing of this run and skips whatever was in the stream before it."""
         try:
-            self._call(self._r.xgroup_create, self.stream, self.group, id="0", mkstream=True)
+            self._call(self._r.xgroup_create, self.stream, self.group, id=start, mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -221,7 +239,7 @@ class RedisBuffer(Buffer):
             if "NOGROUP" not in str(e) and "no such key" not in str(e):
                 raise
         log.warning("RedisBuffer: group %s on %s vanished; recreating it", self.group, self.stream)
-        self._create_group()
+        self._create_group("0")  # the key was deleted: whatever is in it now was written since
         return self._call(fn, *args, **kwargs)
 
     def config(self) -> dict[str, Any]:
@@ -230,7 +248,8 @@ class RedisBuffer(Buffer):
         process gets its own name. The URL may hold a password: don't log the dict."""
         return {
             "url": self.url,
-            "stream": self.stream,
+            "stream": self._stream_prefix,
+            "run_id": self.run_id,
             "group": self.group,
             "consumer": self.consumer if self._explicit_consumer else None,
             "maxlen": self.maxlen,
@@ -331,25 +350,78 @@ class RedisBuffer(Buffer):
 
     def _decode(self, raw: list[tuple[Any, Any]]) -> list[BufferItem]:
         items: list[BufferItem] = []
-        bad: list[str] = []
+        bad: list[tuple[str, Any, str]] = []
         for eid, fields in raw:
             eid = _s(eid)
+            data = None
             try:
                 data = fields.get(b"t")
                 if data is None:
                     raise TrajectoryError(f"no 't' field (fields: {sorted(_s(k) for k in fields)[:8]})")
                 traj = Trajectory.from_json(data)
             except Exception as e:  # hostile input: anything (even a RecursionError) drops the entry
-                bad.append(eid)
-                log.warning("RedisBuffer: dropping malformed entry %s on %s: %.200s", eid, self.stream, e)
+                bad.append((eid, data, f"malformed: {str(e)[:1000]}"))
                 continue
             items.append(BufferItem(eid, traj))
         if bad:
-            self._ack_delete(bad)  # acked and deleted so it can't be redelivered forever
-            self.stats["dropped_invalid"] += len(bad)
+            self._dead_letter(bad)  # acked and deleted so it can't be redelivered forever
         self._outstanding.update(it.id for it in items)
         self.stats["delivered"] += len(items)
         return items
+
+    def reject(self, items: Sequence[BufferItem], reasons: Sequence[str]) -> None:
+        bad = [(it.id, it.trajectory.to_json(), why) for it, why in zip(items, reasons, strict=True)]
+        if bad:
+            self._dead_letter(bad)
+            self._outstanding.difference_update(it.id for it in items)
+
+    def _dead_letter(self, bad: Sequence[tuple[str, Any, str]]) -> None:
+        """Copy each (id, raw record, reason) to the dead-letter stream, then ack and delete it, in
+        one transaction; count and log each."""
+        pipe = self._r.pipeline(transaction=True)
+        for eid, data, why in bad:
+            record = data if isinstance(data, (bytes, str)) else b""
+            fields = {"id": eid, "reason": why, "consumer": self.consumer}
+            fields["t"] = record[:DEAD_LETTER_RECORD_BYTES]
+            pipe.xadd(self.dead_stream, fields, maxlen=DEAD_LETTER_CAP, approximate=True)
+        ids = [eid for eid, _, _ in bad]
+        pipe.xack(self.stream, self.group, *ids)
+        pipe.xdel(self.stream, *ids)
+        self._call(pipe.execute)
+        self.stats["dropped_invalid"] += len(bad)
+        for eid, _, why in bad:
+            log.warning(
+                "RedisBuffer: dropping invalid entry %s on %s (kept in %s): %.200s",
+                eid,
+                self.stream,
+                self.dead_stream,
+                why,
+            )
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
+        if limit <= 0:
+            return []
+        entries = self._call(self._r.xrevrange, self.dead_stream, count=limit)
+        out = [
+            {
+                "id": _s(f.get(b"id", b"")),
+                "reason": _s(f.get(b"reason", b"")),
+                "record": f.get(b"t", b"").decode(errors="replace"),
+            }
+            for _, f in entries
+        ]
+        return out[::-1]
+
+    def clear(self) -> int:
+        """Empty the stream and recreate the group at its end, in one transaction (MULTI/EXEC): no
+        entry, pending or not, survives, and the group never goes missing for another handle."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xlen(self.stream)
+        pipe.delete(self.stream)
+        pipe.xgroup_create(self.stream, self.group, id="$", mkstream=True)
+        n = self._call(pipe.execute)[0]
+        self._outstanding.clear()
+        return int(n)
 
     def ack(self, ids: Sequence[str]) -> None:
         if not ids:

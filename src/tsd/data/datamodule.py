@@ -3,7 +3,12 @@
 The stream is an ``IterableDataset`` over the buffer. A batch's buffer entries are acknowledged
 only after the optimiser step that used them (:class:`~tsd.callbacks.RolloutSync`), so a crash
 loses nothing. Trajectories more than ``max_lag`` policy versions behind the trainer are dropped
-and counted. In the single-process mode the DataModule owns a :class:`RolloutWorker` (a generator
+and counted (``train/dropped_stale``). Every record is checked before it reaches a batch: against
+the model (:class:`~tsd.data.record_check.RecordCheck`: vocabulary, context length) and against
+the trainer (a ``policy_version`` ahead of the trainer's was made by weights this run does not
+have: another run's record); one that fails goes to the buffer's dead letters with its reason
+(:meth:`~tsd.buffers.base.Buffer.reject`) and is counted (``buffer/dropped_invalid``), and the
+batch is filled with the next records. In the single-process mode the DataModule owns a :class:`RolloutWorker` (a generator
 copy of the policy, refreshed every ``sync_every`` optimiser steps) and runs it whenever the buffer
 cannot fill a batch; in distributed mode the generator ranks fill the buffer and the DataModule
 never generates by itself. Lightning fetches each batch one step before training it, so a batch
@@ -23,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from tsd.buffers.base import Buffer, BufferItem
 from tsd.data.collate import collate_trajectories
+from tsd.data.record_check import RecordCheck
 from tsd.rollouts.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         worker: RolloutWorker | None = None,
         get_timeout: float = 1.0,
         max_wait: float = 600.0,
+        record_check: RecordCheck | None = None,
+        run_id: str | None = None,
     ) -> None:
         """
         Args:
@@ -76,6 +84,9 @@ class TrajectoryDataModule(L.LightningDataModule):
             get_timeout: seconds one buffer read waits.
             max_wait: with no worker, seconds without any trajectory before the run stops with an
                 error (a dead generator must not hang the trainers).
+            record_check: the model-dependent checks every record passes before a batch (None: the
+                schema and the version check only).
+            run_id: the run's id, kept in checkpoints so that a resume reads the same Redis stream.
         """
         super().__init__()
         if batch_size < 1:
@@ -87,9 +98,13 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.buffer, self.batch_size, self.max_lag = buffer, batch_size, max_lag
         self.pad_id, self.worker = pad_id, worker
         self.get_timeout, self.max_wait = get_timeout, max_wait
+        self.record_check, self.run_id = record_check, run_id
         #: the trainer's policy version (set by the sync callback)
         self.trainer_version = 0
         self.dropped_stale = 0
+        # buffer/dropped_invalid = what the checkpoint counted + what this buffer handle has counted
+        # since (a resumed run's handle starts from 0)
+        self._invalid_restored, self._invalid_offset = 0, 0
         self.consumed = 0
         self.generated_tokens_remote = 0  # reported by generator ranks, if any
         # generator id -> the largest cumulative token count its trajectories carried (trajectories
@@ -103,20 +118,40 @@ class TrajectoryDataModule(L.LightningDataModule):
         return DataLoader(TrajectoryStream(self), batch_size=None, num_workers=0)
 
     # ------------------------------------------------------------------ batching
-    def _fresh(self, items: list[BufferItem]) -> list[BufferItem]:
-        keep, stale = [], []
+    def _admit(self, items: list[BufferItem]) -> list[BufferItem]:
+        """The items fit to train now: invalid ones are rejected (dead letters), stale ones acked
+        and counted."""
+        keep, stale, bad, reasons = [], [], [], []
         for it in items:
-            st = it.trajectory.stats
+            t = it.trajectory
+            why = self.record_check.reason(t) if self.record_check is not None else None
+            if why is None and t.policy_version > self.trainer_version:
+                why = (
+                    f"policy_version {t.policy_version} is ahead of the trainer's {self.trainer_version}: "
+                    "not made by this run's weights"
+                )
+            if why is not None:
+                bad.append(it)
+                reasons.append(why)
+                continue
+            st = t.stats
             if "gen_tokens" in st:
                 gid = int(st.get("gen_id", 0))
                 self._gen_tokens[gid] = max(self._gen_tokens.get(gid, 0.0), float(st["gen_tokens"]))
-            lag = self.trainer_version - it.trajectory.policy_version
+            lag = self.trainer_version - t.policy_version
             (stale if lag > self.max_lag else keep).append(it)
+        if bad:
+            self.buffer.reject(bad, reasons)
         if stale:
             self.buffer.ack([it.id for it in stale])
             self.dropped_stale += len(stale)
         self.generated_tokens_remote = int(sum(self._gen_tokens.values()))
         return keep
+
+    @property
+    def dropped_invalid(self) -> int:
+        """Records rejected before a batch in this run (a resume continues the count)."""
+        return self._invalid_restored + self.buffer.stats["dropped_invalid"] - self._invalid_offset
 
     def next_batch(self) -> dict:
         """The next collated batch of ``batch_size`` fresh trajectories."""
@@ -136,12 +171,12 @@ class TrajectoryDataModule(L.LightningDataModule):
     def next_items(self) -> list[BufferItem]:
         """``batch_size`` buffer items within ``max_lag`` of the trainer's version (held-over ones
         first), generating in-process when the buffer runs short (single-process mode)."""
-        items = self._fresh(self._held)  # held-over items are re-checked: the version may have moved
+        items = self._admit(self._held)  # held-over items are re-checked: the version may have moved
         self._held = []
         waited_since = time.monotonic()
         while len(items) < self.batch_size:
             need = self.batch_size - len(items)
-            got = self._fresh(self.buffer.get(need, timeout=0 if self.worker else self.get_timeout))
+            got = self._admit(self.buffer.get(need, timeout=0 if self.worker else self.get_timeout))
             items += got
             if len(items) >= self.batch_size:
                 break
@@ -183,7 +218,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.buffer.ack(ids)
 
     def stats(self) -> dict[str, float]:
-        s: dict[str, float] = {"train/dropped_stale": float(self.dropped_stale)}
+        s: dict[str, float] = {
+            "train/dropped_stale": float(self.dropped_stale),
+            "buffer/dropped_invalid": float(self.dropped_invalid),
+        }
         if self.worker is not None:
             s.update(self.worker.last_stats)
             s["compute/generated_tokens"] = float(self.worker.generated_tokens)
@@ -201,8 +239,10 @@ class TrajectoryDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {
+            "run_id": self.run_id,
             "trainer_version": self.trainer_version,
             "dropped_stale": self.dropped_stale,
+            "dropped_invalid": self.dropped_invalid,
             "consumed": self.consumed,
             "worker": self.worker.state_dict() if self.worker is not None else None,
             # an in-process buffer dies with the process: keep what it holds (a Redis stream persists)
@@ -212,6 +252,8 @@ class TrajectoryDataModule(L.LightningDataModule):
     def load_state_dict(self, state: Mapping) -> None:
         self.trainer_version = int(state["trainer_version"])
         self.dropped_stale = int(state["dropped_stale"])
+        self._invalid_restored = int(state.get("dropped_invalid", 0))
+        self._invalid_offset = self.buffer.stats["dropped_invalid"]
         self.consumed = int(state["consumed"])
         self._gen_tokens = {int(k): float(v) for k, v in state.get("gen_tokens", {}).items()}
         self.generated_tokens_remote = int(sum(self._gen_tokens.values()))

@@ -10,6 +10,10 @@ Two modes, chosen by the cluster environment Lightning detected:
   global step, callback states such as the eval history, the datamodule's counters), so the code
   after ``trainer.fit`` (``train.py`` writing ``results.json``) sees the finished run. If any child
   fails, the others are stopped within a grace period and the error names the failed rank's role.
+  The children die with the parent, however it dies (SIGTERM, SIGKILL, a crash): each asks the
+  kernel for SIGKILL when its parent exits (Linux ``prctl(PR_SET_PDEATHSIG)``) and, on any OS,
+  a watchdog thread kills it when its parent process is gone (:func:`die_with_parent`). Without
+  that, ranks forked by a killed ``train.py`` trained on to ``max_steps``.
 - **external** (torchrun, SLURM ``srun``: one process per rank, already started): no fork; a
   trainer rank runs fit in place, a generator rank runs the generator loop and returns ``None``
   from ``trainer.fit``.
@@ -17,10 +21,15 @@ Two modes, chosen by the cluster environment Lightning detected:
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
+import signal
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +51,40 @@ log = logging.getLogger(__name__)
 
 #: seconds a failed job's other ranks get to leave by themselves, then again after SIGTERM
 GRACE_S = 5.0
+#: how often a forked rank's watchdog looks for its parent
+WATCHDOG_S = 0.5
+#: linux/prctl.h
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, poll_s: float = WATCHDOG_S) -> None:
+    """Make this forked process die when ``parent_pid`` (the process that forked it) exits.
+
+    Two mechanisms, because each has a gap: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux) has the
+    kernel send SIGKILL the moment the parent exits, but only exists on Linux and fires on the
+    exit of the parent *thread* that forked; the watchdog thread checks ``os.getppid()`` every
+    ``poll_s`` seconds (an orphan is re-parented) and works everywhere. If the parent is already
+    gone by the time this runs, the process dies at once.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                log.warning(
+                    "prctl(PR_SET_PDEATHSIG) failed (errno %d); the watchdog remains", ctypes.get_errno()
+                )
+        except (OSError, AttributeError) as e:
+            log.warning("prctl(PR_SET_PDEATHSIG) unavailable (%s); the watchdog remains", e)
+    if os.getppid() != parent_pid:  # the parent died before the kernel could be asked
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="tsd-parent-watchdog", daemon=True).start()
 
 
 class GeneratorTrainerLauncher(_MultiProcessingLauncher):
@@ -50,6 +93,7 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
     def __init__(self, strategy: GeneratorTrainerStrategy, start_method: str = "fork") -> None:
         super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
         self._gt = strategy
+        self._parent_pid = os.getpid()  # the process that forks the ranks (set again in _fork)
 
     @property
     def is_interactive_compatible(self) -> bool:
@@ -83,6 +127,7 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
         os.environ["MASTER_PORT"] = str(env.main_port)  # chosen once, here, for every child
         context = mp.get_context(self._start_method)
         return_queue = context.SimpleQueue()
+        self._parent_pid = os.getpid()
         try:
             procs = mp.start_processes(
                 self._wrapping_function,
@@ -120,6 +165,7 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
         return_queue: Any,
         global_states: Any = None,
     ) -> None:
+        die_with_parent(self._parent_pid)  # a rank must not outlive train.py
         _set_num_threads_if_needed(num_processes=self._gt.num_processes)
         os.environ["LOCAL_RANK"] = str(process_idx)
         self._gt.set_world_ranks()

@@ -17,18 +17,7 @@ from tsd import TINY_POLICY_DIR
 from tsd.config import ConfigError
 from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, load_char_tokenizer
 from tsd.models.policy_value import PolicyValueModel, UnsupportedModelError
-
-#: names that mean the bundled tiny policy
-TINY_ALIASES = ("tiny", "tiny_policy")
-
-
-def resolve_policy_path(name_or_path: str | Path) -> Path | str:
-    """The bundled directory for the tiny aliases, a ``Path`` for an existing local directory, else
-    the name unchanged (a hub id, resolved by transformers)."""
-    if str(name_or_path) in TINY_ALIASES:
-        return TINY_POLICY_DIR
-    path = Path(name_or_path).expanduser()
-    return path if path.is_dir() else str(name_or_path)
+from tsd.models.source import TINY_ALIASES, resolve_policy_path  # noqa: F401  (re-exported)
 
 
 def is_char_tokenizer_dir(path: Path | str) -> bool:

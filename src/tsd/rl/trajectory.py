@@ -2,13 +2,16 @@
 
 Records cross process and network boundaries (the Redis stream), so they are serialised as JSON
 (never pickle) and validated on the way in: a malformed or oversized record raises
-:class:`TrajectoryError` naming the field, instead of reaching the loss.
+:class:`TrajectoryError` naming the field, instead of reaching the loss. This is the schema,
+which needs no model: types, bounds that keep every number finite once it is a float32 or int64
+tensor, and lengths that agree. What depends on the model a record will train (its vocabulary,
+its context length, the trainer's policy version) is checked by
+:class:`tsd.data.record_check.RecordCheck` before the record reaches a batch.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,10 +19,25 @@ from typing import Any
 MAX_TOKENS = 1 << 16
 MAX_STATS = 64
 MAX_TEXT = 1 << 12
+#: token ids fit any tokenizer (the largest vocabularies are ~2.6e5) and an int64 tensor
+MAX_TOKEN_ID = (1 << 31) - 1
+#: problem, group ids and policy versions: int64 with room to spare
+MAX_INT = 1 << 62
+#: a sampled token's log-prob: a token is sampled only where its float32 probability is > 0, so its
+#: log-prob is above log(1.4e-45) = -103.3; -1e3 leaves room and keeps exp(-logp) finite in float32
+MIN_LOGPROB = -1e3
+#: |advantage| and |stat|: far above any normalised advantage (GRPO's is at most sqrt(G)), far below
+#: float32's 3.4e38, so that a product in the loss stays finite
+MAX_ABS_FLOAT = 1e6
+MAX_ABS_STAT = 1e30
 
 
 class TrajectoryError(ValueError):
     """A trajectory record failed validation."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 @dataclass
@@ -52,6 +70,8 @@ class Trajectory:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Raise :class:`TrajectoryError` naming the first field that breaks the schema."""
+
         def ints(name: str, xs: Any) -> None:
             if not isinstance(xs, list) or not all(
                 isinstance(x, int) and not isinstance(x, bool) for x in xs
@@ -59,13 +79,21 @@ class Trajectory:
                 raise TrajectoryError(f"Trajectory.{name}: expected a list of int")
             if len(xs) > MAX_TOKENS:
                 raise TrajectoryError(f"Trajectory.{name}: {len(xs)} tokens, at most {MAX_TOKENS}")
-            if any(x < 0 for x in xs):
-                raise TrajectoryError(f"Trajectory.{name}: token ids must be >= 0")
+            if xs and not 0 <= min(xs) <= max(xs) <= MAX_TOKEN_ID:
+                raise TrajectoryError(f"Trajectory.{name}: token ids must be in [0, {MAX_TOKEN_ID}]")
+
+        def number(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
 
         ints("prompt_ids", self.prompt_ids)
         ints("completion_ids", self.completion_ids)
+        # the first completion token is predicted from the last prompt token: a prompt is needed
+        if not self.prompt_ids:
+            raise TrajectoryError("Trajectory.prompt_ids: must not be empty")
         if not self.completion_ids:
             raise TrajectoryError("Trajectory.completion_ids: must not be empty")
+        if len(self.prompt_ids) + len(self.completion_ids) > MAX_TOKENS:
+            raise TrajectoryError(f"Trajectory: prompt + completion exceed {MAX_TOKENS} tokens")
         lp = self.behaviour_logprobs
         if not isinstance(lp, list) or len(lp) != len(self.completion_ids):
             raise TrajectoryError(
@@ -73,22 +101,26 @@ class Trajectory:
                 f"({len(self.completion_ids)})"
             )
         for x in lp:
-            if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x) or x > 1e-4:
+            # written so that NaN fails too (every comparison with NaN is False)
+            if not (number(x) and MIN_LOGPROB <= x <= 1e-4):
                 raise TrajectoryError(
-                    "Trajectory.behaviour_logprobs: each must be a log-prob, <= 0 and not NaN"
+                    f"Trajectory.behaviour_logprobs: each must be a log-prob in [{MIN_LOGPROB:g}, 0], "
+                    f"got {x!r}"
                 )
-        if not isinstance(self.reward, (int, float)) or not -1.0 <= float(self.reward) <= 1.0:
+        if not (number(self.reward) and -1.0 <= self.reward <= 1.0):
             raise TrajectoryError(f"Trajectory.reward: {self.reward!r} not in [-1, 1]")
         if not isinstance(self.correct, bool):
             raise TrajectoryError("Trajectory.correct: expected a bool")
-        for name in ("problem_id", "policy_version", "group_id"):
+        for name, lo in (("problem_id", -MAX_INT), ("policy_version", 0), ("group_id", -MAX_INT)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TrajectoryError(f"Trajectory.{name}: expected an int")
-        if self.advantage is not None and (
-            not isinstance(self.advantage, (int, float)) or not math.isfinite(self.advantage)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= MAX_INT:
+                raise TrajectoryError(f"Trajectory.{name}: expected an integer in [{lo}, {MAX_INT}]")
+        if self.advantage is not None and not (
+            number(self.advantage) and abs(self.advantage) <= MAX_ABS_FLOAT
         ):
-            raise TrajectoryError("Trajectory.advantage: expected a finite float or null")
+            raise TrajectoryError(
+                f"Trajectory.advantage: expected null or a float in [-{MAX_ABS_FLOAT:g}, {MAX_ABS_FLOAT:g}]"
+            )
         for name in ("rollout", "finish_reason"):
             v = getattr(self, name)
             if not isinstance(v, str) or len(v) > 64:
@@ -96,13 +128,10 @@ class Trajectory:
         if not isinstance(self.stats, dict) or len(self.stats) > MAX_STATS:
             raise TrajectoryError(f"Trajectory.stats: expected a dict of at most {MAX_STATS} entries")
         for k, v in self.stats.items():
-            if (
-                not isinstance(k, str)
-                or len(k) > 128
-                or not isinstance(v, (int, float))
-                or isinstance(v, bool)
-            ):
-                raise TrajectoryError("Trajectory.stats: expected str -> number")
+            if not isinstance(k, str) or len(k) > 128 or not (number(v) and abs(v) <= MAX_ABS_STAT):
+                raise TrajectoryError(
+                    f"Trajectory.stats: expected str -> finite number (|x| <= {MAX_ABS_STAT:g})"
+                )
 
     # ------------------------------------------------------------------ serialisation
     def to_json(self) -> str:
@@ -117,7 +146,8 @@ class Trajectory:
         if len(data) > 16 * MAX_TOKENS * 4:
             raise TrajectoryError(f"Trajectory: record of {len(data)} bytes is too large")
         try:
-            obj = json.loads(data)
+            # NaN / Infinity / -Infinity are not JSON: refused here, not parsed into floats
+            obj = json.loads(data, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise TrajectoryError(f"Trajectory: not valid JSON ({e})") from None
         if not isinstance(obj, dict):

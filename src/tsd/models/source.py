@@ -1,0 +1,57 @@
+"""Where a policy comes from, decided without loading anything: the bundled tiny policy, a local
+directory, or a hub id. Importing this module costs no torch or transformers, so a bad
+``model.name_or_path`` is refused in a second (:func:`tsd.config_checks.check_policy_source`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from tsd import TINY_POLICY_DIR
+
+#: names that mean the bundled tiny policy
+TINY_ALIASES = ("tiny", "tiny_policy")
+#: what a hub model id looks like: ``name`` or ``org/name``
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
+
+
+def resolve_policy_path(name_or_path: str | Path) -> Path | str:
+    """The bundled directory for the tiny aliases, a ``Path`` for an existing local directory, else
+    the name unchanged (a hub id, resolved by transformers)."""
+    if str(name_or_path) in TINY_ALIASES:
+        return TINY_POLICY_DIR
+    path = Path(name_or_path).expanduser()
+    return path if path.is_dir() else str(name_or_path)
+
+
+def missing_policy_reason(name_or_path: str | Path) -> str | None:
+    """Why ``name_or_path`` cannot be a policy, found without loading it or asking the hub; None
+    when it may load. Refused: a local path that does not exist (absolute, starting with ``.`` or
+    ``~``, or under an existing directory), a file, a directory without ``config.json`` or without
+    safetensors weights, a name that is no hub id, and (offline: ``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set) a hub id that is not in the local cache."""
+    name = str(name_or_path)
+    path = resolve_policy_path(name)
+    if isinstance(path, Path):  # the bundled policy or an existing directory
+        if not (path / "config.json").is_file():
+            return f"directory {name} holds no model (no config.json)"
+        if not any(path.glob("*.safetensors")):
+            return f"directory {name} has no safetensors weights (only safetensors are loaded)"
+        return None
+    local = Path(name).expanduser()
+    if local.exists():
+        return f"{name} is a file, not a model directory"
+    looks_local = (
+        local.is_absolute() or name.startswith((".", "~")) or ("/" in name and local.parent.is_dir())
+    )
+    if looks_local or not _HUB_ID.fullmatch(name):
+        return f"{name} does not exist"
+    offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in offline):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return f"{name} is neither a local directory nor in the hub cache (offline)"
+    return None

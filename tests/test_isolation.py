@@ -1,0 +1,124 @@
+"""Nothing foreign gets trained: each run has its own Redis stream (``<stream>:<run_id>``), a
+resume keeps its run's id and starts from an empty stream, and the run id a checkpoint carries is
+the one a resume reads. Single-process runs on a real redis-server (the distributed resume, with
+real processes, is in test_distributed.py).
+
+    python -m pytest tests/test_isolation.py -q
+"""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import compose_train
+
+from tsd.config import ConfigError
+from tsd.resume import CheckpointInfo, resolve_run_id
+
+SMALL = [
+    "experiment=cispo_countdown",
+    "debug=smoke",
+    "buffer=redis",
+    "callbacks.eval=null",
+    "callbacks.export=null",
+    "callbacks.checkpoint.every_n_train_steps=1",
+]
+
+
+def test_run_id_is_the_checkpoints_on_resume_else_configured_else_from_the_run_directory(tmp_path):
+    ckpt = CheckpointInfo(path=tmp_path / "last.ckpt", global_step=2, run_id="abc123")
+    assert resolve_run_id(None, ckpt, tmp_path / "new_dir") == "abc123"
+    assert resolve_run_id("abc123", ckpt, tmp_path) == "abc123"
+    with pytest.raises(ConfigError, match="run_id: 'other' differs from the checkpoint's 'abc123'"):
+        resolve_run_id("other", ckpt, tmp_path)
+    assert resolve_run_id("mine", None, tmp_path) == "mine"
+    a, b = resolve_run_id(None, None, tmp_path / "a"), resolve_run_id(None, None, tmp_path / "b")
+    assert a != b and len(a) == 16 and a == resolve_run_id(None, None, tmp_path / "x" / ".." / "a")
+    old = CheckpointInfo(path=tmp_path / "old.ckpt", global_step=2, run_id=None)  # before run ids
+    assert resolve_run_id(None, old, tmp_path / "a") == a
+    with pytest.raises(ConfigError, match="run_id"):
+        resolve_run_id("no spaces", None, tmp_path)
+
+
+def _train(overrides: list[str], out: Path, redis_url: str, prefix: str) -> dict:
+    from tsd.train import train
+
+    return train(
+        compose_train([*SMALL, f"buffer.url={redis_url}", f"buffer.stream={prefix}", *overrides], out)
+    )
+
+
+def _lags(out: Path) -> list[float]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return [float(r["train/policy_lag"]) for r in csv.DictReader(f) if r.get("train/policy_lag")]
+
+
+@pytest.fixture
+def prefix(redis_url):
+    p = f"tsd-test:iso:{uuid.uuid4().hex[:8]}"
+    yield p
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{p}*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_two_runs_on_one_server_never_read_each_others_trajectories(policy_dir, redis_url, prefix, tmp_path):
+    """Run A leaves trajectories behind (a rollout makes 16, three steps train 12); run B, on the
+    same server with the same buffer config, has its own stream and never sees them: with one
+    shared stream it trained A's leftovers, versions ahead of its own (lag < 0)."""
+    model = f"model.name_or_path={policy_dir}"
+    a = _train([model], tmp_path / "a", redis_url, prefix)
+    client = redis.Redis.from_url(redis_url)
+    key_a = f"{prefix}:{a['run_id']}"
+    left_a = [eid for eid, _ in client.xrange(key_a)]
+    assert left_a, "run A should leave trajectories in its stream"
+    b = _train([model], tmp_path / "b", redis_url, prefix)
+    assert b["run_id"] != a["run_id"]
+    assert [eid for eid, _ in client.xrange(key_a)] == left_a  # untouched: B never read them
+    assert client.xlen(f"{prefix}:{b['run_id']}") > 0  # B's own leftovers, in B's stream
+    client.close()
+    assert all(lag >= 0 for lag in _lags(tmp_path / "b")), _lags(tmp_path / "b")
+    assert b["buffer/dropped_invalid"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_resume_keeps_the_run_id_and_drops_what_the_interrupted_run_left(
+    policy_dir, redis_url, prefix, tmp_path, caplog
+):
+    """A resume reads its run's stream (the run id comes from the checkpoint, whatever directory
+    it resumes into) but not what an interrupted incarnation left there after the checkpoint:
+    run A stops at step 2 (its checkpoint is kept), A2 resumes it and goes on to step 3 leaving
+    trajectories behind, then B resumes from the step-2 checkpoint again."""
+    import shutil
+
+    model = f"model.name_or_path={policy_dir}"
+    a = _train([model, "trainer.max_steps=2"], tmp_path / "a", redis_url, prefix)
+    ckpt = tmp_path / "step2.ckpt"
+    shutil.copy(tmp_path / "a" / "checkpoints" / "last.ckpt", ckpt)
+    a2 = _train([model, "trainer.max_steps=3", f"ckpt_path={ckpt}"], tmp_path / "a2", redis_url, prefix)
+    assert a2["run_id"] == a["run_id"]
+    client = redis.Redis.from_url(redis_url)
+    key = f"{prefix}:{a['run_id']}"
+    left = [eid for eid, _ in client.xrange(key)]
+    assert left, "A2 should leave trajectories in the run's stream"
+    with caplog.at_level("WARNING", logger="tsd.train"):
+        b = _train([model, "trainer.max_steps=4", f"ckpt_path={ckpt}"], tmp_path / "b", redis_url, prefix)
+    assert b["run_id"] == a["run_id"] and b["global_step"] == 4
+    assert any(f"dropped {len(left)} records" in r.getMessage() for r in caplog.records)
+    after = [eid for eid, _ in client.xrange(key)]
+    client.close()
+    assert not set(left) & set(after) and all(_id_key(e) > _id_key(left[-1]) for e in after)
+    assert all(lag >= 0 for lag in _lags(tmp_path / "b")), _lags(tmp_path / "b")
+
+
+def _id_key(eid: bytes) -> tuple[int, int]:
+    ms, seq = eid.decode().split("-")
+    return int(ms), int(seq)

@@ -1,0 +1,125 @@
+"""A user's mistake gets one clear line and exit code 2, before any compute, and leaves nothing a
+later run could take for a result. Each bad command runs as the user types it, in a subprocess.
+
+    python -m pytest tests/test_user_errors.py -q
+
+What "before any compute" means here: ``train.py`` / ``eval.py`` log ``loading policy ...`` just
+before they load the model (``test_entrypoints.py`` checks that a good run does print it); a bad
+command must fail before that line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+#: bounds a hang; what a failing command costs is printed, not asserted
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad_inputs")
+    (d / "empty_model").mkdir()
+    (d / "corrupt.ckpt").write_bytes(os.urandom(4096))
+    torch.save({"weights": torch.zeros(2)}, d / "not_a_checkpoint.ckpt")
+    (d / "bad_problems").mkdir()
+    for split in ("train", "test"):
+        (d / "bad_problems" / f"{split}.jsonl").write_text(
+            '{"numbers": [1, 2, 3, 4], "target": 10}\n{"numbers": [1,\n'
+        )
+    return d
+
+
+# (script, overrides, the field the one line must name); {d} is the bad_inputs directory
+BAD_COMMANDS = [
+    ("train.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
+    ("train.py", ["model.name_or_path={d}/empty_model"], "model.name_or_path"),
+    ("train.py", ["ckpt_path={d}/corrupt.ckpt"], "ckpt_path"),
+    ("train.py", ["ckpt_path={d}/not_a_checkpoint.ckpt"], "ckpt_path"),
+    ("train.py", ["ckpt_path={d}/missing.ckpt"], "ckpt_path"),
+    ("train.py", ["ckpt_path=https://example.com/last.ckpt"], "ckpt_path"),
+    ("train.py", ["data.max_wait=0"], "data.max_wait"),
+    ("train.py", ["sampler.top_p=2"], "sampler.top_p"),
+    ("train.py", ["module.grad_clip=-1"], "module.grad_clip"),
+    ("train.py", ["seed=abc"], "seed"),
+    ("train.py", ["env.n_train=0"], "env.n_train"),
+    ("train.py", ["env.data_dir={d}/bad_problems"], "env.data_dir"),
+    ("train.py", ["+data.batchsize=4"], "data.batchsize"),  # a typo of data.batch_size
+    ("train.py", ["+sampler.topp=0.9"], "sampler.topp"),  # a typo of a _target_'s argument
+    ("train.py", ["run_id=has/slash"], "run_id"),
+    ("eval.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
+    ("eval.py", ["+eval.kk=4"], "eval.kk"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script,overrides,field", BAD_COMMANDS, ids=[f"{s}:{' '.join(o)}" for s, o, _ in BAD_COMMANDS]
+)
+def test_bad_command_exits_2_with_one_line_before_the_model_loads(
+    script, overrides, field, bad_inputs, policy_dir, tmp_path
+):
+    run_dir = tmp_path / "run"
+    args = [o.format(d=bad_inputs) for o in overrides]
+    if not any(a.startswith("model.name_or_path=") for a in args):
+        args.append(f"model.name_or_path={policy_dir}")
+    if script == "train.py":
+        args = ["experiment=cispo_countdown", "debug=smoke", *args]
+    t0 = time.monotonic()
+    p = subprocess.run(
+        [sys.executable, script, *args, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    seconds = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    print(f"{script} {' '.join(overrides)}: exit {p.returncode} after {seconds:.1f}s")
+    assert p.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, out[-3000:]
+    assert f"config error: {field}:" in errors[0], errors[0]
+    assert "loading policy" not in out  # failed before the model was loaded
+    # Hydra's own record of the command is all there is: no csv/, checkpoints/, results.json
+    assert {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "evaluate.log"}
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from tsd.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overrides", [[f"experiment={e}"] for e in EXPERIMENTS] + [["debug=smoke"]])
+def test_every_experiment_passes_the_unknown_key_checks(overrides):
+    """The key lists in train.py / eval.py cover every shipped config: a new key in a YAML that
+    train() reads must be added there, or every run of that config is refused."""
+    from tsd.config_checks import check_known_keys, check_target_keys
+    from tsd.evaluate import KNOWN_KEYS as EVAL_KEYS
+    from tsd.train import KNOWN_KEYS
+
+    cfg = _compose("train", overrides)
+    check_known_keys(cfg, KNOWN_KEYS, containers=("callbacks", "logger"))
+    check_target_keys(cfg)
+    for search in ([], ["search=mcts"]):
+        ev = _compose("eval", search)
+        check_known_keys(ev, EVAL_KEYS)
+        check_target_keys(ev)
