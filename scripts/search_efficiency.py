@@ -4,11 +4,11 @@ tokens generated per problem, for best-of-N at several N and MCTS variants at se
     python scripts/search_efficiency.py                                   # the README's table and picture
     python scripts/search_efficiency.py --problems 48 --bon 4 16 --budgets 4x6 16x12
     python scripts/search_efficiency.py --policy outputs/mcts_countdown/<time>/policy
-    python scripts/search_efficiency.py --variant "mine: rollout.rollout_mix=0.5 rollout.c_puct=1.0"
+    python scripts/search_efficiency.py --variant "mine 4x4 8x8: rollout.rollout_mix=0.5 rollout.c_puct=2"
 
 Every method is a set of Hydra overrides of ``configs/train.yaml``: it searches exactly as
-``python train.py <overrides>`` would (``--variant`` adds more; ``--budgets WxM`` sets
-``rollout.workers=W rollout.iterations=M`` on every MCTS variant). The problems are the last
+``python train.py <overrides>`` would (``--variant`` adds more; a budget ``WxM`` sets
+``rollout.workers=W rollout.iterations=M``: each variant runs at its own budgets, or at ``--budgets``). The problems are the last
 ``--problems`` of the train split (never the test set; the training stream draws from the whole
 train split, so a 200-step run sees about 16% of them). Each method gets a fresh sampler with the
 same seed over the same policy, and the problems are searched ``--batch`` at a time, as in
@@ -44,29 +44,44 @@ from tsd.eval.search_efficiency import (
 )
 from tsd.models.loading import load_policy
 
-#: the MCTS variants measured by default (each at every --budgets); "default" is configs/rollout/mcts.yaml
-VARIANTS = {
-    "default": [],
-    "article": [
-        "rollout/selection=max_visit",
-        "rollout.widening_alpha=0",
-        "rollout.prior_temperature=1",
-        "rollout.rollout_mix=0",
-    ],
+#: the MCTS variants measured by default: name -> (their own budgets or None for --budgets, overrides).
+#: "default" is configs/rollout/mcts.yaml; "article" the article's search at the laptop's sizes
+#: (its 4x6 was the laptop default before; 16x24 shows where its tokens stop growing)
+VARIANTS: dict[str, tuple[list[tuple[int, int]] | None, list[str]]] = {
+    "default": (None, []),
+    "article": (
+        [(4, 6), (8, 6), (16, 6), (16, 12), (16, 24)],
+        [
+            "rollout/selection=max_visit",
+            "rollout.c_puct=0.5",
+            "rollout.rollout_mix=0",
+            "rollout.unseen_as_child=false",
+            "rollout.without_replacement=false",
+            "rollout.min_unseen_mass=0",
+            "rollout.skip_exhausted=false",
+            "rollout.completions_per_node=4",
+            "rollout.widening_alpha=0",
+            "rollout.prior_temperature=1",
+        ],
+    ),
 }
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    name, sep, rest = text.partition(":")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected 'NAME: override override ...'")
-    return name.strip(), rest.split()
+def parse_variant(text: str) -> tuple[str, tuple[list[tuple[int, int]] | None, list[str]]]:
+    head, sep, rest = text.partition(":")
+    words = head.split()
+    if not sep or not words:
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: expected 'NAME [WxM ...]: override override ...'"
+        )
+    budgets = [parse_budget(w) for w in words[1:]] or None
+    return words[0], (budgets, rest.split())
 
 
 def parse_budget(text: str) -> tuple[int, int]:
     w, sep, m = text.partition("x")
     if not sep or not w.isdigit() or not m.isdigit() or int(w) < 1 or int(m) < 1:
-        raise argparse.ArgumentTypeError(f"--budgets {text!r}: expected WORKERSxITERATIONS, e.g. 4x6")
+        raise argparse.ArgumentTypeError(f"budget {text!r}: expected WORKERSxITERATIONS, e.g. 4x6")
     return int(w), int(m)
 
 
@@ -74,8 +89,8 @@ def methods_from(args) -> list[Method]:
     out = [Method("best-of-N", f"bon{n}", ["rollout=best_of_n", f"rollout.n={n}"]) for n in args.bon]
     variants = dict(VARIANTS) if not args.only_variants else {}
     variants.update(dict(args.variant))
-    for name, overrides in variants.items():
-        for w, m in args.budgets:
+    for name, (own_budgets, overrides) in variants.items():
+        for w, m in own_budgets or args.budgets:
             out.append(
                 Method(
                     f"MCTS {name}",
@@ -129,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         "--batch", type=int, default=16, help="problems per rollout call (as data.problems_per_rollout)"
     )
     ap.add_argument("--bon", type=int, nargs="*", default=[4, 8, 16, 32, 64], help="best-of-N values of N")
-    ap.add_argument("--budgets", type=parse_budget, nargs="*", default=[(4, 3), (4, 6), (8, 6), (16, 6), (16, 12)],
-                    help="MCTS budgets WORKERSxITERATIONS")  # fmt: skip
+    ap.add_argument("--budgets", type=parse_budget, nargs="*", default=[(4, 2), (4, 4), (4, 8), (8, 8), (8, 16)],
+                    help="MCTS budgets WORKERSxITERATIONS (for variants that name none)")  # fmt: skip
     ap.add_argument("--variant", type=parse_variant, action="append", default=[],
-                    help="'NAME: override ...' an MCTS variant (Hydra overrides of configs/train.yaml)")  # fmt: skip
+                    help="'NAME [WxM ...]: override ...' an MCTS variant (Hydra overrides of configs/train.yaml)")  # fmt: skip
     ap.add_argument(
         "--only-variants", action="store_true", help="skip the built-in variants (default, article)"
     )
