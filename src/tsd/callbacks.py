@@ -117,6 +117,11 @@ class MeanAtKEval(L.Callback):
         self.search: MCTSRollout | None = None
         self.history: list[dict] = []
         self._last_step = -1
+        #: when this process started fitting (the eval rows' perf/elapsed_s counts from here)
+        self._fit_t0: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_t0 = time.monotonic()
 
     def setup_eval(self, env: CountdownEnv, tokenizer, search: MCTSRollout | None = None) -> None:
         """The env and tokenizer to evaluate with; ``search``: the run's MCTS rollout, whose settings
@@ -168,6 +173,8 @@ class MeanAtKEval(L.Callback):
             "compute/generated_tokens": gen,
             "compute/trained_tokens": float(getattr(pl_module, "trained_tokens", 0)),
             "perf/eval_seconds": res["seconds"],
+            # wall seconds since this process started fitting (a resumed run counts from its resume)
+            "perf/elapsed_s": time.monotonic() - self._fit_t0 if self._fit_t0 is not None else 0.0,
         }
         self.history.append(row)
         log.info(

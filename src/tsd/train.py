@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -203,12 +204,14 @@ def train(cfg: DictConfig) -> dict:
     log.info(
         "output dir: %s, run id: %s%s", out_dir, cfg.run_id, f", resuming from {ckpt.path}" if ckpt else ""
     )
+    fit_t0 = time.monotonic()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt.path) if ckpt else None, weights_only=True)
 
     result: dict = {
         "global_step": trainer.global_step,
         "skipped_steps": module.skipped_steps,
         "run_id": cfg.run_id,
+        "wall_seconds": time.monotonic() - fit_t0,  # this process's fit (evaluations and export included)
     }
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)

@@ -1,0 +1,413 @@
+"""The laptop study: five methods, one learning-rate grid, three seeds, matched compute, the
+article's evaluation (mean@16 and pass@16 on all 820 test problems at temperature 1.0 and 0.2).
+
+    python scripts/study.py plan                  # the runs and their commands, nothing run
+    python scripts/study.py run --parallel 2      # run what is missing (resumable: finished runs are kept)
+    python scripts/study.py report                # table, paired intervals, curves -> OUT/study.md, .json, .png
+    python scripts/study.py all --parallel 2      # run, then report
+
+Design (README "A fair laptop study" says why):
+
+- methods: ``base`` (the bundled policy, untrained), ``cispo`` (group sampling, group-normalised
+  advantages, no value loss), ``bon`` (best-of-16, value baseline), ``mcts_article`` (the article's
+  search at laptop size: value-head leaves, fixed K=4, max-visit path, 4 workers x 6 waves) and
+  ``mcts`` (the search chosen by ``scripts/search_efficiency.py``: configs/rollout/mcts.yaml).
+- one batch rule for all: every optimiser step trains on what the rollouts of 16 problems gave,
+  each problem costing about 16 samples' worth of generated tokens (best-of-16; MCTS 4x4 or 4x6;
+  a group of 16), so equal steps are about equal generated tokens; weights synced every step
+  (on-policy, lag 0), 200 steps, the same KL, clip and value-loss settings.
+- one learning-rate grid for all (3e-5, 1e-4, 3e-4), seed 0, chosen on a validation slice: the last
+  256 problems of the 20,000-problem train split, which the training runs never draw
+  (``env.n_train=19744``: the split is generated in order, so the first 19,744 are the same problems);
+  mean@16 at temperature 1 on that slice picks each method's rate. Then seeds 1 and 2 at that rate.
+- evaluation: ``eval.py`` on all 820 test problems, 16 samples each, at temperature 1.0 and 0.2
+  (the article's public code evaluates at 0.2), paired per-problem differences (95% CI) against the
+  base and between methods on the seed-averaged scores, and the spread over seeds.
+
+Every run is an ordinary ``train.py`` / ``eval.py`` command (printed by ``plan``) writing into
+``OUT``; ``run`` skips a run whose ``results.json`` exists. Wall times are of runs sharing the
+machine with ``--parallel - 1`` others (and whatever else ran): the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+LRS = ("3e-5", "1e-4", "3e-4")
+SEEDS = (0, 1, 2)
+STEPS = 200
+N_TRAIN = 19744  # the training stream: train[:19744]; validation: train[19744:20000]
+VAL_PROBLEMS = 256
+TEMPERATURES = ("1.0", "0.2")
+
+COMMON = [
+    f"env.n_train={N_TRAIN}",
+    f"trainer.max_steps={STEPS}",
+    "data.problems_per_rollout=16",
+    "data.sync_every=1",
+    "data.max_lag=0",
+    "callbacks.eval.every_n_steps=50",
+    "callbacks.eval.num_problems=128",
+    "callbacks.eval.draw_tree=false",
+]
+#: method -> overrides (on top of COMMON); batch_size = 16 problems' selected trajectories
+METHODS: dict[str, list[str]] = {
+    "cispo": ["experiment=cispo_countdown", "rollout.group_size=16", "data.batch_size=256"],
+    "bon": ["experiment=bon_countdown", "rollout.n=16", "data.batch_size=16"],
+    "mcts_article": [
+        "experiment=mcts_countdown",
+        "data.batch_size=16",
+        "rollout/selection=max_visit",
+        "rollout.workers=4",
+        "rollout.iterations=6",
+        "rollout.c_puct=0.5",
+        "rollout.rollout_mix=0",
+        "rollout.unseen_as_child=false",
+        "rollout.without_replacement=false",
+        "rollout.min_unseen_mass=0",
+        "rollout.skip_exhausted=false",
+        "rollout.completions_per_node=4",
+        "rollout.widening_alpha=0",
+    ],
+    "mcts": ["experiment=mcts_countdown", "data.batch_size=16"],
+}
+LABELS = {
+    "base": "base (bundled policy)",
+    "cispo": "CISPO (group 16)",
+    "bon": "best-of-16",
+    "mcts_article": "MCTS, the article's search",
+    "mcts": "MCTS, the tuned search",
+}
+
+
+@dataclass
+class Job:
+    """One command of the study; done when ``done_file`` exists."""
+
+    name: str
+    argv: list[str]
+    done_file: Path
+    after: list[str] = field(default_factory=list)
+
+    def command(self) -> str:
+        return " ".join(shlex.quote(a) for a in self.argv)
+
+
+def train_dir(out: Path, method: str, lr: str, seed: int) -> Path:
+    return out / "runs" / f"{method}_lr{lr}_s{seed}"
+
+
+def train_job(out: Path, method: str, lr: str, seed: int) -> Job:
+    d = train_dir(out, method, lr, seed)
+    argv = [sys.executable, str(ROOT / "train.py"), *METHODS[method], *COMMON,
+            f"module.optimizer.lr={lr}", f"seed={seed}", f"hydra.run.dir={d}"]  # fmt: skip
+    return Job(f"train {method} lr={lr} seed={seed}", argv, d / "results.json")
+
+
+def val_job(out: Path, method: str, lr: str) -> Job:
+    d = train_dir(out, method, lr, 0)
+    return Job(
+        f"validate {method} lr={lr}",
+        [sys.executable, str(Path(__file__).resolve()), "_validate", str(d / "policy"), str(d / "val.json")],
+        d / "val.json",
+        after=[f"train {method} lr={lr} seed=0"],
+    )
+
+
+def eval_job(out: Path, name: str, policy: str, temperature: str) -> Job:
+    d = out / "eval" / f"{name}_T{temperature}"
+    argv = [sys.executable, str(ROOT / "eval.py"), f"model.name_or_path={policy}",
+            f"sampler.temperature={temperature}", "eval.k=16", f"hydra.run.dir={d}"]  # fmt: skip
+    return Job(f"eval {name} T={temperature}", argv, d / "results.json")
+
+
+def best_lr(out: Path, method: str) -> str | None:
+    """The grid's rate with the highest validation mean@16 (None until every one is validated)."""
+    scores = {}
+    for lr in LRS:
+        f = train_dir(out, method, lr, 0) / "val.json"
+        if not f.exists():
+            return None
+        scores[lr] = json.loads(f.read_text())["mean@16"]
+    return max(LRS, key=lambda lr: (scores[lr], -LRS.index(lr)))
+
+
+def plan(out: Path) -> list[Job]:
+    """Every job whose inputs are known now (the seed runs need the grid's choice first)."""
+    jobs = [eval_job(out, "base", "tiny", t) for t in TEMPERATURES]
+    for m in METHODS:
+        for lr in LRS:
+            jobs += [train_job(out, m, lr, 0), val_job(out, m, lr)]
+        lr = best_lr(out, m)
+        if lr is None:
+            continue
+        for s in SEEDS:
+            if s:
+                jobs.append(train_job(out, m, lr, s))
+            for t in TEMPERATURES:
+                jobs.append(eval_job(out, f"{m}_s{s}", str(train_dir(out, m, lr, s) / "policy"), t))
+    return jobs
+
+
+def run_jobs(out: Path, parallel: int) -> None:
+    """Run every missing job, ``parallel`` at a time, re-planning as the grid's choices appear."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    started: set[str] = set()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def run(job: Job) -> tuple[Job, int, float]:
+        t0 = time.time()
+        with open(logs / (job.name.replace(" ", "_").replace("=", "") + ".log"), "w") as log:
+            log.write(job.command() + "\n\n")
+            log.flush()
+            rc = subprocess.call(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return job, rc, time.time() - t0
+
+    with ThreadPoolExecutor(parallel) as pool:
+        running = {}
+        while True:
+            ready = [
+                j for j in plan(out)
+                if j.name not in started and not j.done_file.exists()
+                and all(a not in {r.name for r in running.values()} for a in j.after)
+                and all(_done(out, a) for a in j.after)
+            ]  # fmt: skip
+            while ready and len(running) < parallel:
+                j = ready.pop(0)
+                started.add(j.name)
+                running[j.name] = pool.submit(run, j)
+                print(f"[{time.strftime('%H:%M:%S')}] start  {j.name}", flush=True)
+            if not running:
+                break
+            finished = next(iter(_wait_any(running.values())))
+            job, rc, dt = finished.result()
+            del running[job.name]
+            status = "ok" if rc == 0 and job.done_file.exists() else f"FAILED (exit {rc}; see {logs})"
+            print(f"[{time.strftime('%H:%M:%S')}] {status:<6} {job.name} in {dt / 60:.1f} min", flush=True)
+            if status != "ok":
+                raise SystemExit(f"study: {job.name} failed; rerun 'study.py run' after fixing it")
+
+
+def _done(out: Path, name: str) -> bool:
+    return any(j.name == name and j.done_file.exists() for j in plan(out))
+
+
+def _wait_any(futures):
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+    return done
+
+
+def validate(policy: str, dest: str) -> None:
+    """mean@16 at temperature 1 on the validation slice (train[19744:20000]), written to ``dest``."""
+    import torch
+
+    from tsd.envs.countdown import CountdownEnv
+    from tsd.eval.runner import evaluate_mean_at_k
+    from tsd.models.loading import load_policy
+    from tsd.samplers.hf import HFSampler
+
+    torch.set_num_threads(1)
+    model, tok = load_policy(policy)
+    problems = CountdownEnv(n_train=N_TRAIN + VAL_PROBLEMS).train[N_TRAIN:]
+    sampler = HFSampler(model.eval(), tok, temperature=1.0, seed=0)
+    res = evaluate_mean_at_k(sampler, CountdownEnv(n_train=0), problems, k=16, max_new_tokens=128)
+    res["problems"] = f"train[{N_TRAIN}:{N_TRAIN + VAL_PROBLEMS}]"
+    Path(dest).write_text(json.dumps(res, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _eval(out: Path, name: str, t: str) -> dict | None:
+    f = out / "eval" / f"{name}_T{t}" / "results.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _per_problem(res: dict) -> dict[str, float]:
+    k = res["samples_per_problem"]
+    return {p: c / k for p, c in res["per_problem_correct"].items()}
+
+
+def _seed_mean(per: Sequence[dict[str, float]]) -> dict[str, float]:
+    keys = sorted(set.intersection(*(set(p) for p in per)))
+    return {k: statistics.fmean(p[k] for p in per) for k in keys}
+
+
+def _curves(out: Path, method: str, lr: str) -> list[dict]:
+    """Per seed: the in-training eval mean@16 (128 test problems) against generated tokens and wall
+    time, from the run's csv/metrics.csv."""
+    import csv
+
+    curves = []
+    for s in SEEDS:
+        f = train_dir(out, method, lr, s) / "csv" / "metrics.csv"
+        if not f.exists():
+            continue
+        rows = list(csv.DictReader(f.open()))
+        tokens, t0, pts = 0.0, None, []
+        for r in rows:
+            if r.get("compute/generated_tokens"):
+                tokens = float(r["compute/generated_tokens"])
+            wall = float(r["perf/elapsed_s"]) if r.get("perf/elapsed_s") else None
+            t0 = wall if t0 is None and wall is not None else t0
+            if r.get("eval/mean@16"):
+                pts.append((tokens, wall, float(r["eval/mean@16"])))
+        curves.append({"seed": s, "points": pts})
+    return curves
+
+
+def report(out: Path) -> dict:
+    from tsd.eval.paired import paired_difference
+
+    summary: dict = {"methods": {}, "pairs": [], "note": ""}
+    per_method: dict[str, dict[str, dict[str, float]]] = {}  # method -> T -> seed-mean per problem
+    for m in ["base", *METHODS]:
+        lr = None if m == "base" else best_lr(out, m)
+        names = ["base"] if m == "base" else [f"{m}_s{s}" for s in SEEDS]
+        row: dict = {"label": LABELS[m], "lr": lr}
+        if lr is not None:
+            row["val"] = {
+                x: json.loads((train_dir(out, m, x, 0) / "val.json").read_text())["mean@16"] for x in LRS
+            }
+        for t in TEMPERATURES:
+            res = [r for r in (_eval(out, n, t) for n in names) if r is not None]
+            if not res:
+                continue
+            row[f"T{t}"] = {
+                "seeds": len(res),
+                "mean@16": [r["mean@16"] for r in res],
+                "pass@16": [r["pass@16"] for r in res],
+            }
+            per_method.setdefault(m, {})[t] = _seed_mean([_per_problem(r) for r in res])
+        if lr is not None:
+            runs = [train_dir(out, m, lr, s) / "results.json" for s in SEEDS]
+            done = [json.loads(f.read_text()) for f in runs if f.exists()]
+            row["train_minutes"] = [d.get("wall_seconds", float("nan")) / 60 for d in done]
+            row["curves"] = _curves(out, m, lr)
+        summary["methods"][m] = row
+    order = [m for m in ["base", *METHODS] if m in per_method]
+    for t in TEMPERATURES:
+        for i, a in enumerate(order):
+            for b in order[i + 1 :]:
+                if t in per_method[a] and t in per_method[b]:
+                    pa, pb = per_method[a][t], per_method[b][t]
+                    common = sorted(set(pa) & set(pb))
+                    d = paired_difference([pa[k] for k in common], [pb[k] for k in common])
+                    lo, hi = d["ci95"]
+                    verdict = "no difference" if lo <= 0 <= hi else (f"{b} > {a}" if lo > 0 else f"{a} > {b}")
+                    summary["pairs"].append({"T": t, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
+                                             "verdict": verdict})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(summary, indent=1))
+    (out / "study.md").write_text(markdown(summary))
+    plot(summary, out / "study.png")
+    print(markdown(summary))
+    return summary
+
+
+def _ms(xs: Sequence[float]) -> str:
+    if not xs:
+        return "-"
+    m = statistics.fmean(xs)
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * m:.2f} ± {100 * sd:.2f}" if len(xs) > 1 else f"{100 * m:.2f}"
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "| method | lr (validation mean@16 at 3e-5 / 1e-4 / 3e-4) | mean@16, T=1.0 | pass@16, T=1.0 "
+        "| mean@16, T=0.2 | pass@16, T=0.2 | train min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _m, r in summary["methods"].items():
+        val = " / ".join(f"{100 * r['val'][x]:.2f}" for x in LRS) if "val" in r else ""
+        lr = f"{r['lr']} ({val})" if r.get("lr") else "-"
+        cells = []
+        for t in TEMPERATURES:
+            e = r.get(f"T{t}", {})
+            cells += [_ms(e.get("mean@16", [])), _ms(e.get("pass@16", []))]
+        mins = r.get("train_minutes") or []
+        wall = f"{statistics.fmean(mins):.1f}" if mins and all(math.isfinite(x) for x in mins) else "-"
+        lines.append(f"| {r['label']} | {lr} | " + " | ".join(cells) + f" | {wall} |")
+    lines += ["", "Paired differences of mean@16 (seed-averaged per problem, 820 problems, 95% CI):", ""]
+    lines += ["| T | b - a | difference (points) | verdict |", "|---|---|---|---|"]
+    for p in summary["pairs"]:
+        lo, hi = p["ci95"]
+        lines.append(f"| {p['T']} | {p['b']} - {p['a']} | {100 * p['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                     f"| {p['verdict']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m, r in summary["methods"].items():
+        curves = [c["points"] for c in r.get("curves", []) if c["points"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        for ax, idx in ((axes[0], 0), (axes[1], 1)):
+            xs = [statistics.fmean(c[i][idx] or 0.0 for c in curves) for i in range(n)]
+            ys = [[c[i][2] for c in curves] for i in range(n)]
+            mean = [statistics.fmean(y) for y in ys]
+            (line,) = ax.plot(xs, mean, marker="o", label=f"{LABELS[m]} (lr {r['lr']}, {len(curves)} seeds)")
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+    axes[0].set_xlabel("generated tokens")
+    axes[1].set_xlabel("wall time (s; runs shared the 2 cores)")
+    for ax in axes:
+        ax.set_ylabel("eval mean@16 (first 128 test problems, T=1)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("laptop study: seed mean, band = min..max over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("plan", "run", "report", "all", "_validate"))
+    ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
+    ap.add_argument("--parallel", type=int, default=2, help="jobs at a time (they share the cores)")
+    a = ap.parse_args(argv)
+    if a.what == "_validate":
+        validate(*a.args)
+        return 0
+    if a.parallel < 1:
+        ap.error("--parallel must be >= 1")
+    out = a.out.resolve()
+    if a.what == "plan":
+        for j in plan(out):
+            print(f"{'done' if j.done_file.exists() else 'todo'}  {j.name}\n      {j.command()}")
+        print("(the seed runs and their evaluations appear once the grid's validation picked a rate)")
+        return 0
+    if a.what in ("run", "all"):
+        run_jobs(out, a.parallel)
+    if a.what in ("report", "all"):
+        report(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
