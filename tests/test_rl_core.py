@@ -3,6 +3,7 @@ module's loss and step, NaN handling, resume, export, and config errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 
@@ -365,3 +366,22 @@ def test_bad_config_fails_before_compute_naming_the_field(override, field, polic
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         _run(["experiment=cispo_countdown", f"model.name_or_path={policy_dir}", override], out)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_without_a_value_loss_the_value_head_is_not_trained(policy):
+    """c_value = 0 (the group baseline): the value head is frozen and left out of the optimiser, so
+    a checkpoint never lacks the state of a parameter that requires grad (a sharded resume refuses
+    that); with a value loss it trains."""
+    from tsd.module import PolicyValueModule
+    from tsd.rl.losses import CISPOLoss, RLObjective
+
+    for c_value, trained in ((0.0, False), (0.1, True)):
+        module = PolicyValueModule(
+            copy.deepcopy(policy[0]), RLObjective(CISPOLoss(), c_value=c_value), optimizer=torch.optim.AdamW
+        )
+        opt = module.configure_optimizers()
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        head = list(module.policy.value_head.parameters())
+        assert all(p.requires_grad is trained for p in head)
+        assert all((id(p) in in_opt) is trained for p in head)
+        assert all(id(p) in in_opt for p in module.policy.lm.parameters())

@@ -99,6 +99,11 @@ class PolicyValueModule(L.LightningModule):
         self.ref = None
         if objective.c_kl > 0:
             self.ref = copy.deepcopy(policy.lm).eval().requires_grad_(False)
+        # no value loss (group advantages never read V): the value head is not a trained parameter.
+        # Left trainable it would get no gradient, hence no optimiser state, and a sharded (FSDP2)
+        # resume refuses a checkpoint missing the state of a parameter that requires grad
+        if objective.c_value == 0:
+            self.policy.value_head.requires_grad_(False)
         self._optimizer, self._scheduler = optimizer, scheduler
         self.temperature, self.grad_clip, self.max_bad_steps = temperature, grad_clip, max_bad_steps
         self.banned_token_ids = list(banned_token_ids or [])
@@ -109,7 +114,7 @@ class PolicyValueModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        opt = self._optimizer(self.policy.parameters())
+        opt = self._optimizer([p for p in self.policy.parameters() if p.requires_grad])
         if self._scheduler is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}
