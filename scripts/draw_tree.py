@@ -1,14 +1,16 @@
 """Run the MCTS rollout on a few Countdown problems and draw each search tree.
 
     python scripts/draw_tree.py --problems 3                          # first 3 test problems
-    python scripts/draw_tree.py --numbers 3 5 7 2 --target 23 --workers 4 --k 4 --iterations 12
+    python scripts/draw_tree.py --numbers 3 5 7 2 --target 23 --workers 4 --iterations 12
+    python scripts/draw_tree.py --problems 2 rollout/selection=max_visit rollout.rollout_mix=0   # any override
 
 Uses the bundled tiny policy (``load_policy("tiny")``) with the HF sampler; if the policy has not
 been built yet it says so and falls back to a random one (``--policy random`` forces that). For
 each problem it writes ``OUT/tree_<i>.json`` (``SearchTree.to_dict()`` plus the problem and the
 chosen trajectory) and ``OUT/tree_<i>.png`` / ``.svg``: the step text on the edges; visits N, Q
-and prior P on the nodes; terminals show their reward (green when correct); the chosen
-(max-visit) path in red. Progress is printed after every wave.
+and prior P on the nodes; terminals show their reward (green when correct); the emitted path in
+red. The search is the one ``train.py`` would run: ``configs/rollout/mcts.yaml`` with the flags and
+any Hydra overrides given. Progress is printed after every wave.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 import torch
 
 from tsd import TINY_POLICY_DIR
+from tsd.config import build
 from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.eval.search_efficiency import compose_rollout_config
 from tsd.rollouts.mcts import MCTSRollout, SearchCounters
 from tsd.rollouts.tree import SearchTree
 from tsd.samplers.hf import HFSampler
@@ -70,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problems", type=int, default=3, help="first N problems of the test split")
     ap.add_argument("--numbers", type=int, nargs="+", help="one custom problem's numbers (with --target)")
     ap.add_argument("--target", type=int)
-    ap.add_argument("--workers", type=int, default=4, help="N workers per tree")
-    ap.add_argument("--k", type=int, default=4, help="K completions per expanded node")
-    ap.add_argument("--iterations", type=int, default=8, help="M waves")
-    ap.add_argument("--c-puct", type=float, default=0.5)
-    ap.add_argument("--max-step-tokens", type=int, default=32)
-    ap.add_argument("--max-depth", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--workers", type=int, help="N workers per tree (default: the config's)")
+    ap.add_argument("--k", type=int, help="K samples per node (default: the config's)")
+    ap.add_argument("--iterations", type=int, help="M waves (default: the config's)")
+    ap.add_argument("--c-puct", type=float, help="pUCT weight (default: the config's)")
+    ap.add_argument("--max-step-tokens", type=int, help="token cap of one step (default: the config's)")
+    ap.add_argument("--max-depth", type=int, help="steps before a node is terminal (default: the config's)")
+    ap.add_argument("--max-new-tokens", type=int, help="completion token cap (default: the config's)")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides of configs/train.yaml (rollout.*, rollout/selection=...)",
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="sampler seed")
     ap.add_argument("--policy", choices=("tiny", "random"), default="tiny")
@@ -93,24 +102,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         problems = list(env.test[: args.problems])
     sampler = HFSampler(model, tok, temperature=args.temperature, seed=args.seed)
-    rollout = MCTSRollout(
-        workers=args.workers,
-        completions_per_node=args.k,
-        iterations=args.iterations,
-        c_puct=args.c_puct,
-        max_step_tokens=args.max_step_tokens,
-        max_depth=args.max_depth,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        record_trees=True,
+    # the search configs/rollout/mcts.yaml (+ overrides) describes: what train.py would search with
+    flags = {"workers": args.workers, "completions_per_node": args.k, "iterations": args.iterations,
+             "c_puct": args.c_puct, "max_step_tokens": args.max_step_tokens, "max_depth": args.max_depth,
+             "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    overrides = [
+        "rollout=mcts",
+        *(f"rollout.{k}={v}" for k, v in flags.items() if v is not None),
+        *args.overrides,
+    ]
+    rollout = build(compose_rollout_config(overrides).rollout, "rollout", seed=args.seed, record_trees=True)
+    if not isinstance(rollout, MCTSRollout):
+        ap.error("the overrides must leave rollout=mcts")
+    print(
+        f"policy: {which}; {len(problems)} problem(s); N={rollout.workers} M={rollout.iterations}; {' '.join(overrides)}"
     )
-    print(f"policy: {which}; {len(problems)} problem(s); N={args.workers} K={args.k} M={args.iterations}")
     t0 = time.perf_counter()
 
     def progress(w: int, trees: list[SearchTree], c: SearchCounters) -> None:
         sizes = " ".join(str(len(t.nodes)) for t in trees)
         print(
-            f"  wave {w + 1:3d}/{args.iterations}: nodes [{sizes}]  sims {c.simulations}  "
+            f"  wave {w + 1:3d}/{rollout.iterations}: nodes [{sizes}]  sims {c.simulations}  "
             f"terminal leaves {c.terminal_evaluations}  grades {c.grades}  tokens {c.search_tokens}  "
             f"{time.perf_counter() - t0:6.1f}s",
             flush=True,
