@@ -12,7 +12,7 @@ Design (README "A fair laptop study" says why):
   advantages, no value loss), ``bon`` (best-of-16, value baseline), ``mcts_article`` (the article's
   search at laptop size: value-head leaves, fixed K=4, max-visit path, 4 workers x 6 waves) and
   ``mcts`` (the search chosen by ``scripts/search_efficiency.py``: configs/rollout/mcts.yaml).
-- one batch rule for all: every optimiser step trains on what the rollouts of 16 problems gave,
+- one batch rule for all: every optimiser step trains on what the rollouts of 8 problems gave,
   each problem costing about 16 samples' worth of generated tokens (best-of-16; MCTS 4x4 or 4x6;
   a group of 16), so equal steps are about equal generated tokens; weights synced every step
   (on-policy, lag 0), 150 steps, the same KL, clip and value-loss settings.
@@ -58,20 +58,20 @@ TEMPERATURES = ("1.0", "0.2")
 COMMON = [
     f"env.n_train={N_TRAIN}",
     f"trainer.max_steps={STEPS}",
-    "data.problems_per_rollout=16",
+    "data.problems_per_rollout=8",
     "data.sync_every=1",
     "data.max_lag=0",
     "callbacks.eval.every_n_steps=50",
     "callbacks.eval.num_problems=128",
     "callbacks.eval.draw_tree=false",
 ]
-#: method -> overrides (on top of COMMON); batch_size = 16 problems' selected trajectories
+#: method -> overrides (on top of COMMON); batch_size = 8 problems' selected trajectories
 METHODS: dict[str, list[str]] = {
-    "cispo": ["experiment=cispo_countdown", "rollout.group_size=16", "data.batch_size=256"],
-    "bon": ["experiment=bon_countdown", "rollout.n=16", "data.batch_size=16"],
+    "cispo": ["experiment=cispo_countdown", "rollout.group_size=16", "data.batch_size=128"],
+    "bon": ["experiment=bon_countdown", "rollout.n=16", "data.batch_size=8"],
     "mcts_article": [
         "experiment=mcts_countdown",
-        "data.batch_size=16",
+        "data.batch_size=8",
         "rollout/selection=max_visit",
         "rollout.workers=4",
         "rollout.iterations=6",
@@ -84,7 +84,7 @@ METHODS: dict[str, list[str]] = {
         "rollout.completions_per_node=4",
         "rollout.widening_alpha=0",
     ],
-    "mcts": ["experiment=mcts_countdown", "data.batch_size=16"],
+    "mcts": ["experiment=mcts_countdown", "data.batch_size=8"],
 }
 LABELS = {
     "base": "base (bundled policy)",
