@@ -227,7 +227,9 @@ def test_short_training_run_changes_the_parameters_and_exports(experiment, polic
     text = "[3,5,7,2]->23\n<step>3 + 5=8</step>"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # spaces kept
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
-    assert any(k.startswith("lm.") for k in changed) and any(k.startswith("value_head.") for k in changed)
+    assert any(k.startswith("lm.") for k in changed)
+    # the group baseline has no value loss (c_value 0): its value head is frozen; best-of-N trains it
+    assert any(k.startswith("value_head.") for k in changed) is (experiment != "cispo_countdown")
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     for key in (
@@ -285,7 +287,7 @@ def test_resume_restores_step_optimizer_and_problem_stream(policy_dir, tmp_path)
 class _NaNObjective(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.c_kl = inner, inner.c_kl
+        self.inner, self.c_kl, self.c_value = inner, inner.c_kl, inner.c_value
 
     def forward(self, **kw):
         out = self.inner(**kw)
