@@ -131,3 +131,32 @@ def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_
     page = (tmp_path / "sweep.html").read_text()
     assert "id='curves'" in page and "id='heatmap'" in page and "id='tree'" in page
     assert page.count("MCTSRollout+CISPOLoss") == 2 and "metric eval/mean@2" in p.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_training_run(policy_dir, tmp_path):
+    """``kill PID`` stops train.py within seconds (Lightning alone only sets a flag and trained on)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "debug=smoke", "trainer.max_steps=1000", "callbacks.eval=null",
+           f"model.name_or_path={policy_dir}", f"hydra.run.dir={out}"]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in p.stdout:  # wait until it is training
+            lines.append(line)
+            if "step 2/1000" in line:
+                break
+        assert p.poll() is None, "".join(lines[-30:])
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, rest[-2000:]
+    assert "SIGTERM: stopping" in rest and took < 30
+    assert "step 1000/1000" not in rest

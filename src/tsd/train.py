@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -225,8 +226,18 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    """``kill PID`` stops the run at once (exit 143, like the default action). Lightning installs
+    its own SIGTERM handler that only sets a flag for SLURM requeueing, which this run never read:
+    a killed single-process run went on training. Lightning keeps an existing handler and calls it
+    after its own, so this one still runs; checkpoints already written stay."""
+    log.error("SIGTERM: stopping")
+    raise SystemExit(128 + signum)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         result = train(cfg)
     except ConfigError as e:
