@@ -157,6 +157,6 @@ def test_sigterm_stops_a_training_run(policy_dir, tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, rest[-2000:]
+    assert p.returncode == -signal.SIGTERM, rest[-2000:]  # killed by the signal, as by its default action
     assert "SIGTERM: stopping" in rest and took < 30
     assert "step 1000/1000" not in rest

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 import warnings
@@ -227,12 +228,17 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _stop_on_sigterm(signum, frame) -> None:
-    """``kill PID`` stops the run at once (exit 143, like the default action). Lightning installs
-    its own SIGTERM handler that only sets a flag for SLURM requeueing, which this run never read:
-    a killed single-process run went on training. Lightning keeps an existing handler and calls it
-    after its own, so this one still runs; checkpoints already written stay."""
+    """``kill PID`` stops the run at once, as SIGTERM's default action does (exit 143). Lightning
+    installs its own SIGTERM handler that only sets a flag for SLURM requeueing, which this run
+    never reads: a killed single-process run went on training. Lightning keeps an existing handler
+    and calls it after its own, so this one still runs. It restores the default action and sends
+    the signal again instead of raising ``SystemExit``: an exiting Python joins its
+    ``multiprocessing`` children, so a launcher would wait on its training ranks instead of dying
+    (they die with it through ``PR_SET_PDEATHSIG``). Checkpoints already written stay."""
     log.error("SIGTERM: stopping")
-    raise SystemExit(128 + signum)
+    logging.shutdown()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
