@@ -226,7 +226,10 @@ def test_short_training_run_changes_the_parameters_and_exports(experiment, polic
     text = "[3,5,7,2]->23\n<step>3 + 5=8</step>"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # spaces kept
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
-    assert any(k.startswith("lm.") for k in changed) and any(k.startswith("value_head.") for k in changed)
+    assert any(k.startswith("lm.") for k in changed)
+    # the value head trains only where the loss has a value term (cispo_countdown: loss.c_value 0)
+    c_value = compose_train([f"experiment={experiment}"], tmp_path).loss.c_value
+    assert any(k.startswith("value_head.") for k in changed) == (c_value > 0), (c_value, changed)
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     for key in (

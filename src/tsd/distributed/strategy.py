@@ -555,5 +555,8 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         assert self.model is not None
+        # not strict: a parameter that never had a gradient (the value head under loss.c_value=0) has
+        # no optimiser state to save, and none to load
+        options = StateDictOptions(full_state_dict=True, strict=False)
         for opt, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            set_optimizer_state_dict(self.model, opt, state, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.model, opt, state, options=options)
