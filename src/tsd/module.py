@@ -22,6 +22,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
+from tsd.config import check_bool, check_int, check_number
 from tsd.models.policy_value import PolicyValueModel, lm_logits, token_logprobs
 from tsd.rl.losses import RLObjective
 
@@ -36,8 +37,7 @@ def warmup_constant(
     optimizer: torch.optim.Optimizer, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps`` optimiser steps, then constant."""
-    if warmup_steps < 0:
-        raise ValueError(f"module.scheduler.warmup_steps: must be >= 0, got {warmup_steps}")
+    check_int(warmup_steps, "module.scheduler.warmup_steps", low=0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
 
 
@@ -45,8 +45,9 @@ def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 1000, min_ratio: float = 0.1
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to ``min_ratio`` of the peak at ``total_steps``."""
-    if total_steps < 1 or not 0.0 <= min_ratio <= 1.0:
-        raise ValueError("module.scheduler: total_steps must be >= 1 and min_ratio in [0, 1]")
+    check_int(warmup_steps, "module.scheduler.warmup_steps", low=0)
+    check_int(total_steps, "module.scheduler.total_steps", low=1)
+    check_number(min_ratio, "module.scheduler.min_ratio", low=0, high=1)
 
     def f(s: int) -> float:
         if s < warmup_steps:
@@ -86,12 +87,10 @@ class PolicyValueModule(L.LightningModule):
                 or trains the value head alone (False).
         """
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"module.temperature: must be > 0, got {temperature}")
-        if not grad_clip >= 0:
-            raise ValueError(f"module.grad_clip: must be >= 0, got {grad_clip}")
-        if max_bad_steps < 1:
-            raise ValueError(f"module.max_bad_steps: must be >= 1, got {max_bad_steps}")
+        check_number(temperature, "module.temperature", low=0, low_open=True)
+        check_number(grad_clip, "module.grad_clip", low=0)
+        check_int(max_bad_steps, "module.max_bad_steps", low=1)
+        check_bool(value_trunk_grad, "module.value_trunk_grad")
         self.automatic_optimization = False
         self.policy = policy.train()
         self.objective = objective

@@ -18,7 +18,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tsd.config import DTYPES, ConfigError, apply_threads, build, config_dir, dtype_of, require
+from tsd.config import (
+    DTYPES,
+    ConfigError,
+    apply_threads,
+    build,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    config_dir,
+    dtype_of,
+    require,
+)
 from tsd.config_checks import check_known_keys, check_policy_source, check_target_keys
 from tsd.resume import read_checkpoint, resolve_run_id
 
@@ -46,48 +58,28 @@ KNOWN_KEYS = {
 }
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _integer(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _validate(cfg: DictConfig) -> None:
     """Cheap checks of keys and plain values, before any heavy import or model load: a bad value
     fails in seconds with one line naming the field."""
     check_known_keys(cfg, KNOWN_KEYS, containers=("callbacks", "logger"))
     for group in GROUPS:
         require(cfg.get(group) is not None, group, "a config group (see configs/)", None)
-    require(_integer(cfg.seed), "seed", "an integer", cfg.seed)
+    check_int(cfg.seed, "seed")
     d = cfg.data
     for k in ("batch_size", "problems_per_rollout", "sync_every"):
-        require(_integer(d[k]) and d[k] >= 1, f"data.{k}", "an integer >= 1", d[k])
-    require(_integer(d.max_lag) and d.max_lag >= 0, "data.max_lag", "an integer >= 0", d.max_lag)
-    require(_number(d.max_wait) and d.max_wait > 0, "data.max_wait", "seconds > 0", d.max_wait)
-    ms = cfg.trainer.get("max_steps", -1)
-    require(_integer(ms) and ms >= 1, "trainer.max_steps", "an integer >= 1", ms)
+        check_int(d[k], f"data.{k}", low=1)
+    check_int(d.max_lag, "data.max_lag", low=0)
+    check_number(d.max_wait, "data.max_wait", low=0, low_open=True)
+    check_int(cfg.trainer.get("max_steps", -1), "trainer.max_steps", low=1)
     m = cfg.module
     lr = m.optimizer.get("lr") if m.get("optimizer") else None
-    require(_number(lr) and 0 < lr < 1, "module.optimizer.lr", "0 < lr < 1", lr)
-    require(
-        _number(m.grad_clip) and m.grad_clip >= 0, "module.grad_clip", ">= 0 (0: no clipping)", m.grad_clip
-    )
-    require(
-        _integer(m.max_bad_steps) and m.max_bad_steps >= 1,
-        "module.max_bad_steps",
-        "an integer >= 1",
-        m.max_bad_steps,
-    )
-    require(
-        isinstance(m.value_trunk_grad, bool), "module.value_trunk_grad", "true or false", m.value_trunk_grad
-    )
-    t = cfg.sampler.get("temperature", 1.0)
-    require(_number(t) and t > 0, "sampler.temperature", "> 0", t)
-    top_p = cfg.sampler.get("top_p", 1.0)
-    require(_number(top_p) and 0 < top_p <= 1, "sampler.top_p", "0 < top_p <= 1", top_p)
-    require(cfg.model.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", cfg.model.dtype)
+    check_number(lr, "module.optimizer.lr", low=0, high=1, low_open=True, high_open=True)
+    check_number(m.grad_clip, "module.grad_clip", low=0)
+    check_int(m.max_bad_steps, "module.max_bad_steps", low=1)
+    check_bool(m.value_trunk_grad, "module.value_trunk_grad")
+    check_number(cfg.sampler.get("temperature", 1.0), "sampler.temperature", low=0, low_open=True)
+    check_number(cfg.sampler.get("top_p", 1.0), "sampler.top_p", low=0, high=1, low_open=True)
+    check_choice(cfg.model.dtype, "model.dtype", DTYPES)
     check_policy_source(cfg.model.name_or_path)
 
 

@@ -26,6 +26,7 @@ from tsd.buffers.base import (
     BufferFullError,
     BufferItem,
 )
+from tsd.config import check_int, check_number
 from tsd.rl.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ class MemoryBuffer(Buffer):
 
     def __init__(self, capacity: int = 0, put_timeout: float = 60.0) -> None:
         super().__init__()
-        if capacity < 0:
-            raise ValueError(f"MemoryBuffer: capacity must be >= 0, got {capacity}")
+        check_int(capacity, "MemoryBuffer.capacity", low=0)
+        check_number(put_timeout, "MemoryBuffer.put_timeout", low=0, low_open=True)
         self.capacity = capacity
         self.put_timeout = put_timeout
         self._cond = threading.Condition()

@@ -57,6 +57,7 @@ from tsd.buffers.base import (
     BufferFullError,
     BufferItem,
 )
+from tsd.config import check_int, check_number
 from tsd.rl.trajectory import Trajectory, TrajectoryError
 
 __all__ = ["DEFAULT_URL", "ENV_URL", "BufferConnectionError", "RedisBuffer", "redact_url"]
@@ -141,8 +142,11 @@ class RedisBuffer(Buffer):
         put_timeout: float = 60.0,
     ) -> None:
         super().__init__()
-        if maxlen < 1 or block_ms < 1 or claim_idle_ms < 0:
-            raise ValueError("RedisBuffer: need maxlen >= 1, block_ms >= 1 and claim_idle_ms >= 0")
+        check_int(maxlen, "RedisBuffer.maxlen", low=1)
+        check_int(block_ms, "RedisBuffer.block_ms", low=1)
+        check_int(claim_idle_ms, "RedisBuffer.claim_idle_ms", low=0)
+        check_number(connect_timeout, "RedisBuffer.connect_timeout", low=0, low_open=True)
+        check_number(put_timeout, "RedisBuffer.put_timeout", low=0, low_open=True)
         self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
         self.safe_url = redact_url(self.url)
         self._stream_prefix, self.run_id = stream, run_id
