@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tsd.config import check_bool, check_int, check_number, require
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.envs.base import Env, Problem
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import Rollout, RolloutOutput, encode_prompt, grade, mean_problem_stats, problem_stats
 from tsd.rollouts.selection import MaxVisit
@@ -196,7 +196,7 @@ class MCTSRollout(Rollout):
         self,
         problems: Sequence[Problem],
         sampler: Sampler,
-        env: CountdownEnv,
+        env: Env,
         *,
         on_wave: Callable[[int, list[SearchTree], SearchCounters], None] | None = None,
     ) -> RolloutOutput:
@@ -420,7 +420,7 @@ class MCTSRollout(Rollout):
         problems: Sequence[Problem],
         trees: Sequence[SearchTree],
         sampler: Sampler,
-        env: CountdownEnv,
+        env: Env,
         grade_node: Callable[[int, Node], None],
         c: SearchCounters,
         version: int,

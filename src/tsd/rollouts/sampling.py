@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tsd.config import check_int
-from tsd.envs.countdown import CountdownEnv, Problem, Score
+from tsd.envs.base import Env, Problem, Score
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import encode_prompt, grade
 from tsd.samplers.base import Continuation, Sampler
@@ -21,7 +21,7 @@ class GradedSample:
 
 
 def sample_and_grade(
-    problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv, n: int, max_new_tokens: int
+    problems: Sequence[Problem], sampler: Sampler, env: Env, n: int, max_new_tokens: int
 ) -> list[list[GradedSample]]:
     """``n`` whole completions (stop at ``</answer>`` or EOS) per problem, graded with the env;
     one ``sample`` call so the backend sees the widest batch."""
