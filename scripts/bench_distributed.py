@@ -94,8 +94,9 @@ def _policy(path: str, tmp: Path) -> tuple[str, str]:
 
     if path != "tiny" or (TINY_POLICY_DIR / "model.safetensors").exists():
         return path, "trained" if path == "tiny" else path
+    from build_tiny_policy import TinyBuildConfig, make_policy
+
     from tsd.models.char_tokenizer import build_char_tokenizer
-    from tsd.models.tiny_build import TinyBuildConfig, make_policy
 
     d = tmp / "untrained_tiny"
     tok = build_char_tokenizer()
