@@ -53,8 +53,8 @@ class ThroughputProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         dm, m = trainer.datamodule, trainer.callback_metrics
-        if dm.trainer_version != self.version:  # RolloutSync synced at this step
-            self.version = dm.trainer_version
+        if dm.clock.published != self.version:  # WeightSync published at this step
+            self.version = dm.clock.published
             self.syncs.append({k: float(v) for k, v in m.items() if k.startswith("perf/weight_")})
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -166,7 +166,7 @@ def _row(name: str, runs: list[dict], batch: int, base: float | None) -> tuple[s
     fit = statistics.median(r["seconds"] for r in runs)
     gen = statistics.median(r["generated_tokens"] / r["seconds"] for r in runs)
     dropped = statistics.median(r["dropped_stale"] for r in runs)
-    line = f"{name:<26} {fit:>7.1f} {med:>8.2f} {spread:>13} {ratio:>7} {gen:>10.0f} {dropped:>8.0f}  {_sync_ms(runs)}"
+    line = f"{name:<36} {fit:>7.1f} {med:>8.2f} {spread:>13} {ratio:>7} {gen:>10.0f} {dropped:>8.0f}  {_sync_ms(runs)}"
     return line, med
 
 
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--policy", default="tiny", help="model.name_or_path (default: the bundled tiny policy)")
     ap.add_argument("--steps", type=int, default=8, help="optimiser steps per run")
     ap.add_argument("--batch", type=int, default=16, help="trajectories per trainer per step")
-    ap.add_argument("--problems", type=int, default=2, help="data.problems_per_rollout")
+    ap.add_argument("--problems", type=int, default=2, help="generation.problems_per_rollout")
     ap.add_argument(
         "--repeats", type=int, default=3, help="runs of each setup, alternated (a shared box is noisy)"
     )
@@ -195,7 +195,7 @@ def main() -> None:
             f"experiment={args.experiment}",
             f"model.name_or_path={policy}",
             f"trainer.max_steps={args.steps}",
-            f"data.problems_per_rollout={args.problems}",
+            f"generation.problems_per_rollout={args.problems}",
             "trainer.enable_progress_bar=false",
             *args.overrides,
         ]
@@ -224,7 +224,7 @@ def main() -> None:
         f"\n{args.experiment}, policy: {kind}\n{os.cpu_count()} CPU cores, {args.threads} thread(s) per process; "
         f"{args.steps} optimiser steps, global batch {2 * args.batch}; median of {args.repeats} runs each"
     )
-    head = f"{'setup':<26} {'fit s':>7} {'traj/s':>8} {'[min-max]':>13} {'ratio':>7} {'gen tok/s':>10} {'dropped':>8}"
+    head = f"{'setup':<36} {'fit s':>7} {'traj/s':>8} {'[min-max]':>13} {'ratio':>7} {'gen tok/s':>10} {'dropped':>8}"
     print(f"{head}  weight sync (median)")
     line, base = _row("single process", single, 2 * args.batch, None)
     print(line)

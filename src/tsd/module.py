@@ -23,6 +23,7 @@ import lightning as L
 import torch
 
 from tsd.config import check_bool, check_int, check_number
+from tsd.data.batch import TrajectoryBatch
 from tsd.models.policy_value import PolicyValueModel, lm_logits, token_logprobs
 from tsd.rl.losses import RLObjective
 
@@ -113,9 +114,9 @@ class PolicyValueModule(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}
 
-    def forward_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward_batch(self, batch: TrajectoryBatch) -> dict[str, torch.Tensor]:
         """Per-token log-probs, values and reference log-probs over the target positions."""
-        input_ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, L)
+        input_ids, attn = batch.input_ids, batch.attention_mask  # (B, L)
         logits, values, _ = self.policy(
             input_ids, attention_mask=attn, detach_value_input=not self.value_trunk_grad
         )  # (B, L, V), (B, L)
@@ -128,21 +129,21 @@ class PolicyValueModule(L.LightningModule):
                 out["ref_logp"] = token_logprobs(ref_logits, targets, self.temperature, self.banned_token_ids)
         return out
 
-    def compute_loss(self, batch: dict):
+    def compute_loss(self, batch: TrajectoryBatch):
         fwd = self.forward_batch(batch)
-        adv = batch["advantages"]  # (B,), NaN -> value baseline
+        adv = batch.advantages  # (B,), NaN -> value baseline
         nan = torch.isnan(adv)
         if bool(nan.any()) and not bool(nan.all()):
             raise ValueError("a batch mixes trajectories with and without rollout advantages")
         return self.objective(
             logp=fwd["logp"],
-            behaviour_logp=batch["behaviour_logp"],
+            behaviour_logp=batch.behaviour_logp,
             ref_logp=fwd.get("ref_logp"),
             values=fwd["values"],
             old_values=fwd["values"].detach(),
-            rewards=batch["rewards"],
+            rewards=batch.rewards,
             advantages=None if bool(nan.all()) else adv,
-            mask=batch["mask"],
+            mask=batch.mask,
         )
 
     def _skip(self, why: str) -> None:
@@ -157,7 +158,7 @@ class PolicyValueModule(L.LightningModule):
                 "check the rewards and behaviour log-probs."
             )
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: TrajectoryBatch, batch_idx: int) -> None:
         opt = self.optimizers()
         out = self.compute_loss(batch)
         finite = bool(torch.isfinite(out.loss))
@@ -182,24 +183,24 @@ class PolicyValueModule(L.LightningModule):
             sch.step()
         self.bad_steps_in_row = 0
 
-        mask = batch["mask"]
+        mask = batch.mask
         B = mask.shape[0]
         self.trained_tokens += int(mask.sum().item())
-        trainer_version = getattr(self.trainer.datamodule, "trainer_version", 0) if self._trainer else 0
         metrics = {
             "train/loss": out.loss.detach(),
             **{f"train/{k}": v for k, v in out.metrics.items()},
-            "train/reward": batch["rewards"].mean(),
-            "train/correct": batch["correct"].mean(),
-            "train/policy_lag": (trainer_version - batch["versions"].float()).mean(),
+            "train/reward": batch.rewards.mean(),
+            "train/correct": batch.correct.mean(),
+            # optimiser steps between the weights that generated each trajectory and these
+            "train/policy_lag": batch.lags.float().mean(),
             "train/grad_norm": grad_norm.detach(),
             "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
             "train/completion_tokens_mean": mask.sum(1).mean(),
             "compute/trained_tokens": float(self.trained_tokens),
         }
-        metrics.update({k: float(v) for k, v in batch.get("stats", {}).items()})
+        metrics.update({k: float(v) for k, v in batch.stats.items()})
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=B)
-        self.log("reward", batch["rewards"].mean(), prog_bar=True, logger=False, batch_size=B)
+        self.log("reward", batch.rewards.mean(), prog_bar=True, logger=False, batch_size=B)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from typing import Any
 
 from tsd.buffers.base import (
     DEAD_LETTER_CAP,
@@ -52,6 +53,9 @@ class MemoryBuffer(Buffer):
         self._ids = itertools.count()
         self._closed = False
         self._dead: deque[dict[str, str]] = deque(maxlen=DEAD_LETTER_CAP)
+
+    def config(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "put_timeout": self.put_timeout}
 
     def _room(self) -> int:
         if not self.capacity:

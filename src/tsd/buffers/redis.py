@@ -128,6 +128,8 @@ class RedisBuffer(Buffer):
         put_timeout: seconds ``put`` waits for room before raising :class:`BufferFullError`.
     """
 
+    shared = True
+
     def __init__(
         self,
         url: str | None = None,
@@ -158,6 +160,7 @@ class RedisBuffer(Buffer):
         self.maxlen, self.block_ms, self.claim_idle_ms = maxlen, block_ms, claim_idle_ms
         self.connect_timeout, self.put_timeout = connect_timeout, put_timeout
         self._closed = False
+        self._pid = os.getpid()  # the process this handle (and its connection) belongs to
         # ids delivered to this handle and not acked by it: XAUTOCLAIM also returns our own idle
         # entries (refreshing their idle time); those are not handed out a second time
         self._outstanding: set[str] = set()
@@ -245,6 +248,11 @@ class RedisBuffer(Buffer):
         log.warning("RedisBuffer: group %s on %s vanished; recreating it", self.group, self.stream)
         self._create_group("0")  # the key was deleted: whatever is in it now was written since
         return self._call(fn, *args, **kwargs)
+
+    def for_this_process(self) -> RedisBuffer:
+        """This handle in the process that opened it; a new one (its own connection and consumer
+        name) in any other, e.g. a forked rank."""
+        return self if os.getpid() == self._pid else RedisBuffer(**self.config())
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-serialisable) to rebuild this buffer in another process:
