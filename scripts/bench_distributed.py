@@ -4,6 +4,12 @@ the single-process run, and the weight-sync time, on the tiny policy.
     python scripts/bench_distributed.py                       # cispo_countdown, starts a redis-server
     python scripts/bench_distributed.py --experiment mcts_countdown --steps 6 --batch 4
     python scripts/bench_distributed.py --redis-url redis://127.0.0.1:6379/0 --policy /path/to/policy
+    python scripts/bench_distributed.py --gather both         # the weight sync's gather: flat buckets vs per tensor
+
+``--gather``: how the trainers gather the FSDP2 shards for a weight sync (``strategy.gather_bucket_mb``):
+``bucketed`` (the default, flat buckets of 64 MB, a few collectives), ``per-tensor`` (one collective
+per tensor, ``get_model_state_dict``: what it replaced), or ``both``: one distributed row for each,
+alternated in the same run, so that the two are measured under the same load.
 
 Both runs are ``python train.py`` with the same experiment, the same number of optimiser steps and
 the same global batch (single process: ``2 x --batch`` per step; distributed: ``--batch`` per
@@ -178,6 +184,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="trajectories per trainer per step")
     ap.add_argument("--problems", type=int, default=2, help="generation.problems_per_rollout")
     ap.add_argument(
+        "--gather",
+        choices=["bucketed", "per-tensor", "both"],
+        default="bucketed",
+        help="the weight sync's gather of the FSDP2 shards (strategy.gather_bucket_mb 64 or 0), or both",
+    )
+    ap.add_argument(
         "--repeats", type=int, default=3, help="runs of each setup, alternated (a shared box is noisy)"
     )
     ap.add_argument("--redis-url", default=None, help="default: start a throwaway redis-server")
@@ -186,8 +198,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs")
     args = ap.parse_args()
 
+    gathers = {"bucketed": ["bucketed"], "per-tensor": ["per-tensor"], "both": ["per-tensor", "bucketed"]}[
+        args.gather
+    ]
+    bucket_mb = {"bucketed": 64, "per-tensor": 0}
     single: list[dict] = []
-    dist: list[dict] = []
+    dist: dict[str, list[dict]] = {g: [] for g in gathers}
     with tempfile.TemporaryDirectory(prefix="tsd-bench-dist-") as d, _redis(args.redis_url) as url:
         tmp = Path(d)
         policy, kind = _policy(args.policy, tmp)
@@ -209,16 +225,18 @@ def main() -> None:
                     args.threads,
                 )
             )
-            dist_overrides = [
-                *common,
-                f"data.batch_size={args.batch}",
-                "strategy=generator_trainer",
-                "buffer=redis",
-                "trainer.devices=3",
-                f"buffer.url={url}",
-                f"buffer.stream=tsd-bench:{uuid.uuid4().hex[:8]}",
-            ]
-            dist.append(_run(f"distributed{i}", dist_overrides, tmp, args.timeout, args.threads))
+            for g in gathers:
+                dist_overrides = [
+                    *common,
+                    f"data.batch_size={args.batch}",
+                    "strategy=generator_trainer",
+                    f"strategy.gather_bucket_mb={bucket_mb[g]}",
+                    "buffer=redis",
+                    "trainer.devices=3",
+                    f"buffer.url={url}",
+                    f"buffer.stream=tsd-bench:{uuid.uuid4().hex[:8]}",
+                ]
+                dist[g].append(_run(f"distributed_{g}{i}", dist_overrides, tmp, args.timeout, args.threads))
 
     print(
         f"\n{args.experiment}, policy: {kind}\n{os.cpu_count()} CPU cores, {args.threads} thread(s) per process; "
@@ -228,7 +246,8 @@ def main() -> None:
     print(f"{head}  weight sync (median)")
     line, base = _row("single process", single, 2 * args.batch, None)
     print(line)
-    print(_row("1 generator + 2 trainers", dist, 2 * args.batch, base)[0])
+    for g in gathers:
+        print(_row(f"1 gen + 2 trainers, {g}", dist[g], 2 * args.batch, base)[0])
 
 
 if __name__ == "__main__":

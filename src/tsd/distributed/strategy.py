@@ -34,8 +34,9 @@ What is sharded. The module's ``policy`` (the LM + value head: what is trained) 
 transformer block (``policy.transformer_blocks()``) plus one root unit; the frozen reference policy
 (``ref``, for the KL term) is replicated on every trainer: it needs no gradients or optimiser
 state, and a replicated forward costs no communication. Trainer rank 0 also keeps an unsharded
-CPU copy of the policy (the *shadow*): :meth:`full_policy` gathers the shards into it, and it is
-what the weight sync sends, and what evaluation (:class:`~tsd.callbacks.mean_at_k.MeanAtKEval`) and export read.
+CPU copy of the policy (the *shadow*): :meth:`full_policy` gathers the shards into it, in flat
+buckets (:func:`~tsd.distributed.gather.gather_full_state`), and it is what the weight sync
+sends, and what evaluation (:class:`~tsd.callbacks.mean_at_k.MeanAtKEval`) and export read.
 
 Data. Each trainer rank reads its own ``data.batch_size`` trajectories from the shared Redis
 buffer under its own consumer name: the global batch is ``data.batch_size x T``. Gradients are
@@ -81,6 +82,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import nn
 
 from tsd.config import ConfigError, check_choice, check_int, check_number
+from tsd.distributed.gather import gather_full_state
 from tsd.distributed.launcher import GeneratorTrainerLauncher
 from tsd.distributed.weight_sync import ControlChannel, sync_group
 from tsd.models.policy_value import PolicyValueModel
@@ -101,6 +103,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         sync_timeout_s: float = 300.0,
         stop_timeout_s: float = 300.0,
         start_method: str = "fork",
+        gather_bucket_mb: float = 64.0,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -118,6 +121,10 @@ class GeneratorTrainerStrategy(ParallelStrategy):
                 last rollout and leave.
             start_method: how single-machine ranks are started ("fork": after Hydra made the run
                 directory, with nothing pickled); ignored under torchrun/SLURM.
+            gather_bucket_mb: the full weights are gathered onto rank 0 in flat buckets of at most
+                this many MB, one collective each (:func:`~tsd.distributed.gather.gather_full_state`);
+                0: one collective per tensor (``get_model_state_dict``, the slower path it replaced,
+                kept to measure against: ``scripts/bench_distributed.py``).
             accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin:
                 set by Lightning from ``trainer.*``.
         """
@@ -137,6 +144,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
             check_number(v, f"strategy.{name}", low=0, low_open=True)
         check_choice(backend, "strategy.backend", (None, "gloo", "nccl"))
         check_choice(start_method, "strategy.start_method", ("fork", "spawn", "forkserver"))
+        self.gather_bucket_mb = check_number(gather_bucket_mb, "strategy.gather_bucket_mb", low=0)
         self.num_generators = num_generators
         self._backend = backend
         self.timeout_s, self.sync_timeout_s, self.stop_timeout_s = timeout_s, sync_timeout_s, stop_timeout_s
@@ -373,11 +381,15 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         and export of one step share it)."""
         step = pl_module.trainer.global_step
         if step != self._gathered_step:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            policy = self._policy()
+            if self.gather_bucket_mb > 0:
+                full = gather_full_state(policy, dst=0, bucket_bytes=int(self.gather_bucket_mb * 2**20))
+            else:  # one collective per tensor
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            full = get_model_state_dict(
-                self._policy(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )  # every tensor on rank 0 (CPU), {} elsewhere
+                full = get_model_state_dict(
+                    policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                )
             if self._shadow is not None and full is not None:
                 self._shadow.load_state_dict(full)
             self._gathered_step = step
