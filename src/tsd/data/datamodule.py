@@ -124,7 +124,10 @@ class TrajectoryDataModule(L.LightningDataModule):
     def _admit(self, items: list[BufferItem]) -> list[BufferItem]:
         """The items fit to train now: invalid ones are rejected (dead letters), stale ones acked
         and counted."""
-        keep, stale, bad, reasons = [], [], [], []
+        keep: list[BufferItem] = []
+        stale: list[BufferItem] = []
+        bad: list[BufferItem] = []
+        reasons: list[str] = []
         for it in items:
             t = it.trajectory
             why = self.record_check.reason(t) if self.record_check is not None else None

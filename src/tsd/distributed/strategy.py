@@ -382,6 +382,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         step = pl_module.trainer.global_step
         if step != self._gathered_step:
             policy = self._policy()
+            full: Mapping[str, Any] | None
             if self.gather_bucket_mb > 0:
                 full = gather_full_state(policy, dst=0, bucket_bytes=int(self.gather_bucket_mb * 2**20))
             else:  # one collective per tensor

@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 
 class Problem(Protocol):
@@ -48,26 +48,30 @@ class Score:
         return self.reason is None
 
 
-class Env(ABC):
-    """Problems, prompts and grading for one task."""
+#: an env's own problem type (a Countdown ``Problem``, ...)
+P = TypeVar("P", bound=Problem)
+
+
+class Env(ABC, Generic[P]):
+    """Problems, prompts and grading for one task, over its own problem type ``P``."""
 
     @property
     @abstractmethod
-    def train(self) -> Sequence[Problem]:
+    def train(self) -> Sequence[P]:
         """The RL training problems (the held-out ``val`` problems excluded)."""
 
     @property
     @abstractmethod
-    def val(self) -> Sequence[Problem]:
+    def val(self) -> Sequence[P]:
         """Held-out training problems for choosing hyper-parameters (may be empty)."""
 
     @property
     @abstractmethod
-    def test(self) -> Sequence[Problem]:
+    def test(self) -> Sequence[P]:
         """The evaluation problems, disjoint from ``train`` and ``val``."""
 
     @abstractmethod
-    def render_prompt(self, problem: Problem, tokenizer: Any = None) -> str:
+    def render_prompt(self, problem: P, tokenizer: Any = None) -> str:
         """The prompt text of ``problem`` (through ``tokenizer``'s chat template when the env uses
         one)."""
 
@@ -77,14 +81,14 @@ class Env(ABC):
         return False
 
     @abstractmethod
-    def score(self, completion: str, problem: Problem) -> Score:
+    def score(self, completion: str, problem: P) -> Score:
         """Grade ``completion`` (never the prompt) against ``problem``; must never raise: model
         output is hostile input."""
 
-    def describe(self, problem: Problem) -> str:
+    def describe(self, problem: P) -> str:
         """One line naming ``problem`` for tables and pictures."""
         return f"problem {problem.id}"
 
-    def to_record(self, problem: Problem) -> dict[str, Any]:
+    def to_record(self, problem: P) -> dict[str, Any]:
         """``problem`` as JSON-able fields (without its id), for exported trees and samples."""
         return {}

@@ -64,7 +64,7 @@ class RolloutWorker:
         return order
 
     def next_problems(self) -> list[Problem]:
-        out = []
+        out: list[Problem] = []
         while len(out) < self.problems_per_rollout:
             if self.cursor >= len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0

@@ -27,7 +27,7 @@ from tsd.envs.countdown.problem import Problem
 from tsd.envs.countdown.splits import cached_splits, check_generation_args, hold_out, read_jsonl, write_jsonl
 
 
-class CountdownEnv(Env):
+class CountdownEnv(Env[Problem]):
     """Countdown problems, prompts and grading (DESIGN.md, "Countdown").
 
     Splits are built lazily on first access of :attr:`train` / :attr:`val` / :attr:`test`: read
