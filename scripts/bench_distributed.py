@@ -4,6 +4,12 @@ the single-process run, and the weight-sync time, on the tiny policy.
     python scripts/bench_distributed.py                       # cispo_countdown, starts a redis-server
     python scripts/bench_distributed.py --experiment mcts_countdown --steps 6 --batch 4
     python scripts/bench_distributed.py --redis-url redis://127.0.0.1:6379/0 --policy /path/to/policy
+    python scripts/bench_distributed.py --gather both         # the weight sync's gather: flat buckets vs per tensor
+
+``--gather``: how the trainers gather the FSDP2 shards for a weight sync (``strategy.gather_bucket_mb``):
+``bucketed`` (the default, flat buckets of 64 MB, a few collectives), ``per-tensor`` (one collective
+per tensor, ``get_model_state_dict``: what it replaced), or ``both``: one distributed row for each,
+alternated in the same run, so that the two are measured under the same load.
 
 Both runs are ``python train.py`` with the same experiment, the same number of optimiser steps and
 the same global batch (single process: ``2 x --batch`` per step; distributed: ``--batch`` per
@@ -53,8 +59,8 @@ class ThroughputProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         dm, m = trainer.datamodule, trainer.callback_metrics
-        if dm.trainer_version != self.version:  # RolloutSync synced at this step
-            self.version = dm.trainer_version
+        if dm.clock.published != self.version:  # WeightSync published at this step
+            self.version = dm.clock.published
             self.syncs.append({k: float(v) for k, v in m.items() if k.startswith("perf/weight_")})
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -94,8 +100,9 @@ def _policy(path: str, tmp: Path) -> tuple[str, str]:
 
     if path != "tiny" or (TINY_POLICY_DIR / "model.safetensors").exists():
         return path, "trained" if path == "tiny" else path
+    from build_tiny_policy import TinyBuildConfig, make_policy
+
     from tsd.models.char_tokenizer import build_char_tokenizer
-    from tsd.models.tiny_build import TinyBuildConfig, make_policy
 
     d = tmp / "untrained_tiny"
     tok = build_char_tokenizer()
@@ -165,7 +172,7 @@ def _row(name: str, runs: list[dict], batch: int, base: float | None) -> tuple[s
     fit = statistics.median(r["seconds"] for r in runs)
     gen = statistics.median(r["generated_tokens"] / r["seconds"] for r in runs)
     dropped = statistics.median(r["dropped_stale"] for r in runs)
-    line = f"{name:<26} {fit:>7.1f} {med:>8.2f} {spread:>13} {ratio:>7} {gen:>10.0f} {dropped:>8.0f}  {_sync_ms(runs)}"
+    line = f"{name:<36} {fit:>7.1f} {med:>8.2f} {spread:>13} {ratio:>7} {gen:>10.0f} {dropped:>8.0f}  {_sync_ms(runs)}"
     return line, med
 
 
@@ -175,7 +182,13 @@ def main() -> None:
     ap.add_argument("--policy", default="tiny", help="model.name_or_path (default: the bundled tiny policy)")
     ap.add_argument("--steps", type=int, default=8, help="optimiser steps per run")
     ap.add_argument("--batch", type=int, default=16, help="trajectories per trainer per step")
-    ap.add_argument("--problems", type=int, default=2, help="data.problems_per_rollout")
+    ap.add_argument("--problems", type=int, default=2, help="generation.problems_per_rollout")
+    ap.add_argument(
+        "--gather",
+        choices=["bucketed", "per-tensor", "both"],
+        default="bucketed",
+        help="the weight sync's gather of the FSDP2 shards (strategy.gather_bucket_mb 64 or 0), or both",
+    )
     ap.add_argument(
         "--repeats", type=int, default=3, help="runs of each setup, alternated (a shared box is noisy)"
     )
@@ -185,8 +198,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs")
     args = ap.parse_args()
 
+    gathers = {"bucketed": ["bucketed"], "per-tensor": ["per-tensor"], "both": ["per-tensor", "bucketed"]}[
+        args.gather
+    ]
+    bucket_mb = {"bucketed": 64, "per-tensor": 0}
     single: list[dict] = []
-    dist: list[dict] = []
+    dist: dict[str, list[dict]] = {g: [] for g in gathers}
     with tempfile.TemporaryDirectory(prefix="tsd-bench-dist-") as d, _redis(args.redis_url) as url:
         tmp = Path(d)
         policy, kind = _policy(args.policy, tmp)
@@ -194,7 +211,7 @@ def main() -> None:
             f"experiment={args.experiment}",
             f"model.name_or_path={policy}",
             f"trainer.max_steps={args.steps}",
-            f"data.problems_per_rollout={args.problems}",
+            f"generation.problems_per_rollout={args.problems}",
             "trainer.enable_progress_bar=false",
             *args.overrides,
         ]
@@ -208,26 +225,29 @@ def main() -> None:
                     args.threads,
                 )
             )
-            dist_overrides = [
-                *common,
-                f"data.batch_size={args.batch}",
-                "strategy=generator_trainer",
-                "buffer=redis",
-                "trainer.devices=3",
-                f"buffer.url={url}",
-                f"buffer.stream=tsd-bench:{uuid.uuid4().hex[:8]}",
-            ]
-            dist.append(_run(f"distributed{i}", dist_overrides, tmp, args.timeout, args.threads))
+            for g in gathers:
+                dist_overrides = [
+                    *common,
+                    f"data.batch_size={args.batch}",
+                    "strategy=generator_trainer",
+                    f"strategy.gather_bucket_mb={bucket_mb[g]}",
+                    "buffer=redis",
+                    "trainer.devices=3",
+                    f"buffer.url={url}",
+                    f"buffer.stream=tsd-bench:{uuid.uuid4().hex[:8]}",
+                ]
+                dist[g].append(_run(f"distributed_{g}{i}", dist_overrides, tmp, args.timeout, args.threads))
 
     print(
         f"\n{args.experiment}, policy: {kind}\n{os.cpu_count()} CPU cores, {args.threads} thread(s) per process; "
         f"{args.steps} optimiser steps, global batch {2 * args.batch}; median of {args.repeats} runs each"
     )
-    head = f"{'setup':<26} {'fit s':>7} {'traj/s':>8} {'[min-max]':>13} {'ratio':>7} {'gen tok/s':>10} {'dropped':>8}"
+    head = f"{'setup':<36} {'fit s':>7} {'traj/s':>8} {'[min-max]':>13} {'ratio':>7} {'gen tok/s':>10} {'dropped':>8}"
     print(f"{head}  weight sync (median)")
     line, base = _row("single process", single, 2 * args.batch, None)
     print(line)
-    print(_row("1 generator + 2 trainers", dist, 2 * args.batch, base)[0])
+    for g in gathers:
+        print(_row(f"1 gen + 2 trainers, {g}", dist[g], 2 * args.batch, base)[0])
 
 
 if __name__ == "__main__":

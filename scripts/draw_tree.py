@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     out = rollout.run(problems, sampler, env, on_wave=progress)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, (p, tree, traj) in enumerate(zip(problems, rollout.trees, out.trajectories)):
-        d, title = describe(rollout, p, tree, traj, tok)
+        d, title = describe(rollout, p, tree, traj, tok, env)
         d["policy"] = which
         stem = args.out / f"tree_{i}"
         stem.with_suffix(".json").write_text(json.dumps(d, indent=1))

@@ -211,11 +211,8 @@ def part_fsdp(tokenizer, trajs: list[Trajectory], args, dtype) -> dict:
     if len(trajs) < args.batch:
         vocab = policy.config.vocab_size
         trajs = trajs + random_trajectories(tokenizer, vocab, args.batch - len(trajs), 64, args.tokens)
-    batch = {
-        k: v.to(args.device)
-        for k, v in collate_trajectories(trajs[: args.batch], tokenizer.pad_token_id).items()
-    }
-    tokens = int(batch["mask"].sum())
+    batch = collate_trajectories(trajs[: args.batch], tokenizer.pad_token_id).to(args.device)
+    tokens = int(batch.mask.sum())
     sync_device(args.device)
     t0 = time.perf_counter()
     out = module.compute_loss(batch)
@@ -230,7 +227,7 @@ def part_fsdp(tokenizer, trajs: list[Trajectory], args, dtype) -> dict:
     if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(norm))):
         raise RuntimeError(f"fsdp step: loss {loss}, grad norm {norm}")
     return {
-        "shape": f"B={len(trajs[: args.batch])}, {batch['input_ids'].shape[1]} positions, {tokens} trained tokens",
+        "shape": f"B={len(trajs[: args.batch])}, {batch.input_ids.shape[1]} positions, {tokens} trained tokens",
         "seconds": dt,
         "throughput": f"{tokens / dt:,.0f} tokens/s (loss {loss:.3f}, grad norm {norm:.3g})",
     }

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="tiny", help="'tiny' (bundled) or an exported policy directory")
     ap.add_argument("--problems", type=int, default=128, help="the last N problems of the train split")
     ap.add_argument(
-        "--batch", type=int, default=16, help="problems per rollout call (as data.problems_per_rollout)"
+        "--batch", type=int, default=16, help="problems per rollout call (as generation.problems_per_rollout)"
     )
     ap.add_argument("--bon", type=int, nargs="*", default=[4, 8, 16, 32, 64], help="best-of-N values of N")
     ap.add_argument("--budgets", type=parse_budget, nargs="*", default=[(4, 2), (4, 4), (4, 8), (8, 8), (8, 16)],

@@ -245,6 +245,17 @@ def _tiny_batch(tok):
                     tok.pad_token_id, torch.device("cpu"))  # fmt: skip
 
 
+def _forward_only(ids, mask):
+    """A TrajectoryBatch of these rows; what forward_batch does not read is zero."""
+    from tsd.data.batch import TrajectoryBatch
+
+    B, T = ids.shape[0], ids.shape[1] - 1
+    zeros = torch.zeros(B)
+    return TrajectoryBatch(
+        ids, mask, torch.zeros(B, T), torch.zeros(B, T), zeros, zeros, zeros, zeros.long(), zeros.long()
+    )
+
+
 def test_bundled_tiny_policy_logits_are_unchanged_in_fp32():
     policy, tok = load_policy("tiny")
     ids, mask, pos = _tiny_batch(tok)  # (B, L) each
@@ -319,7 +330,7 @@ def test_reference_policy_log_probs_equal_the_policys_at_init_in_bf16():
     module.policy.eval()
     ids, mask, _ = _tiny_batch(tok)
     with torch.no_grad():
-        out = module.forward_batch({"input_ids": ids, "attention_mask": mask})
+        out = module.forward_batch(_forward_only(ids, mask))
     assert out["ref_logp"].dtype == torch.float32
     assert torch.equal(out["logp"], out["ref_logp"])
 

@@ -19,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tsd.envs import countdown as cd
 from tsd.envs.countdown import (
     CountdownEnv,
     Problem,
@@ -32,6 +31,7 @@ from tsd.envs.countdown import (
     steps_to_expression,
     write_jsonl,
 )
+from tsd.envs.countdown import parser as cd
 
 NUMS, TARGET = (3, 5, 7, 2), 23
 
@@ -543,7 +543,7 @@ def test_default_split(default_splits):
         ({"count": 7}, "count"),
         ({"low": 0}, "low"),
         ({"high": 1001}, "high"),
-        ({"low": 5, "high": 4}, "high must be >= low"),
+        ({"low": 5, "high": 4}, r"high: 4 is out of range \(accepted: an integer >= low \(5\)\)"),
         ({"max_target": 0}, "max_target"),
         ({"seed": "0"}, "seed"),
         ({"seed": True}, "seed"),
@@ -644,6 +644,37 @@ def test_env_data_dir_writes_then_reads(tmp_path):
     (tmp_path / "train.jsonl").unlink()
     with pytest.raises(ValueError, match="only one of"):
         CountdownEnv(data_dir=tmp_path).train  # noqa: B018
+
+
+def test_validation_split_is_the_end_of_train_and_train_excludes_it(tmp_path):
+    full = CountdownEnv(seed=5, n_train=30, n_test=10)
+    assert full.val == [] and len(full.train) == 30  # n_val = 0: nothing changes
+    env = CountdownEnv(seed=5, n_train=30, n_test=10, n_val=4)
+    assert env.val == full.train[26:] and env.train == full.train[:26]  # the last 4, held out
+    assert [p.id for p in env.val] == [26, 27, 28, 29]  # their ids in the generated train split
+    assert env.test == full.test
+    keys = {
+        "train": {p.key for p in env.train},
+        "val": {p.key for p in env.val},
+        "test": {p.key for p in env.test},
+    }
+    assert (
+        not keys["train"] & keys["val"]
+        and not keys["val"] & keys["test"]
+        and not keys["train"] & keys["test"]
+    )
+    again = CountdownEnv(seed=5, n_train=30, n_test=10, n_val=4)
+    assert again.val == env.val and again.train == env.train  # deterministic from the seed
+    # with files: the whole training split is written, the same problems are held out on reading
+    written = CountdownEnv(data_dir=tmp_path, seed=5, n_train=30, n_test=10, n_val=4)
+    assert written.val == env.val and len(read_jsonl(tmp_path / "train.jsonl")) == 30
+    read = CountdownEnv(data_dir=tmp_path, n_val=4)
+    assert read.val == env.val and read.train == env.train
+    with pytest.raises(ValueError, match=r"n_val: 30 is out of range"):
+        CountdownEnv(data_dir=tmp_path, n_val=30).train  # noqa: B018
+    for bad in (-1, 30, 1.5):
+        with pytest.raises(ValueError, match="n_val"):
+            CountdownEnv(seed=5, n_train=30, n_test=10, n_val=bad)
 
 
 def test_env_warns_on_overlapping_files(tmp_path):

@@ -68,8 +68,9 @@ class RecordingHFSampler(HFSampler):
 
 
 class Accounting(L.Callback):
-    """On every trainer rank: what each optimiser step trained on, its lag and CISPO ratio; at each
-    sync, rank 0 saves the gathered weights (``trainer_v{version}.pt``); ``acct_rank{r}.json`` at the
+    """On every trainer rank: what each optimiser step trained on (the step, the versions, their
+    lags), its logged lag and CISPO ratio, and the versions published so far; at each publication,
+    rank 0 saves the gathered weights (``trainer_v{version}.pt``); ``acct_rank{r}.json`` at the
     end. ``kill_rank`` SIGKILLs itself after receiving its batch of step ``kill_at_step``."""
 
     def __init__(self, dirpath: str, kill_rank: int | None = None, kill_at_step: int = 1) -> None:
@@ -77,27 +78,35 @@ class Accounting(L.Callback):
         self.kill_rank, self.kill_at_step = kill_rank, kill_at_step
         self.steps: list[dict] = []
         self.version = 0
+        self.published = [0]
+
+    def on_train_start(self, trainer, pl_module):
+        # a resumed run publishes the checkpoint's weights at start (WeightSync runs before this)
+        self.version = trainer.datamodule.clock.published
+        self.published = sorted({0, self.version})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_rank == self.kill_rank and trainer.global_step == self.kill_at_step:
-            (self.dir / f"killed_rank{trainer.global_rank}.json").write_text(json.dumps(batch["buffer_ids"]))
+            (self.dir / f"killed_rank{trainer.global_rank}.json").write_text(json.dumps(batch.buffer_ids))
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dm, m = trainer.datamodule, trainer.callback_metrics
         self.steps.append(
             {
-                "step": trainer.global_step,
-                "ids": list(batch["buffer_ids"]),
-                "versions": batch["versions"].tolist(),
-                "version_before": self.version,
+                "step": trainer.global_step - 1,  # the step this batch trained (WeightSync moved the clock)
+                "ids": list(batch.buffer_ids),
+                "versions": batch.versions.tolist(),
+                "lags": batch.lags.tolist(),
+                "published": list(self.published),  # the versions published before this step
                 "lag": float(m["train/policy_lag"]),
                 "ratio": float(m["train/ratio_mean"]),
             }
         )
-        if dm.trainer_version != self.version:  # RolloutSync synced at this step
-            self.version = dm.trainer_version
-            full = trainer.strategy.full_policy_state_dict(pl_module)  # collective; rank 0 gets it
+        if dm.clock.published != self.version:  # WeightSync published at this step
+            self.version = dm.clock.published
+            self.published.append(self.version)
+            full = trainer.strategy.full_policy(pl_module)  # collective; rank 0 gets it
             if full is not None:
                 state = {k: v.detach().clone() for k, v in full.state_dict().items()}
                 torch.save(state, self.dir / f"trainer_v{self.version}.pt")
@@ -111,6 +120,20 @@ class Accounting(L.Callback):
             "world_size": trainer.world_size,
         }
         (self.dir / f"acct_rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+def _check_lags(steps: list[dict], max_lag: int) -> None:
+    """Lag in optimiser steps, by hand: a trajectory trained at step s, made by the weights of
+    version v (a step whose weights were published before s), has lag s - v, at least s minus the
+    newest publication (the generators cannot hold newer weights), at most max_lag; the logged
+    train/policy_lag is their mean."""
+    for s in steps:
+        expected = [s["step"] - v for v in s["versions"]]
+        assert s["lags"] == expected, s
+        assert all(v in s["published"] for v in s["versions"]), s
+        newest = max(p for p in s["published"] if p <= s["step"])
+        assert all(s["step"] - newest <= lag <= max_lag for lag in expected), s
+        assert s["lag"] == pytest.approx(sum(expected) / len(expected)), s
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -205,13 +228,10 @@ def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int, policy_dir:
     assert all(len(s["ids"]) == 4 for a in accts for s in a["steps"])  # data.batch_size per rank
     assert len(trained) == len(set(trained)), "a trajectory was trained twice"
 
-    # versions and lag are recorded; nothing older than max_lag is trained (Lightning reads a batch
-    # one step early; the DataModule re-checks it after the sync that may come in between)
+    # versions and lag (in optimiser steps) are recorded; nothing older than max_lag is trained
+    # (Lightning reads a batch one step early; the DataModule re-checks it after the step between)
     for a in accts:
-        for s in a["steps"]:
-            lags = [s["version_before"] - v for v in s["versions"]]
-            assert all(0 <= lag <= max_lag for lag in lags), s
-            assert s["lag"] == pytest.approx(sum(lags) / len(lags))
+        _check_lags(a["steps"], max_lag)
 
     # after a sync the generator holds exactly the trainers' gathered weights
     synced = sorted(int(p.stem.split("_v")[1]) for p in rec.glob("gen_v*.pt"))
@@ -251,7 +271,9 @@ def _check_ratios(accts: list[dict], rec: Path, policy_dir: str, require_stale: 
 
     on_policy = stale = 0  # steps whose data all came from the trained LM / all from older ones
     for s in (s for a in accts for s in a["steps"]):
-        now, versions = s["version_before"], set(s["versions"])
+        now, versions = s["step"], set(s["versions"])
+        if now not in weights:  # the weights of a step between two publications were not saved
+            continue
         if all(lm_same(v, now) for v in versions):
             assert s["ratio"] == pytest.approx(1.0, abs=1e-3), s
             on_policy += 1
@@ -311,8 +333,9 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
             "rollout.workers=2",
             "rollout.completions_per_node=2",
             "rollout.iterations=2",
-            "data.max_lag=2",
-            "trainer.max_steps=3",
+            "data.sync_every=2",  # lags of 0 and 1 step between publications
+            "data.max_lag=3",
+            "trainer.max_steps=4",
             "callbacks.eval.at_start=false",
             "callbacks.checkpoint=null",
             f"hydra.sweep.dir={sweep}",
@@ -320,12 +343,15 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=2, policy_dir=policy_dir)
+    accts = _check_run(rec, redis_url, stream, max_lag=3, policy_dir=policy_dir)
     _check_ratios(accts, rec, policy_dir, require_stale=False)
+    assert all(
+        v % 2 == 0 for a in accts for s in a["steps"] for v in s["versions"]
+    )  # published every 2 steps
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
     res = json.loads((jobs[0] / "results.json").read_text())
-    assert res["global_step"] == 3
+    assert res["global_step"] == 4
     # the search ran on the generator rank; its statistics reach the trainers' logs with the batches
     assert res["search/tree_size"] >= 1 and 0 <= res["search/terminal_fraction"] <= 1
     assert res["perf/rollout_seconds"] > 0
@@ -425,6 +451,7 @@ def test_resume_after_a_killed_trainer_trains_only_what_its_own_generators_write
             "callbacks.checkpoint=null",
             f"ckpt_path={ckpt}",
             "trainer.max_steps=4",
+            "data.sync_every=8",  # no publication in steps 3-4: only the one at start, of step 2
             f"hydra.run.dir={tmp_path / 'run_b'}",
         ],
         tmp_path,
@@ -437,7 +464,11 @@ def test_resume_after_a_killed_trainer_trains_only_what_its_own_generators_write
     assert len(steps) == 4 and len(trained) == 16  # steps 3 and 4 on both trainers, 4 each
     assert not set(trained) & set(left)
     assert all(_id_key(i) > _id_key(left[-1]) for i in trained)  # written after B started
-    assert all(s["lag"] >= 0 for s in steps), steps
+    _check_lags(steps, max_lag=4)
+    # the generators restarted with the initial weights (version 0) until the checkpoint's (step 2)
+    # arrived: every trajectory is one or the other, and its lag counts the steps since it
+    assert {v for s in steps for v in s["versions"]} <= {0, 2}
+    assert all(s["published"] == [0, 2] for s in steps), steps
 
 
 def _rank_pids(parent: int) -> list[int]:
@@ -627,7 +658,7 @@ def _pair(layout_a, layout_b):
     cpu = torch.device("cpu")
     return (
         WeightSender(layout_a, groups[0], cpu),
-        WeightReceiver(layout_b, groups[1], cpu, control, poll_s=0.01),
+        WeightReceiver(layout_b, groups[1], cpu, control, wait_s=30),
         control,
     )
 
@@ -670,3 +701,50 @@ def test_generator_with_another_model_fails_at_the_handshake(random_policy, char
     sender.handshake()
     t.join()
     assert errors and "same model.name_or_path" in str(errors[0].value)
+
+
+# ---------------------------------------------------------------------------- bucketed gather, 3 gloo processes
+def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from conftest import make_random_policy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tsd.distributed.gather import gather_full_state
+    from tsd.models.char_tokenizer import build_char_tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        policy = make_random_policy(build_char_tokenizer(), hidden=48, layers=3)  # the same on every rank
+        reference = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        mesh = init_device_mesh("cpu", (world,))
+        for block in policy.transformer_blocks():
+            fully_shard(block, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
+        bucketed = gather_full_state(policy, dst=0, bucket_bytes=8192)  # small: many buckets
+        per_tensor = get_model_state_dict(
+            policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if rank == 0:
+            assert list(bucketed) == list(reference), "same keys, in state_dict order"
+            for k, v in reference.items():
+                assert bucketed[k].shape == v.shape and torch.equal(bucketed[k], v), k
+                assert torch.equal(bucketed[k], per_tensor[k]), k
+            Path(out).write_text(json.dumps({"tensors": len(bucketed)}))
+        else:
+            assert bucketed is None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_bucketed_gather_of_fsdp2_shards_equals_the_per_tensor_gather(tmp_path):
+    """FSDP2 shards a 89-row embedding over 3 ranks as 30 + 30 + 29 rows; the flat-bucket gather
+    rebuilds every tensor bit for bit as get_model_state_dict does (and as it was unsharded)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "gathered.json"
+    mp.start_processes(_gather_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="fork")
+    assert json.loads(out.read_text())["tensors"] > 20

@@ -44,6 +44,22 @@ def test_run_id_is_the_checkpoints_on_resume_else_configured_else_from_the_run_d
         resolve_run_id("no spaces", None, tmp_path)
 
 
+def test_a_checkpoint_from_before_the_policy_clock_is_refused_with_one_line(tmp_path):
+    """Versions used to count weight syncs: resuming such a checkpoint would read its versions as
+    optimiser steps (and fail on its missing clock state); it is refused before anything loads."""
+    import torch
+
+    from tsd.resume import read_checkpoint
+
+    old = tmp_path / "old.ckpt"
+    torch.save(
+        {"global_step": 4, "state_dict": {}, "TrajectoryDataModule": {"run_id": "r1", "trainer_version": 2}},
+        old,
+    )
+    with pytest.raises(ConfigError, match="ckpt_path: .* before policy versions counted optimiser steps"):
+        read_checkpoint(old)
+
+
 def _train(overrides: list[str], out: Path, redis_url: str, prefix: str) -> dict:
     from tsd.train import train
 

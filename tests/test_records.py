@@ -118,8 +118,14 @@ def _hostile_mix() -> list[Trajectory]:
 
 
 def _datamodule(buffer) -> TrajectoryDataModule:
+    from tsd.envs.countdown import CountdownEnv
+    from tsd.generation.remote import RemoteGeneration
+    from tsd.samplers.hf import HFSampler
+
+    elsewhere = RemoteGeneration(GroupRollout(), CountdownEnv(n_train=4, n_test=1), HFSampler, None, buffer)
     dm = TrajectoryDataModule(
         buffer,
+        elsewhere,
         batch_size=2,
         max_lag=4,
         pad_id=0,
@@ -127,23 +133,23 @@ def _datamodule(buffer) -> TrajectoryDataModule:
         get_timeout=0.2,
         record_check=RecordCheck(VOCAB, CONTEXT),
     )
-    dm.trainer_version = 3
+    dm.clock.advance(3)  # the trainer is at optimiser step 3
     return dm
 
 
 def _check_rejected(buffer, dm, batch):
-    assert batch["input_ids"].shape == (2, 5)  # the 65,000-token record never reached collation
+    assert batch.input_ids.shape == (2, 5)  # the 65,000-token record never reached collation
     assert dm.stats()["buffer/dropped_invalid"] == 4.0
     dead = buffer.dead_letters()
     assert len(dead) == 4
     reasons = [d["reason"] for d in dead]
     assert "token id 5000 is outside the model's vocabulary (89 ids)" in reasons[0]
     assert "65002 tokens, more than the model's context (512)" in reasons[1]
-    assert "policy_version 1000000000 is ahead of the trainer's 3" in reasons[2]
-    assert "policy_version 4 is ahead of the trainer's 3" in reasons[3]
+    assert "policy_version 1000000000 is ahead of the trainer's step 3" in reasons[2]
+    assert "policy_version 4 is ahead of the trainer's step 3" in reasons[3]
     assert json.loads(dead[0]["record"])["problem_id"] == 1  # the record itself is kept to debug
     assert buffer.pending() == 2  # only the batch's two: the rejected ones are acked
-    dm.ack(batch["buffer_ids"])
+    dm.ack(batch.buffer_ids)
     assert buffer.pending() == 0 and len(buffer) == 0
 
 
@@ -152,7 +158,7 @@ def test_datamodule_rejects_to_dead_letters_and_trains_the_rest_memory():
     dm = _datamodule(buf)
     buf.put(_hostile_mix())
     batch = dm.next_batch()
-    assert sorted(int(t) for t in batch["versions"]) == [3, 3]
+    assert sorted(int(t) for t in batch.versions) == [3, 3]
     _check_rejected(buf, dm, batch)
     # the count survives a checkpoint
     state = dm.state_dict()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +17,10 @@ from tsd.envs.countdown import CountdownEnv, Problem
 from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, SPECIAL_TOKENS, TAGS, build_char_tokenizer
 from tsd.models.loading import is_char_tokenizer_dir, load_policy
 from tsd.models.policy_value import PolicyValueModel
-from tsd.models.tiny_build import (
-    TinyBuildConfig,
-    make_policy,
-    random_solution,
-    sample_completion,
-    sample_completions,
-    train_policy,
-)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from build_tiny_policy import TinyBuildConfig, make_policy, train_policy  # noqa: E402
+from tiny_traces import random_solution, sample_completion  # noqa: E402
 
 BUILT = (TINY_POLICY_DIR / "model.safetensors").exists()
 needs_bundle = pytest.mark.skipif(
@@ -104,11 +102,15 @@ def test_bundle_scores_what_its_build_recorded(bundled):
 @needs_bundle
 def test_bundle_samples_tag_structured_text(bundled):
     model, tok = bundled
+    from tsd.rollouts.base import decode_completion, encode_prompt
+    from tsd.samplers.hf import HFSampler
+
     env = CountdownEnv(n_train=0, n_test=0)
-    torch.manual_seed(0)
-    samples = sample_completions(
-        model, tok, [env.plain_prompt(p) for p in PROBLEMS[:4]], k=8, max_new_tokens=80
+    sampler = HFSampler(model, tok, temperature=1.0, seed=0)
+    outs = sampler.sample(
+        [encode_prompt(env, p, tok) for p in PROBLEMS[:4]], n=8, max_new_tokens=80, stop="answer"
     )
+    samples = [[decode_completion(tok, c.token_ids) for c in conts] for conts in outs]
     flat = [c for per_problem in samples for c in per_problem]
     assert len(flat) == 32
     structured = [c for c in flat if c.startswith("<step>") and "</step>" in c and c.endswith("</answer>")]

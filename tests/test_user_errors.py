@@ -56,6 +56,8 @@ BAD_COMMANDS = [
     ("train.py", ["+data.batchsize=4"], "data.batchsize"),  # a typo of data.batch_size
     ("train.py", ["+sampler.topp=0.9"], "sampler.topp"),  # a typo of a _target_'s argument
     ("train.py", ["run_id=has/slash"], "run_id"),
+    # one process would run identical copies of one generation on each device
+    ("train.py", ["trainer.devices=2"], "trainer.devices"),
     ("eval.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
     ("eval.py", ["+eval.kk=4"], "eval.kk"),
 ]

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
+from tsd.config import check_bool, check_int, check_number
+from tsd.data.batch import TrajectoryBatch
 from tsd.models.policy_value import PolicyValueModel, lm_logits, token_logprobs
 from tsd.rl.losses import RLObjective
 
@@ -36,8 +38,7 @@ def warmup_constant(
     optimizer: torch.optim.Optimizer, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps`` optimiser steps, then constant."""
-    if warmup_steps < 0:
-        raise ValueError(f"module.scheduler.warmup_steps: must be >= 0, got {warmup_steps}")
+    check_int(warmup_steps, "module.scheduler.warmup_steps", low=0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
 
 
@@ -45,8 +46,9 @@ def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 1000, min_ratio: float = 0.1
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to ``min_ratio`` of the peak at ``total_steps``."""
-    if total_steps < 1 or not 0.0 <= min_ratio <= 1.0:
-        raise ValueError("module.scheduler: total_steps must be >= 1 and min_ratio in [0, 1]")
+    check_int(warmup_steps, "module.scheduler.warmup_steps", low=0)
+    check_int(total_steps, "module.scheduler.total_steps", low=1)
+    check_number(min_ratio, "module.scheduler.min_ratio", low=0, high=1)
 
     def f(s: int) -> float:
         if s < warmup_steps:
@@ -86,12 +88,10 @@ class PolicyValueModule(L.LightningModule):
                 or trains the value head alone (False).
         """
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"module.temperature: must be > 0, got {temperature}")
-        if not grad_clip >= 0:
-            raise ValueError(f"module.grad_clip: must be >= 0, got {grad_clip}")
-        if max_bad_steps < 1:
-            raise ValueError(f"module.max_bad_steps: must be >= 1, got {max_bad_steps}")
+        check_number(temperature, "module.temperature", low=0, low_open=True)
+        check_number(grad_clip, "module.grad_clip", low=0)
+        check_int(max_bad_steps, "module.max_bad_steps", low=1)
+        check_bool(value_trunk_grad, "module.value_trunk_grad")
         self.automatic_optimization = False
         self.policy = policy.train()
         self.objective = objective
@@ -119,9 +119,9 @@ class PolicyValueModule(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}
 
-    def forward_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward_batch(self, batch: TrajectoryBatch) -> dict[str, torch.Tensor]:
         """Per-token log-probs, values and reference log-probs over the target positions."""
-        input_ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, L)
+        input_ids, attn = batch.input_ids, batch.attention_mask  # (B, L)
         logits, values, _ = self.policy(
             input_ids, attention_mask=attn, detach_value_input=not self.value_trunk_grad
         )  # (B, L, V), (B, L)
@@ -134,21 +134,21 @@ class PolicyValueModule(L.LightningModule):
                 out["ref_logp"] = token_logprobs(ref_logits, targets, self.temperature, self.banned_token_ids)
         return out
 
-    def compute_loss(self, batch: dict):
+    def compute_loss(self, batch: TrajectoryBatch):
         fwd = self.forward_batch(batch)
-        adv = batch["advantages"]  # (B,), NaN -> value baseline
+        adv = batch.advantages  # (B,), NaN -> value baseline
         nan = torch.isnan(adv)
         if bool(nan.any()) and not bool(nan.all()):
             raise ValueError("a batch mixes trajectories with and without rollout advantages")
         return self.objective(
             logp=fwd["logp"],
-            behaviour_logp=batch["behaviour_logp"],
+            behaviour_logp=batch.behaviour_logp,
             ref_logp=fwd.get("ref_logp"),
             values=fwd["values"],
             old_values=fwd["values"].detach(),
-            rewards=batch["rewards"],
+            rewards=batch.rewards,
             advantages=None if bool(nan.all()) else adv,
-            mask=batch["mask"],
+            mask=batch.mask,
         )
 
     def _skip(self, why: str) -> None:
@@ -163,7 +163,7 @@ class PolicyValueModule(L.LightningModule):
                 "check the rewards and behaviour log-probs."
             )
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: TrajectoryBatch, batch_idx: int) -> None:
         opt = self.optimizers()
         out = self.compute_loss(batch)
         finite = bool(torch.isfinite(out.loss))
@@ -188,24 +188,24 @@ class PolicyValueModule(L.LightningModule):
             sch.step()
         self.bad_steps_in_row = 0
 
-        mask = batch["mask"]
+        mask = batch.mask
         B = mask.shape[0]
         self.trained_tokens += int(mask.sum().item())
-        trainer_version = getattr(self.trainer.datamodule, "trainer_version", 0) if self._trainer else 0
         metrics = {
             "train/loss": out.loss.detach(),
             **{f"train/{k}": v for k, v in out.metrics.items()},
-            "train/reward": batch["rewards"].mean(),
-            "train/correct": batch["correct"].mean(),
-            "train/policy_lag": (trainer_version - batch["versions"].float()).mean(),
+            "train/reward": batch.rewards.mean(),
+            "train/correct": batch.correct.mean(),
+            # optimiser steps between the weights that generated each trajectory and these
+            "train/policy_lag": batch.lags.float().mean(),
             "train/grad_norm": grad_norm.detach(),
             "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
             "train/completion_tokens_mean": mask.sum(1).mean(),
             "compute/trained_tokens": float(self.trained_tokens),
         }
-        metrics.update({k: float(v) for k, v in batch.get("stats", {}).items()})
+        metrics.update({k: float(v) for k, v in batch.stats.items()})
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=B)
-        self.log("reward", batch["rewards"].mean(), prog_bar=True, logger=False, batch_size=B)
+        self.log("reward", batch.rewards.mean(), prog_bar=True, logger=False, batch_size=B)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

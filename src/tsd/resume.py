@@ -73,6 +73,12 @@ def read_checkpoint(ckpt_path: Any) -> CheckpointInfo:
             f"ckpt_path: {text!r} is not a Lightning training checkpoint (no global_step / state_dict)"
         )
     dm = state.get(DATAMODULE_KEY)
+    if isinstance(dm, dict) and "trainer_version" in dm and "clock" not in dm:
+        raise ConfigError(
+            f"ckpt_path: {text!r} was written before policy versions counted optimiser steps (its data "
+            "state holds a sync count, trainer_version, not the policy clock); resume it with the tsd "
+            "commit that wrote it, or start a new run from its exported policy (model.name_or_path)"
+        )
     run_id = dm.get("run_id") if isinstance(dm, dict) else None
     callbacks = state.get("callbacks")
     return CheckpointInfo(

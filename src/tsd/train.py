@@ -21,7 +21,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tsd.config import DTYPES, ConfigError, apply_threads, build, config_dir, dtype_of, require
+from tsd.config import (
+    DTYPES,
+    ConfigError,
+    apply_threads,
+    build,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    config_dir,
+    dtype_of,
+    require,
+)
 from tsd.config_checks import check_known_keys, check_policy_source, check_target_keys
 from tsd.resume import read_checkpoint, resolve_run_id
 
@@ -33,28 +45,21 @@ warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimiz
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
-GROUPS = ("model", "env", "sampler", "rollout", "loss", "buffer", "data", "module", "trainer")
+GROUPS = (
+    *("model", "env", "sampler", "rollout", "loss", "buffer"),
+    *("generation", "data", "module", "strategy", "trainer"),
+)
 #: the keys of the config nodes train() reads itself (the ``_target_`` nodes are checked against
-#: their targets' signatures): any other key is a typo, refused (``+data.batchsize=4``)
+#: their targets' signatures): any other key is a typo, refused (``+model.dtypo=float32``)
 KNOWN_KEYS = {
     "": {
         *GROUPS,
-        *("callbacks", "logger", "strategy", "paths"),
+        *("callbacks", "logger", "paths"),
         *("task_name", "seed", "threads", "tags", "ckpt_path", "run_id", "optimized_metric"),
     },
     "model": {"name_or_path", "dtype"},
-    "data": {"batch_size", "problems_per_rollout", "sync_every", "max_lag", "max_wait"},
-    "module": {"optimizer", "scheduler", "grad_clip", "value_trunk_grad", "max_bad_steps"},
     "paths": {"root_dir", "output_dir"},
 }
-
-
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _integer(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -63,38 +68,28 @@ def _validate(cfg: DictConfig) -> None:
     check_known_keys(cfg, KNOWN_KEYS, containers=("callbacks", "logger"))
     for group in GROUPS:
         require(cfg.get(group) is not None, group, "a config group (see configs/)", None)
-    require(_integer(cfg.seed), "seed", "an integer", cfg.seed)
+    check_int(cfg.seed, "seed")
     d = cfg.data
-    for k in ("batch_size", "problems_per_rollout", "sync_every"):
-        require(_integer(d[k]) and d[k] >= 1, f"data.{k}", "an integer >= 1", d[k])
-    require(_integer(d.max_lag) and d.max_lag >= 0, "data.max_lag", "an integer >= 0", d.max_lag)
-    require(_number(d.max_wait) and d.max_wait > 0, "data.max_wait", "seconds > 0", d.max_wait)
-    ms = cfg.trainer.get("max_steps", -1)
-    require(_integer(ms) and ms >= 1, "trainer.max_steps", "an integer >= 1", ms)
+    for k in ("batch_size", "sync_every"):
+        check_int(d.get(k), f"data.{k}", low=1)
+    check_int(d.get("max_lag"), "data.max_lag", low=0)
+    check_number(d.get("max_wait"), "data.max_wait", low=0, low_open=True)
+    check_int(cfg.generation.get("problems_per_rollout"), "generation.problems_per_rollout", low=1)
+    check_int(cfg.trainer.get("max_steps", -1), "trainer.max_steps", low=1)
     m = cfg.module
     lr = m.optimizer.get("lr") if m.get("optimizer") else None
-    require(_number(lr) and 0 < lr < 1, "module.optimizer.lr", "0 < lr < 1", lr)
-    require(
-        _number(m.grad_clip) and m.grad_clip >= 0, "module.grad_clip", ">= 0 (0: no clipping)", m.grad_clip
-    )
-    require(
-        _integer(m.max_bad_steps) and m.max_bad_steps >= 1,
-        "module.max_bad_steps",
-        "an integer >= 1",
-        m.max_bad_steps,
-    )
-    require(
-        isinstance(m.value_trunk_grad, bool), "module.value_trunk_grad", "true or false", m.value_trunk_grad
-    )
-    t = cfg.sampler.get("temperature", 1.0)
-    require(_number(t) and t > 0, "sampler.temperature", "> 0", t)
-    top_p = cfg.sampler.get("top_p", 1.0)
-    require(_number(top_p) and 0 < top_p <= 1, "sampler.top_p", "0 < top_p <= 1", top_p)
-    require(cfg.model.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", cfg.model.dtype)
+    check_number(lr, "module.optimizer.lr", low=0, high=1, low_open=True, high_open=True)
+    check_number(m.grad_clip, "module.grad_clip", low=0)
+    check_int(m.max_bad_steps, "module.max_bad_steps", low=1)
+    check_bool(m.value_trunk_grad, "module.value_trunk_grad")
+    check_number(cfg.sampler.get("temperature", 1.0), "sampler.temperature", low=0, low_open=True)
+    check_number(cfg.sampler.get("top_p", 1.0), "sampler.top_p", low=0, high=1, low_open=True)
+    check_choice(cfg.model.dtype, "model.dtype", DTYPES)
     check_policy_source(cfg.model.name_or_path)
 
 
 def train(cfg: DictConfig) -> dict:
+    """Compose (Hydra did), validate, instantiate in order, fit, write the results."""
     _validate(cfg)
     ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     cfg.run_id = resolve_run_id(cfg.get("run_id"), ckpt, cfg.paths.output_dir)
@@ -102,25 +97,20 @@ def train(cfg: DictConfig) -> dict:
     apply_threads(cfg.get("threads"))
 
     # the heavy imports only now: a bad command above fails before paying for them
-    import copy
-
     import lightning as L
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from tsd.callbacks import ExportPolicy, LogRunConfig, MeanAtKEval
-    from tsd.data.datamodule import TrajectoryDataModule
+    from tsd.callbacks import AckAfterStep, ExportPolicy, LogRunConfig, MeanAtKEval, WeightSync
     from tsd.data.record_check import RecordCheck
     from tsd.loggers.run_info import logged_config
     from tsd.models.loading import load_policy
-    from tsd.module import PolicyValueModule
     from tsd.rollouts.mcts import MCTSRollout
-    from tsd.rollouts.worker import RolloutWorker
     from tsd.samplers.hf import banned_token_ids, eos_token_ids
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
 
-    # light objects first: a bad value fails here, before any compute
+    # light objects first: a bad value fails here, before the model is loaded
     env = build(cfg.env, "env")
     try:  # the env reads or generates its problems on first use: a bad problems file fails here
         n_train, n_test = len(env.train), len(env.test)
@@ -130,29 +120,55 @@ def train(cfg: DictConfig) -> dict:
     rollout = build(cfg.rollout, "rollout")
     objective = build(cfg.loss, "loss")
     make_sampler = build(cfg.sampler, "sampler")
-    strategy = (
-        build(cfg.strategy, "strategy") if cfg.get("strategy") and cfg.strategy.get("_target_") else None
-    )
     callbacks = {k: build(v, f"callbacks.{k}") for k, v in (cfg.get("callbacks") or {}).items() if v}
     if any(isinstance(cb, MeanAtKEval) for cb in callbacks.values()):
         require(n_test >= 1, "env.n_test", "an integer >= 1 (callbacks.eval evaluates on it)", n_test)
     loggers = [build(v, f"logger.{k}") for k, v in (cfg.get("logger") or {}).items() if v]
     buffer = build(cfg.buffer, "buffer")
+    # the data flow's own callbacks first (ack, then clock and weight sync), then the configured
+    # ones; every logger gets the resolved config + the run's identity
+    run_callbacks = [AckAfterStep(), WeightSync(), *callbacks.values()]
+    if loggers:
+        run_callbacks.append(LogRunConfig(logged_config(cfg)))
+    strategy = build(cfg.strategy, "strategy")  # refuses a world it cannot run, with the trainer
+    trainer = build(
+        cfg.trainer, "trainer", strategy=strategy, callbacks=run_callbacks, logger=loggers or False
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     log.info("loading policy %s", cfg.model.name_or_path)
     policy, tokenizer = load_policy(cfg.model.name_or_path, dtype=dtype_of(cfg.model.dtype))
-    module = PolicyValueModule(
-        policy,
-        objective,
-        optimizer=build(cfg.module.optimizer, "module.optimizer"),
-        scheduler=build(cfg.module.scheduler, "module.scheduler") if cfg.module.get("scheduler") else None,
-        temperature=cfg.sampler.temperature,
-        grad_clip=cfg.module.grad_clip,
-        max_bad_steps=cfg.module.max_bad_steps,
-        value_trunk_grad=cfg.module.value_trunk_grad,
+    module = build(
+        cfg.module,
+        "module",
+        policy=policy,
+        objective=objective,
         banned_token_ids=banned_token_ids(tokenizer, eos_token_ids(tokenizer, policy)),
     )
+    generation = build(
+        cfg.generation,
+        "generation",
+        rollout=rollout,
+        env=env,
+        make_sampler=make_sampler,
+        tokenizer=tokenizer,
+        buffer=buffer,
+    )
+    generation.attach(trainer)  # the generation and the strategy agree on where rollouts run
+    datamodule = build(
+        cfg.data,
+        "data",
+        buffer=buffer,
+        generation=generation,
+        pad_id=tokenizer.pad_token_id,
+        record_check=RecordCheck.for_policy(policy),
+        run_id=cfg.run_id,
+    )
+    for cb in callbacks.values():
+        if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
+            cb.setup_eval(env, tokenizer, search=rollout if isinstance(rollout, MCTSRollout) else None)
+        if isinstance(cb, ExportPolicy):
+            cb.tokenizer = tokenizer
 
     # a run (or its resume) starts from an empty buffer: what an interrupted incarnation of it left
     # behind was made by weights this checkpoint may not have. Rank zero empties it before any other
@@ -163,46 +179,6 @@ def train(cfg: DictConfig) -> dict:
             log.warning(
                 "buffer: dropped %d records an earlier incarnation of run %s left", dropped, cfg.run_id
             )
-    if strategy is None:
-        # single process: a generator copy of the policy, refreshed every data.sync_every steps
-        gen_policy = copy.deepcopy(policy).eval().requires_grad_(False)
-        sampler = make_sampler(gen_policy, tokenizer)
-        worker = RolloutWorker(rollout, sampler, env, buffer, cfg.data.problems_per_rollout, seed=cfg.seed)
-    else:
-        worker = None
-        strategy.configure_generation(
-            rollout=rollout,
-            env=env,
-            buffer=buffer,
-            make_sampler=make_sampler,
-            tokenizer=tokenizer,
-            problems_per_rollout=cfg.data.problems_per_rollout,
-            seed=cfg.seed,
-        )
-    datamodule = TrajectoryDataModule(
-        buffer,
-        batch_size=cfg.data.batch_size,
-        max_lag=cfg.data.max_lag,
-        pad_id=tokenizer.pad_token_id,
-        worker=worker,
-        max_wait=cfg.data.max_wait,
-        record_check=RecordCheck.for_policy(policy),
-        run_id=cfg.run_id,
-    )
-    for cb in callbacks.values():
-        if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
-            cb.setup_eval(env, tokenizer, search=rollout if isinstance(rollout, MCTSRollout) else None)
-        if isinstance(cb, ExportPolicy):
-            cb.tokenizer = tokenizer
-    # every logger gets the resolved config + the run's identity (experiment, method, overrides, commit)
-    run_callbacks = (
-        [*callbacks.values(), LogRunConfig(logged_config(cfg))] if loggers else list(callbacks.values())
-    )
-    trainer_kwargs = {"callbacks": run_callbacks, "logger": loggers or False}
-    if strategy is not None:
-        trainer_kwargs["strategy"] = strategy
-    trainer = build(cfg.trainer, "trainer", **trainer_kwargs)
-
     log.info(
         "output dir: %s, run id: %s%s", out_dir, cfg.run_id, f", resuming from {ckpt.path}" if ckpt else ""
     )

@@ -34,6 +34,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tsd.rl.trajectory import Trajectory
 
@@ -75,8 +76,32 @@ class BufferItem:
 class Buffer(ABC):
     """Moves trajectories between producers (rollouts) and consumers (trainers), losing none."""
 
+    #: True when other processes (other ranks, other nodes) reach the same buffer through their own
+    #: handle (Redis); False for a buffer that lives inside one process (memory)
+    shared: bool = False
+
     def __init__(self) -> None:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that open another handle on this buffer."""
+
+    def for_this_process(self) -> Buffer:
+        """This handle if this process may use it, else a new handle on the same buffer (a forked
+        rank of a shared buffer gets its own connection and consumer name). A buffer that is not
+        :attr:`shared` is only ever used by the process that made it: itself."""
+        return self
+
+    def snapshot(self) -> list[str] | None:
+        """What a checkpoint keeps of the buffer so that a resumed run trains on exactly what this
+        one would have: every trajectory not yet acked, as JSON records; None when the buffer
+        outlives the process by itself (Redis)."""
+        return None
+
+    def restore(self, records: Sequence[str]) -> None:
+        """Replace the contents with ``records`` (from :meth:`snapshot`), all undelivered."""
+        raise NotImplementedError(f"{type(self).__name__} keeps its own contents; it has no snapshot")
 
     @abstractmethod
     def put(self, trajectories: Sequence[Trajectory]) -> list[str]:

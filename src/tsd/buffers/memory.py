@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from typing import Any
 
 from tsd.buffers.base import (
     DEAD_LETTER_CAP,
@@ -26,6 +27,7 @@ from tsd.buffers.base import (
     BufferFullError,
     BufferItem,
 )
+from tsd.config import check_int, check_number
 from tsd.rl.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,8 @@ class MemoryBuffer(Buffer):
 
     def __init__(self, capacity: int = 0, put_timeout: float = 60.0) -> None:
         super().__init__()
-        if capacity < 0:
-            raise ValueError(f"MemoryBuffer: capacity must be >= 0, got {capacity}")
+        check_int(capacity, "MemoryBuffer.capacity", low=0)
+        check_number(put_timeout, "MemoryBuffer.put_timeout", low=0, low_open=True)
         self.capacity = capacity
         self.put_timeout = put_timeout
         self._cond = threading.Condition()
@@ -51,6 +53,9 @@ class MemoryBuffer(Buffer):
         self._ids = itertools.count()
         self._closed = False
         self._dead: deque[dict[str, str]] = deque(maxlen=DEAD_LETTER_CAP)
+
+    def config(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "put_timeout": self.put_timeout}
 
     def _room(self) -> int:
         if not self.capacity:

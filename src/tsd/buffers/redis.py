@@ -57,6 +57,7 @@ from tsd.buffers.base import (
     BufferFullError,
     BufferItem,
 )
+from tsd.config import check_int, check_number
 from tsd.rl.trajectory import Trajectory, TrajectoryError
 
 __all__ = ["DEFAULT_URL", "ENV_URL", "BufferConnectionError", "RedisBuffer", "redact_url"]
@@ -127,6 +128,8 @@ class RedisBuffer(Buffer):
         put_timeout: seconds ``put`` waits for room before raising :class:`BufferFullError`.
     """
 
+    shared = True
+
     def __init__(
         self,
         url: str | None = None,
@@ -141,8 +144,11 @@ class RedisBuffer(Buffer):
         put_timeout: float = 60.0,
     ) -> None:
         super().__init__()
-        if maxlen < 1 or block_ms < 1 or claim_idle_ms < 0:
-            raise ValueError("RedisBuffer: need maxlen >= 1, block_ms >= 1 and claim_idle_ms >= 0")
+        check_int(maxlen, "RedisBuffer.maxlen", low=1)
+        check_int(block_ms, "RedisBuffer.block_ms", low=1)
+        check_int(claim_idle_ms, "RedisBuffer.claim_idle_ms", low=0)
+        check_number(connect_timeout, "RedisBuffer.connect_timeout", low=0, low_open=True)
+        check_number(put_timeout, "RedisBuffer.put_timeout", low=0, low_open=True)
         self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
         self.safe_url = redact_url(self.url)
         self._stream_prefix, self.run_id = stream, run_id
@@ -154,6 +160,7 @@ class RedisBuffer(Buffer):
         self.maxlen, self.block_ms, self.claim_idle_ms = maxlen, block_ms, claim_idle_ms
         self.connect_timeout, self.put_timeout = connect_timeout, put_timeout
         self._closed = False
+        self._pid = os.getpid()  # the process this handle (and its connection) belongs to
         # ids delivered to this handle and not acked by it: XAUTOCLAIM also returns our own idle
         # entries (refreshing their idle time); those are not handed out a second time
         self._outstanding: set[str] = set()
@@ -241,6 +248,11 @@ class RedisBuffer(Buffer):
         log.warning("RedisBuffer: group %s on %s vanished; recreating it", self.group, self.stream)
         self._create_group("0")  # the key was deleted: whatever is in it now was written since
         return self._call(fn, *args, **kwargs)
+
+    def for_this_process(self) -> RedisBuffer:
+        """This handle in the process that opened it; a new one (its own connection and consumer
+        name) in any other, e.g. a forked rank."""
+        return self if os.getpid() == self._pid else RedisBuffer(**self.config())
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-serialisable) to rebuild this buffer in another process:

@@ -13,10 +13,16 @@ from collections.abc import Sequence
 
 import torch
 
+from tsd.data.batch import TrajectoryBatch
 from tsd.rl.trajectory import Trajectory
 
 
-def collate_trajectories(trajs: Sequence[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_trajectories(
+    trajs: Sequence[Trajectory], pad_id: int, lags: Sequence[int] | None = None
+) -> TrajectoryBatch:
+    """``trajs`` as one padded :class:`~tsd.data.batch.TrajectoryBatch`; ``lags``: each one's lag in
+    optimiser steps (:mod:`tsd.data.policy_clock`; zeros when not given). ``buffer_ids`` and
+    ``stats`` are left for the DataModule to fill."""
     if not trajs:
         raise ValueError("collate_trajectories: empty batch")
     lengths = [len(t.prompt_ids) + len(t.completion_ids) for t in trajs]
@@ -32,14 +38,15 @@ def collate_trajectories(trajs: Sequence[Trajectory], pad_id: int) -> dict[str, 
         mask[i, p - 1 : p - 1 + c] = 1.0
         behaviour[i, p - 1 : p - 1 + c] = torch.tensor(t.behaviour_logprobs, dtype=torch.float32)
     adv = [float("nan") if t.advantage is None else float(t.advantage) for t in trajs]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mask": mask,
-        "behaviour_logp": behaviour,
-        "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32),  # (B,)
-        "correct": torch.tensor([t.correct for t in trajs], dtype=torch.float32),  # (B,)
+    return TrajectoryBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mask=mask,
+        behaviour_logp=behaviour,
+        rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),  # (B,)
+        correct=torch.tensor([t.correct for t in trajs], dtype=torch.float32),  # (B,)
         # NaN where the rollout left the advantage to the value baseline
-        "advantages": torch.tensor(adv, dtype=torch.float32),  # (B,)
-        "versions": torch.tensor([t.policy_version for t in trajs], dtype=torch.long),  # (B,)
-    }
+        advantages=torch.tensor(adv, dtype=torch.float32),  # (B,)
+        versions=torch.tensor([t.policy_version for t in trajs], dtype=torch.long),  # (B,)
+        lags=torch.tensor(list(lags) if lags is not None else [0] * B, dtype=torch.long),  # (B,)
+    )

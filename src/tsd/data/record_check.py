@@ -20,6 +20,7 @@ dead-letter list with the reason (:meth:`tsd.buffers.base.Buffer.reject`), acks 
 
 from __future__ import annotations
 
+from tsd.config import check_int
 from tsd.rl.trajectory import Trajectory
 
 
@@ -33,11 +34,8 @@ class RecordCheck:
     """
 
     def __init__(self, vocab_size: int, max_seq_len: int) -> None:
-        if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"RecordCheck: vocab_size must be an integer >= 1, got {vocab_size!r}")
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"RecordCheck: max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.vocab_size = check_int(vocab_size, "RecordCheck.vocab_size", low=1)
+        self.max_seq_len = check_int(max_seq_len, "RecordCheck.max_seq_len", low=2)
 
     @classmethod
     def for_policy(cls, policy) -> RecordCheck:

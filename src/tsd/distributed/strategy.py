@@ -12,8 +12,11 @@ Ranks. With world size W and G generators, ranks ``0..T-1`` (T = W - G) are trai
 How a generator rank avoids the fit loop. :class:`~tsd.distributed.launcher.GeneratorTrainerLauncher`
 runs Lightning's fit function only on trainer ranks; on a generator rank it calls
 :meth:`run_generator` instead (in the forked child, or in place under torchrun/SLURM), which joins
-the process groups, then runs :class:`~tsd.distributed.generator.GeneratorLoop` until the trainers
-say stop. Lightning never sees a generator rank, so no hook, logger or callback runs there.
+the process groups, then runs :attr:`generator_main`: what
+:class:`~tsd.generation.remote.RemoteGeneration` hands over in ``train.py`` (its rollout loop)
+until the trainers say stop. Lightning never sees a generator rank, so no hook, logger or callback
+runs there. The strategy knows ranks, process groups, sharding and checkpoints; what generation
+is, and the weight sync's protocol, live in :mod:`tsd.generation.remote`.
 
 Process groups. Every rank meets on one store (``torch.distributed.rendezvous("env://")``: the
 TCPStore on ``MASTER_ADDR:MASTER_PORT``, or torchrun's agent store), then:
@@ -31,26 +34,20 @@ What is sharded. The module's ``policy`` (the LM + value head: what is trained) 
 transformer block (``policy.transformer_blocks()``) plus one root unit; the frozen reference policy
 (``ref``, for the KL term) is replicated on every trainer: it needs no gradients or optimiser
 state, and a replicated forward costs no communication. Trainer rank 0 also keeps an unsharded
-CPU copy of the policy (the *shadow*): the gathered weights are loaded into it at each sync, and
-it is what evaluation (:class:`~tsd.callbacks.MeanAtKEval`) and export use
-(:meth:`full_policy_state_dict`).
+CPU copy of the policy (the *shadow*): :meth:`full_policy` gathers the shards into it, in flat
+buckets (:func:`~tsd.distributed.gather.gather_full_state`), and it is what the weight sync
+sends, and what evaluation (:class:`~tsd.callbacks.mean_at_k.MeanAtKEval`) and export read.
 
 Data. Each trainer rank reads its own ``data.batch_size`` trajectories from the shared Redis
 buffer under its own consumer name: the global batch is ``data.batch_size x T``. Gradients are
 averaged over the trainer group by FSDP; the loss's token normalisation is per rank (each rank
 normalises by its own batch's tokens, then ranks are averaged), as in any data-parallel trainer.
 
-Weight sync (:mod:`tsd.distributed.weight_sync`). Every ``data.sync_every`` optimiser steps,
-:class:`~tsd.callbacks.RolloutSync` calls :meth:`sync_weights`: every trainer gathers the full
-policy state (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``; it lands on rank
-0), rank 0 announces the version on the c10d store and broadcasts the weights on the sync group.
-A receiver thread on each generator takes the broadcast while the generator keeps sampling; the
-generator swaps the weights in between rollouts, and every trajectory carries its version. The
-trainer drops, and counts, trajectories more than ``data.max_lag`` versions old
-(:class:`~tsd.data.datamodule.TrajectoryDataModule`); CISPO's ratio uses the recorded behaviour
-log-probs, so the remaining lag is corrected. Logged: ``perf/weight_sync_seconds`` (by
-RolloutSync), ``perf/weight_gather_seconds``, ``perf/weight_broadcast_seconds``,
-``perf/weight_sync_mb``, ``train/policy_lag``, ``train/dropped_stale``.
+Weight sync. Every ``data.sync_every`` optimiser steps :class:`~tsd.callbacks.weight_sync.WeightSync`
+asks the generation to publish: :meth:`RemoteGeneration.publish <tsd.generation.remote.RemoteGeneration.publish>`
+gathers (:meth:`full_policy`) and broadcasts on this strategy's sync group
+(:mod:`tsd.distributed.weight_sync`: the protocol). Versions and lag are the policy clock's
+(:mod:`tsd.data.policy_clock`).
 
 Stop. At teardown trainer rank 0 sets ``stop`` on the store; each generator finishes the rollout
 in hand (its trajectories stay in the buffer, pending), bumps ``done`` and leaves; rank 0 waits
@@ -63,21 +60,18 @@ seconds without trajectories, and a sync broadcast fails after ``sync_timeout_s`
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _distributed_is_initialized, _sync_ddp_if_available
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -87,39 +81,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import nn
 
-from tsd.config import ConfigError
-from tsd.distributed.generator import GeneratorLoop
+from tsd.config import ConfigError, check_choice, check_int, check_number
+from tsd.distributed.gather import gather_full_state
 from tsd.distributed.launcher import GeneratorTrainerLauncher
-from tsd.distributed.weight_sync import ControlChannel, WeightLayout, WeightReceiver, WeightSender, sync_group
+from tsd.distributed.weight_sync import ControlChannel, sync_group
 from tsd.models.policy_value import PolicyValueModel
-from tsd.rollouts.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
 
 # FSDP2 flags any view a wrapped module returns; PolicyValueModel's values are a squeeze() view
 # and nothing downstream modifies them in place
 warnings.filterwarnings("ignore", message=".*FSDP2-wrapped module .* returned a view tensor.*")
-
-
-@dataclass
-class _Generation:
-    """What a generator rank needs, handed over by ``train.py`` (see :meth:`configure_generation`)."""
-
-    rollout: Any
-    env: Any
-    buffer: Any
-    make_sampler: Callable[..., Any]
-    tokenizer: Any
-    problems_per_rollout: int
-    seed: int
-    #: the process that opened ``buffer``
-    pid: int
-
-
-def reopen_buffer(buffer: Any, opened_by: int) -> Any:
-    """``buffer`` if this process opened it (torchrun, srun), else a new handle on the same shared
-    buffer (a forked rank: its own connection and its own consumer name)."""
-    return buffer if os.getpid() == opened_by else type(buffer)(**buffer.config())
 
 
 class GeneratorTrainerStrategy(ParallelStrategy):
@@ -131,6 +103,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         sync_timeout_s: float = 300.0,
         stop_timeout_s: float = 300.0,
         start_method: str = "fork",
+        gather_bucket_mb: float = 64.0,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -148,6 +121,12 @@ class GeneratorTrainerStrategy(ParallelStrategy):
                 last rollout and leave.
             start_method: how single-machine ranks are started ("fork": after Hydra made the run
                 directory, with nothing pickled); ignored under torchrun/SLURM.
+            gather_bucket_mb: the full weights are gathered onto rank 0 in flat buckets of at most
+                this many MB, one collective each (:func:`~tsd.distributed.gather.gather_full_state`);
+                0: one collective per tensor (``get_model_state_dict``, the slower path it replaced,
+                kept to measure against: ``scripts/bench_distributed.py``).
+            accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin:
+                set by Lightning from ``trainer.*``.
         """
         super().__init__(
             accelerator=accelerator,
@@ -156,35 +135,34 @@ class GeneratorTrainerStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if not isinstance(num_generators, int) or num_generators < 1:
-            raise ValueError(f"strategy.num_generators: must be an integer >= 1, got {num_generators!r}")
+        check_int(num_generators, "strategy.num_generators", low=1)
         for name, v in (
             ("timeout_s", timeout_s),
             ("sync_timeout_s", sync_timeout_s),
             ("stop_timeout_s", stop_timeout_s),
         ):
-            if not v > 0:
-                raise ValueError(f"strategy.{name}: must be > 0 seconds, got {v!r}")
-        if backend not in (None, "gloo", "nccl"):
-            raise ValueError(f"strategy.backend: must be null, 'gloo' or 'nccl', got {backend!r}")
+            check_number(v, f"strategy.{name}", low=0, low_open=True)
+        check_choice(backend, "strategy.backend", (None, "gloo", "nccl"))
+        check_choice(start_method, "strategy.start_method", ("fork", "spawn", "forkserver"))
+        self.gather_bucket_mb = check_number(gather_bucket_mb, "strategy.gather_bucket_mb", low=0)
         self.num_generators = num_generators
         self._backend = backend
         self.timeout_s, self.sync_timeout_s, self.stop_timeout_s = timeout_s, sync_timeout_s, stop_timeout_s
         self._start_method = start_method
         self._num_nodes = 1
-        self._gen: _Generation | None = None
+        #: what a generator rank runs once the process groups exist (set by the generation,
+        #: :meth:`tsd.generation.remote.RemoteGeneration.attach`)
+        self.generator_main: Callable[[GeneratorTrainerStrategy], None] | None = None
         self._store: dist.Store | None = None
-        self._sync_group: Any = None  # a gloo/NCCL backend object, outside torch.distributed's registry
+        #: trainer rank 0 + the generators (a gloo/NCCL backend object, outside torch.distributed's
+        #: registry); None on the other trainer ranks
+        self.sync_group: Any = None
         self._mesh: Any = None
-        self._control: ControlChannel | None = None
-        self._layout: WeightLayout | None = None
-        self._sender: WeightSender | None = None
-        self._receiver: WeightReceiver | None = None
+        #: the control keys on the job's store (announcements, stop, done)
+        self.control: ControlChannel | None = None
         self._shadow: nn.Module | None = None
         self._gathered_step = -1
         self._stopped = False
-        #: seconds of each weight sync on this rank (gather + broadcast)
-        self.sync_seconds: list[float] = []
 
     # ------------------------------------------------------------------ ranks
     @property
@@ -222,6 +200,16 @@ class GeneratorTrainerStrategy(ParallelStrategy):
     def is_generator(self) -> bool:
         return self.global_rank >= self.num_trainers
 
+    @property
+    def generator_index(self) -> int:
+        """This generator's index among the generators (0 for the first generator rank)."""
+        return self.global_rank - self.num_trainers
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where tensors for the sync group live: this rank's GPU under NCCL, else the CPU."""
+        return self.root_device if self.process_group_backend == "nccl" else torch.device("cpu")
+
     def describe_rank(self, rank: int) -> str:
         if rank >= self.num_trainers:
             return f"rank {rank} (generator {rank - self.num_trainers} of {self.num_generators})"
@@ -250,33 +238,10 @@ class GeneratorTrainerStrategy(ParallelStrategy):
             )
         self._launcher = GeneratorTrainerLauncher(self, start_method=self._start_method)
 
-    # ------------------------------------------------------------------ generation config
-    def configure_generation(
-        self,
-        rollout: Any,
-        env: Any,
-        buffer: Any,
-        make_sampler: Callable[..., Any],
-        tokenizer: Any,
-        problems_per_rollout: int,
-        seed: int = 0,
-    ) -> None:
-        """What the generator ranks run (called by ``train.py`` before ``trainer.fit``). The buffer
-        must be one that several processes share: each rank opens its own handle on it."""
-        if not callable(getattr(buffer, "config", None)):
-            raise ConfigError(
-                f"buffer: {type(buffer).__name__} lives inside one process, but strategy=generator_trainer runs "
-                "generators and trainers in separate processes; use buffer=redis (URL in buffer.url or "
-                "$TSD_REDIS_URL)"
-            )
-        self._gen = _Generation(
-            rollout, env, buffer, make_sampler, tokenizer, problems_per_rollout, seed, os.getpid()
-        )
-
     # ------------------------------------------------------------------ process groups
     def _init_groups(self) -> None:
         """The job's store, the trainers' default process group (+ FSDP mesh), the sync group and
-        the control channel; ends with the layout handshake between trainer rank 0 and the generators."""
+        the control channel."""
         if self._store is not None:
             return
         reset_seed()
@@ -290,8 +255,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         timeout = timedelta(seconds=self.timeout_s)
         # one store for the whole job (the TCPStore on MASTER_ADDR:MASTER_PORT, or torchrun's)
         self._store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=W, timeout=timeout))
-        self._control = ControlChannel(self._store)
-        comm_device = self.root_device if backend == "nccl" else torch.device("cpu")
+        self.control = ControlChannel(self._store)
         if rank < T:
             # the trainers' default group: to Lightning (and torchmetrics, ...) the world is the trainers
             kwargs: dict[str, Any] = (
@@ -303,21 +267,13 @@ class GeneratorTrainerStrategy(ParallelStrategy):
 
             self._mesh = init_device_mesh(self.root_device.type, (T,), mesh_dim_names=("fsdp",))
         if rank == 0 or rank >= T:
-            group = sync_group(
+            self.sync_group = sync_group(
                 dist.PrefixStore("tsd/sync/", self._store),
                 0 if rank == 0 else rank - T + 1,
                 1 + self.num_generators,
                 backend,
                 timedelta(seconds=self.sync_timeout_s),
             )
-            layout = WeightLayout.of(self._policy().state_dict())
-            self._sync_group, self._layout = group, layout
-            if rank == 0:
-                self._sender = WeightSender(layout, group, comm_device)
-                self._sender.handshake()
-            else:
-                self._receiver = WeightReceiver(layout, group, comm_device, self._control)
-                self._receiver.handshake()
         log.info(
             "%s: process groups ready (%s, %d trainers, %d generators)",
             self.describe_rank(rank),
@@ -329,7 +285,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
     def destroy_groups(self) -> None:
         if _distributed_is_initialized():
             dist.destroy_process_group()
-        self._sync_group = self._mesh = self._store = None
+        self.sync_group = self._mesh = self._store = None
 
     def _policy(self) -> PolicyValueModel:
         module = self.lightning_module
@@ -342,49 +298,19 @@ class GeneratorTrainerStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ generator ranks
     def run_generator(self) -> None:
-        """A generator rank's whole life: join the groups, then rollouts until the trainers stop."""
-        if self._gen is None:
+        """A generator rank's whole life: join the groups, run :attr:`generator_main` until the
+        trainers stop, say so on the control channel."""
+        if self.generator_main is None:
             raise RuntimeError(
-                "GeneratorTrainerStrategy: configure_generation() was not called before trainer.fit"
+                "GeneratorTrainerStrategy: no generation was attached (generation=remote's attach() in "
+                "train.py) before trainer.fit"
             )
         assert self.accelerator is not None
         self.accelerator.setup_device(self.root_device)  # before the first NCCL call
         self._init_groups()
-        assert self._receiver is not None and self._control is not None
-        g = self._gen
-        index = self.global_rank - self.num_trainers
-        name = f"generator {index} (rank {self.global_rank})"
-        module = self.lightning_module
-        assert module is not None
-        if getattr(module, "ref", None) is not None:
-            module.ref = None  # type: ignore[assignment]  # the reference policy is the trainers' business
-        policy = self._policy().eval().requires_grad_(False).to(self.root_device)
-        sampler = g.make_sampler(policy, g.tokenizer, **self._sampler_kwargs(g.make_sampler, index))
-        buffer = reopen_buffer(g.buffer, g.pid)
-        worker = RolloutWorker(
-            g.rollout, sampler, g.env, buffer, g.problems_per_rollout, seed=g.seed + index, worker_id=index
-        )
-        try:
-            GeneratorLoop(worker, self._receiver, name=name).run()
-        finally:
-            with suppress(Exception):
-                buffer.close()
-        self._control.generator_done()
-
-    def _sampler_kwargs(self, make_sampler: Callable[..., Any], index: int) -> dict[str, Any]:
-        """This rank's device, and a seed of its own (two generators must not draw the same samples)."""
-        try:
-            params = inspect.signature(make_sampler).parameters
-        except (TypeError, ValueError):
-            return {}
-        anykw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        kw: dict[str, Any] = {}
-        if "device" in params or anykw:
-            kw["device"] = self.root_device
-        seed = getattr(params.get("seed"), "default", None)
-        if isinstance(seed, int):
-            kw["seed"] = seed + 7919 * index
-        return kw
+        assert self.control is not None
+        self.generator_main(self)
+        self.control.generator_done()
 
     # ------------------------------------------------------------------ trainer ranks: Lightning hooks
     def setup_environment(self) -> None:
@@ -394,9 +320,6 @@ class GeneratorTrainerStrategy(ParallelStrategy):
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        dm = trainer.datamodule
-        if self._gen is not None and dm is not None and getattr(dm, "buffer", None) is self._gen.buffer:
-            dm.buffer = reopen_buffer(self._gen.buffer, self._gen.pid)  # own connection + consumer per rank
         policy = self._policy()
         if self.global_rank == 0:
             self._shadow = copy.deepcopy(policy).to("cpu").eval().requires_grad_(False)
@@ -423,26 +346,26 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     def on_exception(self, exception: BaseException) -> None:
-        if self.global_rank == 0 and self._control is not None and not self._stopped:
+        if self.global_rank == 0 and self.control is not None and not self._stopped:
             with suppress(Exception):
-                self._control.stop(f"error on trainer rank 0: {type(exception).__name__}")
+                self.control.stop(f"error on trainer rank 0: {type(exception).__name__}")
             self._stopped = True
 
     def teardown(self) -> None:
-        if self.global_rank == 0 and self._control is not None and not self._stopped:
+        if self.global_rank == 0 and self.control is not None and not self._stopped:
             self._stop_generators()
         super().teardown()
 
     def _stop_generators(self) -> None:
-        assert self._control is not None
+        assert self.control is not None
         self._stopped = True
-        self._control.stop("done")
+        self.control.stop("done")
         t0 = time.monotonic()
-        while self._control.generators_done() < self.num_generators:
+        while self.control.generators_done() < self.num_generators:
             if time.monotonic() - t0 > self.stop_timeout_s:
                 log.warning(
                     "%d of %d generators did not finish within %.0fs (strategy.stop_timeout_s); leaving anyway",
-                    self.num_generators - self._control.generators_done(),
+                    self.num_generators - self.control.generators_done(),
                     self.num_generators,
                     self.stop_timeout_s,
                 )
@@ -450,50 +373,27 @@ class GeneratorTrainerStrategy(ParallelStrategy):
             time.sleep(0.05)
         log.info("all %d generators stopped (%.1fs)", self.num_generators, time.monotonic() - t0)
 
-    # ------------------------------------------------------------------ weight sync
-    def _gather_policy(self) -> None:
-        """Full policy weights into rank 0's shadow copy; collective over the trainer group. Skipped
-        when the weights have not changed since the last gather (same optimiser step on every rank)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    # ------------------------------------------------------------------ the full weights
+    def full_policy(self, pl_module: Any) -> nn.Module | None:
+        """The unsharded policy on rank 0 (its CPU shadow copy, holding the weights of the current
+        optimiser step), None on the other trainer ranks. Collective over the trainers: every
+        trainer rank must call it. Gathered once per optimiser step (the weight sync, evaluation
+        and export of one step share it)."""
+        step = pl_module.trainer.global_step
+        if step != self._gathered_step:
+            policy = self._policy()
+            full: Mapping[str, Any] | None
+            if self.gather_bucket_mb > 0:
+                full = gather_full_state(policy, dst=0, bucket_bytes=int(self.gather_bucket_mb * 2**20))
+            else:  # one collective per tensor
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        assert self.lightning_module is not None
-        step = self.lightning_module.trainer.global_step
-        if step == self._gathered_step:
-            return
-        full = get_model_state_dict(
-            self._policy(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )  # every tensor on rank 0 (CPU), {} elsewhere
-        if self._shadow is not None:
-            self._shadow.load_state_dict(full)
-        self._gathered_step = step
-
-    def sync_weights(self, pl_module: Any, version: int) -> None:
-        """Gather the full weights (all trainer ranks) and send them to the generators as ``version``."""
-        t0 = time.perf_counter()
-        self._gather_policy()
-        t1 = time.perf_counter()
-        nbytes = 0
-        if self._sender is not None and self._shadow is not None:
-            assert self._control is not None
-            nbytes = self._sender.send(self._shadow.state_dict(), version, self._control)
-        t2 = time.perf_counter()
-        dm = pl_module.trainer.datamodule
-        if dm is not None and hasattr(dm, "trainer_version"):
-            dm.trainer_version = version
-        self.sync_seconds.append(t2 - t0)
-        metrics = {
-            "perf/weight_gather_seconds": t1 - t0,
-            "perf/weight_broadcast_seconds": t2 - t1,
-            "perf/weight_sync_mb": nbytes / 2**20,
-        }
-        with suppress(MisconfigurationException):  # step logging only from batch hooks, not on_train_start
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        log.debug("weights v%d: gather %.3fs, broadcast %.3fs (%d bytes)", version, t1 - t0, t2 - t1, nbytes)
-
-    def full_policy_state_dict(self, pl_module: Any) -> nn.Module | None:
-        """The unsharded policy on rank 0 (None on the other trainer ranks); every trainer rank must
-        call it (gathering is collective). Used by evaluation and export."""
-        self._gather_policy()
+                full = get_model_state_dict(
+                    policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                )
+            if self._shadow is not None and full is not None:
+                self._shadow.load_state_dict(full)
+            self._gathered_step = step
         return self._shadow
 
     # ------------------------------------------------------------------ collectives (the trainers' default group)
@@ -555,5 +455,8 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         assert self.model is not None
+        # strict: every optimised parameter has state (under loss.c_value=0 the value head is frozen
+        # and left out of the optimiser, so it needs none); a missing one is a real mismatch
+        options = StateDictOptions(full_state_dict=True)
         for opt, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            set_optimizer_state_dict(self.model, opt, state, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.model, opt, state, options=options)

@@ -3,8 +3,9 @@
 Two channels:
 
 - **control**, on the c10d store every rank already shares (the rendezvous ``TCPStore``, or the
-  torchrun agent's store): a counter ``seq`` of announced weight broadcasts, a ``stop`` key, and
-  a ``done`` counter the generators bump on their way out. Store reads never block on a peer, so a
+  torchrun agent's store): a counter ``seq`` of announced weight broadcasts (and a key per
+  announcement, which a waiting receiver wakes up on at once), a ``stop`` key, and a ``done``
+  counter the generators bump on their way out. Store reads never block on a peer, so a
   generator can wait for the next sync for as long as training takes between syncs (minutes, with
   an evaluation in between) without a collective timing out.
 - **data**, a dedicated process group ``{trainer rank 0} ∪ generators`` (gloo on CPU, NCCL on GPU;
@@ -17,11 +18,11 @@ Two channels:
 Protocol (trainer rank 0 = sender, each generator = one receiver thread)::
 
     sender                               receiver thread (generator)
-    seq += 1            (store)          poll: seq > consumed ?  -> join the broadcast
+    seq += 1, announced/<seq> (store)    wait: announced/<consumed+1> ? -> join the broadcast
     broadcast header    (sync group)     check version, fingerprint
     broadcast buffers   (sync group)     unflatten -> stage (newest wins)
     ...                                  generator loop swaps staged weights in between rollouts
-    stop = "done"       (store)          poll: stop set -> generator finishes its rollout, exits
+    stop = "done"       (store)          woken, stop set -> generator finishes its rollout, exits
     wait done == G      (store)          done += 1
 
 Both sides flatten the same :class:`WeightLayout` (the policy's ``state_dict()`` keys, sorted,
@@ -34,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -81,14 +81,29 @@ class ControlChannel:
 
     def announce(self) -> int:
         """One more weight broadcast is coming; returns how many have been announced."""
-        return int(self.store.add("seq", 1))
+        n = int(self.store.add("seq", 1))
+        self.store.set(f"announced/{n}", "1")  # what a waiting receiver wakes up on
+        return n
 
     def announced(self) -> int:
         return int(self.store.add("seq", 0))
 
+    def wait_announced(self, n: int, timeout_s: float) -> bool:
+        """Block until broadcast ``n`` is announced or the trainers say stop (True), or
+        ``timeout_s`` passes (False): the store wakes the receiver the moment the key is set, so a
+        sync waits for no poll."""
+        try:
+            self.store.wait([f"announced/{n}"], timedelta(seconds=timeout_s))
+        except RuntimeError:  # DistStoreError: timed out
+            return False
+        return True
+
     def stop(self, reason: str) -> None:
-        """Tell the generators to finish their rollout and leave (``reason``: "done" or an error)."""
+        """Tell the generators to finish their rollout and leave (``reason``: "done" or an error).
+        The key of the announcement that will now never come is set too, which wakes a receiver
+        waiting for it (:meth:`wait_announced`)."""
         self.store.set("stop", reason)
+        self.store.set(f"announced/{self.announced() + 1}", "stop")
 
     def stop_reason(self) -> str | None:
         if not self.store.check(["stop"]):
@@ -163,6 +178,12 @@ class WeightSender:
     """Trainer rank 0's end of the sync group."""
 
     def __init__(self, layout: WeightLayout, group: Any, device: torch.device) -> None:
+        """
+        Args:
+            layout: what every sync carries (the trainers' policy's layout).
+            group: the sync group (this rank is its rank 0, the source of every broadcast).
+            device: where the flattened buckets are put before the broadcast.
+        """
         self.layout, self.group, self.device = layout, group, device
 
     def handshake(self) -> None:
@@ -188,8 +209,8 @@ class LayoutMismatchError(RuntimeError):
 
 
 class WeightReceiver:
-    """A generator's end of the sync group: a daemon thread that polls the control channel,
-    joins each announced broadcast, and stages the newest weights for the generator loop.
+    """A generator's end of the sync group: a daemon thread that sleeps on the control channel
+    until a broadcast is announced, joins it, and stages the newest weights for the generator loop.
 
     ``take()`` returns the staged ``(state, version)`` once (or None); ``stopped`` is set when the
     trainers say stop; ``error`` holds what killed the thread (raise it with :meth:`check`)."""
@@ -200,10 +221,19 @@ class WeightReceiver:
         group: Any,
         device: torch.device,
         control: ControlChannel,
-        poll_s: float = 0.05,
+        wait_s: float = 600.0,
     ) -> None:
+        """
+        Args:
+            layout: what every sync carries (this generator's policy's layout).
+            group: the sync group (trainer rank 0 + the generators).
+            device: where the received buckets live (this rank's GPU under NCCL, else the CPU).
+            control: the control keys on the job's store.
+            wait_s: longest single wait for an announcement before waiting again (only a bound
+                on one store call: an announcement or the stop wakes the thread at once).
+        """
         self.layout, self.group, self.device = layout, group, device
-        self.control, self.poll_s = control, poll_s
+        self.control, self.wait_s = control, wait_s
         self.stopped = threading.Event()
         self.stop_reason: str | None = None
         self.error: BaseException | None = None
@@ -269,7 +299,9 @@ class WeightReceiver:
                 if reason is not None:
                     self.stop_reason = reason
                     return
-                time.sleep(self.poll_s)
+                # sleep until the next announcement or the stop (woken at once, not polled); a
+                # timeout (no sync for wait_s: a long evaluation) only goes round again
+                self.control.wait_announced(self._consumed + 1, self.wait_s)
         except BaseException as e:  # a dead trainer (store gone), a sync timeout, a layout mismatch
             self.error = e
         finally:

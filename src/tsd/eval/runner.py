@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.envs.base import Env, Problem
 from tsd.eval.metrics import MeanAtK, PassAtK
 from tsd.rollouts.base import decode_completion, encode_prompt
 from tsd.samplers.base import Sampler
@@ -20,7 +20,7 @@ from tsd.samplers.base import Sampler
 
 def evaluate_mean_at_k(
     sampler: Sampler,
-    env: CountdownEnv,
+    env: Env,
     problems: Sequence[Problem],
     k: int = 16,
     max_new_tokens: int = 256,

@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from tsd.config import build, config_dir
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.envs.base import Env, Problem
 from tsd.eval.paired import paired_difference
 from tsd.rollouts.base import PROBLEM_STAT_KEYS
 
@@ -87,7 +87,7 @@ def compose_rollout_config(overrides: Sequence[str], config_path: str | None = N
 def measure(
     method: Method,
     problems: Sequence[Problem],
-    env: CountdownEnv,
+    env: Env,
     make_sampler: Callable[[DictConfig], object],
     batch: int,
     progress: Callable[[str], None] | None = None,

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tsd.config import check_choice, check_number, require
+
 NORMALIZATIONS = ("token", "sequence")
 #: bound on |log ratio| in the k3 estimator so exp() can't overflow (e^20 ~ 4.9e8)
 KL_LOG_RATIO_CLAMP = 20.0
@@ -49,15 +51,12 @@ class LossOutput:
 
 # ---------------------------------------------------------------------------------- validation
 def _number(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{owner}.{name}: expected a finite number, got {value!r}")
-    return float(value)
+    """:func:`tsd.config.check_number` of ``<owner>.<name>`` (any finite number)."""
+    return check_number(value, f"{owner}.{name}")
 
 
 def _check_normalization(owner: str, value: object) -> str:
-    if value not in NORMALIZATIONS:
-        raise ValueError(f"{owner}.normalization: expected one of {NORMALIZATIONS}, got {value!r}")
-    return str(value)
+    return str(check_choice(value, f"{owner}.normalization", NORMALIZATIONS))
 
 
 def _check_shapes(owner: str, mask: Tensor, **tensors: Tensor | None) -> None:
@@ -142,12 +141,12 @@ class CISPOLoss(nn.Module):
                 default) or ``"sequence"`` (per-sequence token mean, then mean over sequences).
         """
         super().__init__()
-        self.eps_high = _number("CISPOLoss", "eps_high", eps_high)
-        if self.eps_high <= 0:
-            raise ValueError(f"CISPOLoss.eps_high: must be > 0, got {eps_high!r}")
-        self.eps_low = None if eps_low is None else _number("CISPOLoss", "eps_low", eps_low)
-        if self.eps_low is not None and not 0 <= self.eps_low < self.eps_high:
-            raise ValueError(f"CISPOLoss.eps_low: must be in [0, eps_high={self.eps_high}), got {eps_low!r}")
+        self.eps_high = check_number(eps_high, "CISPOLoss.eps_high", low=0, low_open=True)
+        self.eps_low = (
+            None
+            if eps_low is None
+            else check_number(eps_low, "CISPOLoss.eps_low", low=0, high=self.eps_high, high_open=True)
+        )
         self.normalization = _check_normalization("CISPOLoss", normalization)
 
     def forward(
@@ -190,12 +189,12 @@ class PPOClipLoss(nn.Module):
             normalization: ``"token"`` or ``"sequence"``, as in :class:`CISPOLoss`.
         """
         super().__init__()
-        self.eps = _number("PPOClipLoss", "eps", eps)
-        if not 0 < self.eps < 1:
-            raise ValueError(f"PPOClipLoss.eps: must be in (0, 1), got {eps!r}")
-        self.eps_high = self.eps if eps_high is None else _number("PPOClipLoss", "eps_high", eps_high)
-        if self.eps_high <= 0:
-            raise ValueError(f"PPOClipLoss.eps_high: must be > 0, got {eps_high!r}")
+        self.eps = check_number(eps, "PPOClipLoss.eps", low=0, high=1, low_open=True, high_open=True)
+        self.eps_high = (
+            self.eps
+            if eps_high is None
+            else check_number(eps_high, "PPOClipLoss.eps_high", low=0, low_open=True)
+        )
         self.normalization = _check_normalization("PPOClipLoss", normalization)
 
     def forward(
@@ -314,10 +313,7 @@ def group_normalized_advantages(
 
 # ---------------------------------------------------------------------------------- objective
 def _coefficient(name: str, value: object) -> float:
-    v = _number("RLObjective", name, value)
-    if v < 0:
-        raise ValueError(f"RLObjective.{name}: must be finite and >= 0, got {value!r}")
-    return v
+    return check_number(value, f"RLObjective.{name}", low=0)
 
 
 class RLObjective(nn.Module):
@@ -340,8 +336,7 @@ class RLObjective(nn.Module):
             c_kl: weight of the k3 KL to the frozen reference (>= 0); 0 skips it.
         """
         super().__init__()
-        if not callable(pg_loss):
-            raise ValueError(f"RLObjective.pg_loss: expected a loss module, got {type(pg_loss).__name__}")
+        require(callable(pg_loss), "RLObjective.pg_loss", "a loss module", type(pg_loss).__name__)
         self.pg_loss = pg_loss
         self.c_ppo = _coefficient("c_ppo", c_ppo)
         self.c_value = _coefficient("c_value", c_value)

@@ -53,7 +53,8 @@ class Trajectory:
     reward: float
     #: sparse: the answer equals the target exactly
     correct: bool
-    #: version of the weights that generated every token of this completion
+    #: version of the weights that generated every token of this completion: the optimiser step they
+    #: are the weights of (0: the initial weights; :mod:`tsd.data.policy_clock`)
     policy_version: int
     #: which rollout produced it (``group``, ``best_of_n``, ``mcts``): for logging only
     rollout: str

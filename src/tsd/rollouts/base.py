@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tsd.envs.countdown import CountdownEnv, Problem, Score
+from tsd.envs.base import Env, Problem, Score
 from tsd.rl.trajectory import Trajectory
 from tsd.samplers.base import Sampler
 
@@ -30,11 +30,20 @@ class Rollout(ABC):
     name: str = "rollout"
 
     @abstractmethod
-    def run(self, problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv) -> RolloutOutput:
+    def run(self, problems: Sequence[Problem], sampler: Sampler, env: Env) -> RolloutOutput:
         """Produce graded trajectories for ``problems`` with the sampler's current weights."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep for a resumed run to continue exactly (none by default:
+        the rollouts here draw their randomness from the sampler)."""
+        return {}
 
-def encode_prompt(env: CountdownEnv, problem: Problem, tokenizer) -> list[int]:
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict` (nothing by default)."""
+        return None
+
+
+def encode_prompt(env: Env, problem: Problem, tokenizer) -> list[int]:
     """Token ids of the rendered prompt; the BOS token leads when the tokenizer has one and the
     rendered text does not already start with it (chat templates carry their own)."""
     text = env.render_prompt(problem, tokenizer)
@@ -53,7 +62,7 @@ def decode_completion(tokenizer, completion_ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def grade(env: CountdownEnv, problem: Problem, tokenizer, completion_ids: Sequence[int]) -> Score:
+def grade(env: Env, problem: Problem, tokenizer, completion_ids: Sequence[int]) -> Score:
     return env.score(decode_completion(tokenizer, completion_ids), problem)
 
 

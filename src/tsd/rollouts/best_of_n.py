@@ -9,9 +9,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.config import check_int
+from tsd.envs.base import Env, Problem
 from tsd.rollouts.base import Rollout, RolloutOutput, mean_problem_stats, problem_stats
-from tsd.rollouts.sampling import check_positive, sample_and_grade, to_trajectory
+from tsd.rollouts.sampling import sample_and_grade, to_trajectory
 from tsd.samplers.base import Sampler
 
 
@@ -25,11 +26,10 @@ class BestOfNRollout(Rollout):
                (ties: the first sampled).
             max_new_tokens: token cap of one completion.
         """
-        check_positive("n", n, "BestOfNRollout")
-        check_positive("max_new_tokens", max_new_tokens, "BestOfNRollout")
-        self.n, self.max_new_tokens = n, max_new_tokens
+        self.n = check_int(n, "BestOfNRollout.n", low=1)
+        self.max_new_tokens = check_int(max_new_tokens, "BestOfNRollout.max_new_tokens", low=1)
 
-    def run(self, problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv) -> RolloutOutput:
+    def run(self, problems: Sequence[Problem], sampler: Sampler, env: Env) -> RolloutOutput:
         groups = sample_and_grade(problems, sampler, env, self.n, self.max_new_tokens)
         trajs, tokens, all_r, best_r = [], 0, [], []
         for g in groups:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.envs.base import Env, Problem
 from tsd.rl.losses import group_normalized_advantages
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import Rollout, RolloutOutput
@@ -49,7 +49,7 @@ class GroupRollout(Rollout):
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.scale_by_std, self.drop_zero_variance, self.eps = scale_by_std, drop_zero_variance, eps
 
-    def run(self, problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv) -> RolloutOutput:
+    def run(self, problems: Sequence[Problem], sampler: Sampler, env: Env) -> RolloutOutput:
         groups = sample_and_grade(problems, sampler, env, self.group_size, self.max_new_tokens)
         trajs: list[Trajectory] = []
         dropped, tokens, rewards, correct = 0, 0, [], []

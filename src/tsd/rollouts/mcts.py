@@ -47,32 +47,19 @@ every token. ``advantage`` is left ``None``: the trainer uses the value baseline
 
 from __future__ import annotations
 
-import math
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.config import check_bool, check_int, check_number, require
+from tsd.envs.base import Env, Problem
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import Rollout, RolloutOutput, encode_prompt, grade, mean_problem_stats, problem_stats
 from tsd.rollouts.selection import MaxVisit
 from tsd.rollouts.tree import Node, SearchTree
 from tsd.samplers.base import Continuation, Sampler
-
-
-def _int_at_least(owner: str, name: str, value: object, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{owner}.{name}: must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _float_in(owner: str, name: str, value: object, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        rng = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ValueError(f"{owner}.{name}: must be a number {rng}, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -173,42 +160,34 @@ class MCTSRollout(Rollout):
             record_trees: keep the last run's trees in :attr:`trees` (``tree.to_dict()`` exports).
         """
         o = "MCTSRollout"
-        self.workers = _int_at_least(o, "workers", workers, 1)
-        self.completions_per_node = _int_at_least(o, "completions_per_node", completions_per_node, 1)
-        self.iterations = _int_at_least(o, "iterations", iterations, 1)
-        self.c_puct = _float_in(o, "c_puct", c_puct, 0.0)
-        self.virtual_loss = _float_in(o, "virtual_loss", virtual_loss, 0.0)
-        self.unvisited_value = _float_in(o, "unvisited_value", unvisited_value, -1.0, 1.0)
-        self.max_step_tokens = _int_at_least(o, "max_step_tokens", max_step_tokens, 1)
-        self.max_depth = _int_at_least(o, "max_depth", max_depth, 1)
-        self.max_new_tokens = _int_at_least(o, "max_new_tokens", max_new_tokens, 1)
-        self.widening_alpha = _float_in(o, "widening_alpha", widening_alpha, 0.0, 1.0)
-        self.prior_temperature = _float_in(o, "prior_temperature", prior_temperature, 1e-3, 1e3)
-        self.rollout_mix = _float_in(o, "rollout_mix", rollout_mix, 0.0, 1.0)
-        self.min_unseen_mass = _float_in(o, "min_unseen_mass", min_unseen_mass, 0.0, 0.999)
-        if not isinstance(skip_exhausted, bool):
-            raise ValueError(f"{o}.skip_exhausted: must be True or False, got {skip_exhausted!r}")
-        self.skip_exhausted = skip_exhausted
-        if not isinstance(unseen_as_child, bool):
-            raise ValueError(f"{o}.unseen_as_child: must be True or False, got {unseen_as_child!r}")
-        self.unseen_as_child = unseen_as_child
-        if not isinstance(without_replacement, bool):
-            raise ValueError(f"{o}.without_replacement: must be True or False, got {without_replacement!r}")
-        self.without_replacement = without_replacement
-        if selection is not None and not callable(selection):
-            raise ValueError(f"{o}.selection: must be a rule from tsd.rollouts.selection, got {selection!r}")
+        self.workers = check_int(workers, f"{o}.workers", low=1)
+        self.completions_per_node = check_int(completions_per_node, f"{o}.completions_per_node", low=1)
+        self.iterations = check_int(iterations, f"{o}.iterations", low=1)
+        self.c_puct = check_number(c_puct, f"{o}.c_puct", low=0.0)
+        self.virtual_loss = check_number(virtual_loss, f"{o}.virtual_loss", low=0.0)
+        self.unvisited_value = check_number(unvisited_value, f"{o}.unvisited_value", low=-1.0, high=1.0)
+        self.max_step_tokens = check_int(max_step_tokens, f"{o}.max_step_tokens", low=1)
+        self.max_depth = check_int(max_depth, f"{o}.max_depth", low=1)
+        self.max_new_tokens = check_int(max_new_tokens, f"{o}.max_new_tokens", low=1)
+        self.widening_alpha = check_number(widening_alpha, f"{o}.widening_alpha", low=0.0, high=1.0)
+        self.prior_temperature = check_number(prior_temperature, f"{o}.prior_temperature", low=1e-3, high=1e3)
+        self.rollout_mix = check_number(rollout_mix, f"{o}.rollout_mix", low=0.0, high=1.0)
+        self.min_unseen_mass = check_number(min_unseen_mass, f"{o}.min_unseen_mass", low=0.0, high=0.999)
+        self.skip_exhausted = check_bool(skip_exhausted, f"{o}.skip_exhausted")
+        self.unseen_as_child = check_bool(unseen_as_child, f"{o}.unseen_as_child")
+        self.without_replacement = check_bool(without_replacement, f"{o}.without_replacement")
+        require(
+            selection is None or callable(selection),
+            f"{o}.selection",
+            "a rule from tsd.rollouts.selection",
+            selection,
+        )
         self.selection = selection if selection is not None else MaxVisit()
-        if temperature is not None and (
-            isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0
-        ):
-            raise ValueError(f"{o}.temperature: must be None or a number >= 0, got {temperature!r}")
-        self.temperature = None if temperature is None else float(temperature)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"{o}.seed: must be an integer, got {seed!r}")
-        self.seed = seed
-        if not isinstance(record_trees, bool):
-            raise ValueError(f"{o}.record_trees: must be True or False, got {record_trees!r}")
-        self.record_trees = record_trees
+        self.temperature = (
+            None if temperature is None else check_number(temperature, f"{o}.temperature", low=0)
+        )
+        self.seed = check_int(seed, f"{o}.seed")
+        self.record_trees = check_bool(record_trees, f"{o}.record_trees")
         #: the last run's trees (only with ``record_trees``), in problem order
         self.trees: list[SearchTree] = []
 
@@ -217,7 +196,7 @@ class MCTSRollout(Rollout):
         self,
         problems: Sequence[Problem],
         sampler: Sampler,
-        env: CountdownEnv,
+        env: Env,
         *,
         on_wave: Callable[[int, list[SearchTree], SearchCounters], None] | None = None,
     ) -> RolloutOutput:
@@ -441,7 +420,7 @@ class MCTSRollout(Rollout):
         problems: Sequence[Problem],
         trees: Sequence[SearchTree],
         sampler: Sampler,
-        env: CountdownEnv,
+        env: Env,
         grade_node: Callable[[int, Node], None],
         c: SearchCounters,
         version: int,

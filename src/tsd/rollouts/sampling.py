@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tsd.envs.countdown import CountdownEnv, Problem, Score
+from tsd.config import check_int
+from tsd.envs.base import Env, Problem, Score
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import encode_prompt, grade
 from tsd.samplers.base import Continuation, Sampler
@@ -20,7 +21,7 @@ class GradedSample:
 
 
 def sample_and_grade(
-    problems: Sequence[Problem], sampler: Sampler, env: CountdownEnv, n: int, max_new_tokens: int
+    problems: Sequence[Problem], sampler: Sampler, env: Env, n: int, max_new_tokens: int
 ) -> list[list[GradedSample]]:
     """``n`` whole completions (stop at ``</answer>`` or EOS) per problem, graded with the env;
     one ``sample`` call so the backend sees the widest batch."""
@@ -53,5 +54,6 @@ def to_trajectory(
 
 
 def check_positive(name: str, value: int, owner: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}.{name}: must be an integer >= 1, got {value!r}")
+    """``tsd.config.check_int(value, "<owner>.<name>", low=1)``, under the name ``GroupRollout``
+    still calls it by (group.py is being rewritten; it moves to ``check_int`` with that rewrite)."""
+    check_int(value, f"{owner}.{name}", low=1)

@@ -53,6 +53,9 @@ class Sampler(ABC):
     version: int = 0
     #: sampling temperature; behaviour log-probs are of softmax(logits / temperature)
     temperature: float = 1.0
+    #: the random-number generator every sample draws from, saved with a checkpoint so that a
+    #: resumed run samples what it would have; None when the engine keeps its own (vLLM)
+    generator: torch.Generator | None = None
 
     @abstractmethod
     def sample(
@@ -94,4 +97,5 @@ class Sampler(ABC):
 
     @abstractmethod
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Swap in new policy + value-head weights (keys as in ``PolicyValueModel.state_dict()``)."""
+        """Swap in new policy + value-head weights (keys as in ``PolicyValueModel.state_dict()``);
+        ``version`` is the optimiser step they are the weights of (:mod:`tsd.data.policy_clock`)."""

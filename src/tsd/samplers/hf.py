@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from tsd.config import check_int, check_number, require
 from tsd.models.policy_value import PolicyValueModel
 from tsd.samplers.base import Continuation, FinishReason, Sampler, StopMode
 
@@ -150,14 +151,15 @@ class HFSampler(Sampler):
         stop_strings: tuple[str, ...] = ("</step>",),
         answer_stop_strings: tuple[str, ...] = ("</answer>",),
     ) -> None:
-        if not temperature >= 0.0:
-            raise ValueError(f"HFSampler: temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"HFSampler: top_p must be in (0, 1], got {top_p}")
-        if max_batch_size < 1:
-            raise ValueError(f"HFSampler: max_batch_size must be >= 1, got {max_batch_size}")
-        if tokenizer.pad_token_id is None:
-            raise ValueError("HFSampler: the tokenizer needs a pad_token_id (used for left padding)")
+        check_number(temperature, "HFSampler.temperature", low=0)  # 0 = greedy
+        check_number(top_p, "HFSampler.top_p", low=0, high=1, low_open=True)
+        check_int(max_batch_size, "HFSampler.max_batch_size", low=1)
+        require(
+            tokenizer.pad_token_id is not None,
+            "HFSampler.tokenizer",
+            "a tokenizer with a pad_token_id (used for left padding)",
+            type(tokenizer).__name__,
+        )
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer

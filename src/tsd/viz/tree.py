@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.envs.base import Env, Problem
 from tsd.rollouts.base import decode_completion
 from tsd.rollouts.mcts import MCTSRollout
 from tsd.samplers.base import Sampler
@@ -114,18 +114,20 @@ def draw(tree: dict, title: str, path_stem: Path) -> Path:
     return png
 
 
-def describe(rollout: MCTSRollout, problem: Problem, tree: Any, traj: Any, tokenizer) -> tuple[dict, str]:
+def describe(
+    rollout: MCTSRollout, problem: Problem, tree: Any, traj: Any, tokenizer, env: Env
+) -> tuple[dict, str]:
     """``(tree dict with the problem, the chosen trajectory and the knobs, title)``."""
     d = tree.to_dict()
     text = decode_completion(tokenizer, traj.completion_ids)
     d.update(
-        problem={"numbers": list(problem.numbers), "target": problem.target, "id": problem.id},
+        problem={**env.to_record(problem), "id": problem.id},
         chosen={"text": text, "reward": traj.reward, "correct": traj.correct, "finish_reason": traj.finish_reason,
                 **traj.stats},
         knobs={k: getattr(rollout, k) for k in KNOBS},
     )  # fmt: skip
     title = (
-        f"{list(problem.numbers)} -> {problem.target}   N={rollout.workers} K={rollout.completions_per_node} "
+        f"{env.describe(problem)}   N={rollout.workers} K={rollout.completions_per_node} "
         f"M={rollout.iterations}   {len(tree.nodes)} nodes\nchosen: {text!r}   reward {traj.reward:+.3f}"
         f"{'  CORRECT' if traj.correct else ''}"
     )
@@ -133,7 +135,7 @@ def describe(rollout: MCTSRollout, problem: Problem, tree: Any, traj: Any, token
 
 
 def search_and_draw(
-    rollout: MCTSRollout, problem: Problem, sampler: Sampler, env: CountdownEnv, path_stem: Path
+    rollout: MCTSRollout, problem: Problem, sampler: Sampler, env: Env, path_stem: Path
 ) -> tuple[Path, dict, str]:
     """Search ``problem`` with a copy of ``rollout`` (trees recorded; the original is untouched) and
     draw its tree at ``path_stem`` (.png, .svg and .json). Returns (PNG path, tree dict, title)."""
@@ -142,7 +144,7 @@ def search_and_draw(
     search = copy.deepcopy(rollout)
     search.record_trees = True
     out = search.run([problem], sampler, env)
-    d, title = describe(search, problem, search.trees[0], out.trajectories[0], sampler.tokenizer)
+    d, title = describe(search, problem, search.trees[0], out.trajectories[0], sampler.tokenizer, env)
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     path_stem.with_suffix(".json").write_text(json.dumps(d, indent=1))
     return draw(d, title, path_stem), d, title

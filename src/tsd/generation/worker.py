@@ -1,10 +1,11 @@
-"""A rollout worker: the generator side of the loop, in one object.
+"""A rollout worker: what generates, in one object, wherever generation runs.
 
-It owns a sampler (holding its own copy of the policy), a rollout strategy, the env and a
-deterministic, resumable stream of training problems. ``produce()`` runs the rollout on the next
+It owns a sampler (holding its own copy of the policy), a rollout, the env and a deterministic,
+resumable stream of training problems. ``produce()`` runs the rollout on the next
 ``problems_per_rollout`` problems with the weights it currently has and pushes the graded
-trajectories to the buffer. The single-process DataModule calls it when the buffer runs dry; a
-generator rank of :class:`~tsd.distributed.strategy.GeneratorTrainerStrategy` calls it in a loop.
+trajectories to the buffer. :class:`~tsd.generation.local.LocalGeneration` calls it when the
+buffer cannot fill a batch; a generator rank of :class:`~tsd.generation.remote.RemoteGeneration`
+calls it in a loop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Mapping
 import torch
 
 from tsd.buffers.base import Buffer
-from tsd.envs.countdown import CountdownEnv, Problem
+from tsd.config import check_int
+from tsd.envs.base import Env, Problem
 from tsd.rollouts.base import Rollout
 from tsd.samplers.base import Sampler
 
@@ -29,14 +31,23 @@ class RolloutWorker:
         self,
         rollout: Rollout,
         sampler: Sampler,
-        env: CountdownEnv,
+        env: Env,
         buffer: Buffer,
         problems_per_rollout: int,
         seed: int = 0,
         worker_id: int = 0,
     ) -> None:
-        if problems_per_rollout < 1:
-            raise ValueError(f"data.problems_per_rollout: must be >= 1, got {problems_per_rollout}")
+        """
+        Args:
+            rollout: what runs on each batch of problems.
+            sampler: the sampler (and its copy of the policy) the rollout samples with.
+            env: the training problems (``env.train``) and the grading.
+            buffer: where the trajectories go.
+            problems_per_rollout: problems per :meth:`produce`, >= 1.
+            seed: the problem order's seed (a shuffle of ``env.train`` per epoch).
+            worker_id: this generator's index (recorded on its trajectories).
+        """
+        check_int(problems_per_rollout, "generation.problems_per_rollout", low=1)
         self.rollout, self.sampler, self.env, self.buffer = rollout, sampler, env, buffer
         self.problems_per_rollout = problems_per_rollout
         self.seed, self.worker_id = seed, worker_id
@@ -53,7 +64,7 @@ class RolloutWorker:
         return order
 
     def next_problems(self) -> list[Problem]:
-        out = []
+        out: list[Problem] = []
         while len(out) < self.problems_per_rollout:
             if self.cursor >= len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
@@ -89,19 +100,20 @@ class RolloutWorker:
         return len(out.trajectories)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Swap in the weights of optimiser step ``version`` (between rollouts)."""
         self.sampler.load_weights(state_dict, version)
 
     @property
     def version(self) -> int:
+        """The optimiser step whose weights the sampler holds."""
         return self.sampler.version
 
-    # resumable: the problem stream and counters (weights come from the trainer's checkpoint)
+    # resumable: the problem stream, the sampler's random state and the counters
     def state_dict(self) -> dict:
-        gen = getattr(self.sampler, "generator", None)
-        rollout_state = getattr(self.rollout, "state_dict", None)
+        gen = self.sampler.generator
         return {
-            "sampler_rng": gen.get_state() if isinstance(gen, torch.Generator) else None,
-            "rollout": rollout_state() if callable(rollout_state) else None,
+            "sampler_rng": gen.get_state() if gen is not None else None,
+            "rollout": self.rollout.state_dict(),
             "epoch": self.epoch,
             "cursor": self.cursor,
             "generated_tokens": self.generated_tokens,
@@ -115,8 +127,7 @@ class RolloutWorker:
         self.generated_tokens = int(state["generated_tokens"])
         self.trajectories = int(state["trajectories"])
         self.rollouts = int(state["rollouts"])
-        gen = getattr(self.sampler, "generator", None)
-        if state.get("sampler_rng") is not None and isinstance(gen, torch.Generator):
+        gen = self.sampler.generator
+        if state.get("sampler_rng") is not None and gen is not None:
             gen.set_state(state["sampler_rng"])
-        if state.get("rollout") is not None and hasattr(self.rollout, "load_state_dict"):
-            self.rollout.load_state_dict(state["rollout"])
+        self.rollout.load_state_dict(state.get("rollout") or {})

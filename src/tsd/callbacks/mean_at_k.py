@@ -1,69 +1,22 @@
-"""Callbacks that tie the loop together without the module knowing about generation.
-
-- :class:`RolloutSync`: after each optimiser step, acknowledge the batch's buffer entries (so a
-  crash before the step loses nothing) and, every ``sync_every`` steps, publish the weights to the
-  generator(s) with a new policy version (the article: every 8 gradient steps).
-- :class:`MeanAtKEval`: eval mean@k of the current policy at step 0, every n steps and at the end;
-  W&B loggers also get a table of sampled completions and (MCTS runs) a picture of a search tree.
-- :class:`ExportPolicy`: at the end, the trained policy as a transformers directory + value head.
-- :class:`LogRunConfig`: the resolved config and the run's identity to every logger, at fit start.
-- :class:`LogLine`: a plain log line every n steps.
-"""
+"""MeanAtKEval: eval mean@k of the current policy at step 0, every n steps and at the end; W&B
+loggers also get a table of sampled completions and (MCTS runs) a picture of a search tree."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from tsd.envs.countdown import CountdownEnv
+from tsd.config import check_int, check_number
+from tsd.envs.base import Env
 from tsd.eval.runner import evaluate_mean_at_k
 from tsd.rollouts.mcts import MCTSRollout
 
 log = logging.getLogger(__name__)
-
-
-class RolloutSync(L.Callback):
-    def __init__(self, sync_every: int = 8) -> None:
-        """
-        Args:
-            sync_every: optimiser steps between weight syncs to the generators (article: 8).
-        """
-        if sync_every < 1:
-            raise ValueError(f"data.sync_every: must be >= 1, got {sync_every}")
-        self.sync_every = sync_every
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # resumed: the generator copy was made before the checkpoint was loaded; give it the
-        # restored weights under the restored version
-        dm = trainer.datamodule
-        if trainer.global_step > 0:
-            sync = getattr(trainer.strategy, "sync_weights", None)
-            if sync is not None:
-                sync(pl_module, dm.trainer_version)
-            else:
-                dm.sync_weights(pl_module.policy.state_dict(), dm.trainer_version)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        dm = trainer.datamodule
-        dm.ack(batch["buffer_ids"])
-        step = trainer.global_step
-        if step > 0 and step % self.sync_every == 0 and dm.trainer_version != step // self.sync_every:
-            t0 = time.perf_counter()
-            sync = getattr(trainer.strategy, "sync_weights", None)
-            version = step // self.sync_every
-            if sync is not None:  # distributed: the Strategy gathers and broadcasts
-                sync(pl_module, version)
-            else:
-                dm.sync_weights(pl_module.policy.state_dict(), version)
-            dm.trainer_version = version
-            pl_module.log("perf/weight_sync_seconds", time.perf_counter() - t0, on_step=True, batch_size=1)
 
 
 class MeanAtKEval(L.Callback):
@@ -100,19 +53,21 @@ class MeanAtKEval(L.Callback):
                 on W&B; PNG, SVG and JSON in ``dirpath``).
             dirpath: where the tree pictures go (``tree_step<N>.png``); None: not kept on disk.
         """
-        if every_n_steps < 0 or k < 1 or (num_problems is not None and num_problems < 1):
-            raise ValueError(
-                "callbacks.eval: every_n_steps must be >= 0, k >= 1 and num_problems >= 1 or null, got "
-                f"{every_n_steps}, {k}, {num_problems}"
-            )
-        if not isinstance(table_rows, int) or isinstance(table_rows, bool) or table_rows < 0:
-            raise ValueError(f"callbacks.eval.table_rows: must be an integer >= 0, got {table_rows!r}")
+        check_int(every_n_steps, "callbacks.eval.every_n_steps", low=0)
+        check_int(k, "callbacks.eval.k", low=1)
+        if num_problems is not None:
+            check_int(num_problems, "callbacks.eval.num_problems", low=1)
+        check_int(max_new_tokens, "callbacks.eval.max_new_tokens", low=1)
+        check_int(problems_per_batch, "callbacks.eval.problems_per_batch", low=1)
+        check_number(temperature, "callbacks.eval.temperature", low=0)
+        check_number(top_p, "callbacks.eval.top_p", low=0, high=1, low_open=True)
+        check_int(table_rows, "callbacks.eval.table_rows", low=0)
         self.every, self.num_problems, self.k = every_n_steps, num_problems, k
         self.max_new_tokens, self.ppb = max_new_tokens, problems_per_batch
         self.temperature, self.top_p, self.seed, self.at_start = temperature, top_p, seed, at_start
         self.table_rows, self.draw_tree = table_rows, bool(draw_tree)
         self.dirpath = Path(dirpath) if dirpath else None
-        self.env: CountdownEnv | None = None
+        self.env: Env | None = None
         self.tokenizer = None
         self.search: MCTSRollout | None = None
         self.history: list[dict] = []
@@ -123,7 +78,7 @@ class MeanAtKEval(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_t0 = time.monotonic()
 
-    def setup_eval(self, env: CountdownEnv, tokenizer, search: MCTSRollout | None = None) -> None:
+    def setup_eval(self, env: Env, tokenizer, search: MCTSRollout | None = None) -> None:
         """The env and tokenizer to evaluate with; ``search``: the run's MCTS rollout, whose settings
         draw the tree pictures (None: no tree)."""
         self.env, self.tokenizer = env, tokenizer
@@ -136,8 +91,7 @@ class MeanAtKEval(L.Callback):
 
         self._last_step = trainer.global_step
         # sharded (GeneratorTrainerStrategy): every trainer rank helps gather the full policy
-        full = getattr(trainer.strategy, "full_policy_state_dict", None)
-        policy = full(pl_module) if full is not None else pl_module.policy
+        policy = trainer.strategy.full_policy(pl_module)
         if policy is None or not trainer.is_global_zero:
             return
         was_training = policy.training
@@ -164,7 +118,7 @@ class MeanAtKEval(L.Callback):
         tree = self._draw_tree(sampler, trainer.global_step) if self.search is not None else None
         media = self._wandb_media(res.pop("samples", None), tree) if wandb_loggers else {}
         policy.train(was_training)
-        gen = float(trainer.datamodule.stats().get("compute/generated_tokens", 0.0))
+        gen = float(trainer.datamodule.generation.generated_tokens())
         row = {
             "step": trainer.global_step,
             f"eval/mean@{self.k}": res[f"mean@{self.k}"],
@@ -220,7 +174,9 @@ class MeanAtKEval(L.Callback):
             for i in order:
                 s = samples[i]
                 p = problems.get(s["problem_id"])
-                desc = f"{list(p.numbers)} -> {p.target}" if p is not None else str(s["problem_id"])
+                desc = (
+                    self.env.describe(p) if p is not None and self.env is not None else str(s["problem_id"])
+                )
                 rows.append([desc, s["completion"], float(s["dense"]), bool(s["correct"])])
             media["eval/samples"] = wandb.Table(
                 columns=["problem", "completion", "reward", "correct"], data=rows
@@ -249,73 +205,3 @@ class MeanAtKEval(L.Callback):
         # a run resumed at a step it already evaluated (the checkpoint came after the evaluation)
         # does not evaluate it again at the end
         self._last_step = int(self.history[-1]["step"]) if self.history else -1
-
-
-class ExportPolicy(L.Callback):
-    def __init__(self, dirpath: str, tokenizer=None) -> None:
-        """Writes ``dirpath`` (transformers ``save_pretrained`` + ``value_head/`` +
-        tokenizer) at the end of training, loadable by ``eval.py model.name_or_path=DIR``."""
-        self.dirpath = Path(dirpath)
-        self.tokenizer = tokenizer
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        # sharded: every trainer rank takes part in gathering; rank 0 gets the full policy
-        full = getattr(trainer.strategy, "full_policy_state_dict", None)
-        policy = full(pl_module) if full is not None else pl_module.policy
-        if policy is None or not trainer.is_global_zero:
-            return
-        policy.save_pretrained(self.dirpath)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(self.dirpath)
-        (self.dirpath / "tsd_export.json").write_text(
-            json.dumps({"global_step": trainer.global_step, "torch": torch.__version__}, indent=1)
-        )
-        log.info("exported policy to %s", self.dirpath)
-
-
-class LogRunConfig(L.Callback):
-    def __init__(self, params: dict[str, Any]) -> None:
-        """Gives every logger ``params`` (the resolved config and the run's identity,
-        :func:`tsd.loggers.run_info.logged_config`) through ``log_hyperparams`` at fit start: in the
-        process that trains on rank 0, never in a parent that forks the ranks (a W&B run must be
-        started where it is used)."""
-        self.params = params
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        for lg in trainer.loggers:
-            lg.log_hyperparams(self.params)
-
-
-class LogLine(L.Callback):
-    def __init__(self, every_n_steps: int = 10) -> None:
-        """One plain log line every ``every_n_steps`` optimiser steps (readable in CI logs and files,
-        where a progress bar is not)."""
-        if every_n_steps < 1:
-            raise ValueError(f"callbacks.log_line.every_n_steps: must be >= 1, got {every_n_steps}")
-        self.every = every_n_steps
-        self.t0 = time.perf_counter()
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step % self.every or not trainer.is_global_zero:
-            return
-        m = {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if isinstance(v, (int, float, torch.Tensor))
-        }
-        log.info(
-            "step %d/%s | loss %.4f | reward %.3f | correct %.3f | kl %.4f | lag %.2f | gen tok %d | %.0fs",
-            step,
-            trainer.max_steps,
-            m.get("train/loss", float("nan")),
-            m.get("train/reward", float("nan")),
-            m.get("train/correct", float("nan")),
-            m.get("train/kl", float("nan")),
-            m.get("train/policy_lag", float("nan")),
-            int(m.get("compute/generated_tokens", 0)),
-            time.perf_counter() - self.t0,
-        )
