@@ -136,6 +136,22 @@ def plot(results: list[MethodResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def load_measured(journal: Path, setup: dict) -> dict[str, dict]:
+    """The rows of ``journal`` measured with this ``setup`` (same policy, problems, seed, batch,
+    temperature), by method key; a torn last line (a killed run) is ignored."""
+    rows: dict[str, dict] = {}
+    if not journal.exists():
+        return rows
+    for line in journal.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("setup") == setup and isinstance(row.get("key"), str):
+            rows[row["key"]] = row
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="tiny", help="'tiny' (bundled) or an exported policy directory")
@@ -157,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("outputs/search_efficiency"))
+    ap.add_argument("--fresh", action="store_true",
+                    help="measure every method again (default: reuse OUT/measured.jsonl rows of the same setup)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.problems < 2 or args.batch < 1:
         ap.error("--problems must be >= 2 and --batch >= 1")
@@ -184,10 +202,26 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(f"policy {args.policy}; {len(problems)} problems (train[-{args.problems}:]), {args.batch} per call, "
           f"sampler seed {args.seed}, {args.threads} torch thread(s); {len(methods)} methods", flush=True)  # fmt: skip
+    # every method's measurement is appended to OUT/measured.jsonl as it finishes: an interrupted
+    # run, rerun with the same arguments, measures only what is missing
+    args.out.mkdir(parents=True, exist_ok=True)
+    journal = args.out / "measured.jsonl"
+    setup = {"policy": args.policy, "problems": args.problems, "seed": args.seed, "batch": args.batch,
+             "temperature": args.temperature}  # fmt: skip
+    done = {} if args.fresh else load_measured(journal, setup)
     results: list[MethodResult] = []
     for i, m in enumerate(methods, 1):
+        key = json.dumps([m.label, m.overrides])
+        if key in done:
+            r = MethodResult(m, done[key]["per_problem"], done[key]["wall_s"], done[key]["stats"])
+            results.append(r)
+            print(f"[{i}/{len(methods)}] {m.label:<24} (measured before: {journal})", flush=True)
+            continue
         r = measure(m, problems, env, make_sampler, args.batch)
         results.append(r)
+        with journal.open("a") as f:
+            f.write(json.dumps({"setup": setup, "key": key, "per_problem": r.per_problem,
+                                "wall_s": r.wall_s, "stats": r.stats}) + "\n")  # fmt: skip
         print(f"[{i}/{len(methods)}] {m.label:<24} {r.mean('tokens'):7.0f} tok/problem  correct {r.mean('correct'):.3f}  "
               f"found {r.mean('found'):.3f}  {r.wall_s:6.1f}s", flush=True)  # fmt: skip
 
@@ -217,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {c['run']:<24} vs {c['base']:<6} tokens x{c['token_ratio']:.2f} ({eq}): "
                   f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] -> {c['verdict']}")  # fmt: skip
 
-    args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "policy": args.policy,
         "problems": f"train[-{args.problems}:]",

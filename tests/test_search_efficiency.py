@@ -98,6 +98,19 @@ def test_script_writes_the_table_json_and_png(tmp_path, capsys):
     labels = [m["label"] for m in data["methods"]]
     assert labels[0] == "bon2" and "mine 1x2" in labels and len(data["comparisons"]) == len(labels) - 1
     assert (tmp_path / "search_efficiency.png").stat().st_size > 10_000
+    # rerun (say after a kill, which tears the journal's last line): nothing is measured again, the
+    # figures are the journal's; another seed is another setup and is measured
+    with (tmp_path / "measured.jsonl").open("a") as f:
+        f.write('{"setup": {"policy": "ti')
+    args = ["--problems", "4", "--batch", "2", "--bon", "2", "--budgets", "2x1", "--out", str(tmp_path),
+            "--only-variants", "--variant", "mine 1x2: rollout.c_puct=2"]  # fmt: skip
+    assert script.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("measured before") == 2, out
+    again = json.loads((tmp_path / "search_efficiency.json").read_text())
+    assert again["per_problem"]["mine 1x2"] == data["per_problem"]["mine 1x2"]
+    assert script.main([*args, "--seed", "1", "--bon"]) == 0
+    assert "measured before" not in capsys.readouterr().out
     # a bad variant is refused before any compute, naming the method
     assert script.main(["--problems", "4", "--only-variants", "--bon", "2", "--variant", "bad: rollout.c_puct=-1",
                         "--out", str(tmp_path / "x")]) == 2  # fmt: skip
