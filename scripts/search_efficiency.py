@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--batch", type=int, default=16, help="problems per rollout call (as generation.problems_per_rollout)"
     )
-    ap.add_argument("--bon", type=int, nargs="*", default=[4, 8, 16, 32, 64], help="best-of-N values of N")
-    ap.add_argument("--budgets", type=parse_budget, nargs="*", default=[(4, 2), (4, 4), (4, 8), (8, 8), (8, 16)],
+    ap.add_argument("--bon", type=int, nargs="*", default=[4, 8, 16, 28, 32, 64],
+                    help="best-of-N values of N (28: about the tokens of the default search at 4x8)")  # fmt: skip
+    ap.add_argument("--budgets", type=parse_budget, nargs="*", default=[(4, 2), (4, 4), (4, 8), (8, 8)],
                     help="MCTS budgets WORKERSxITERATIONS (for variants that name none)")  # fmt: skip
     ap.add_argument("--variant", type=parse_variant, action="append", default=[],
                     help="'NAME [WxM ...]: override ...' an MCTS variant (Hydra overrides of configs/train.yaml)")  # fmt: skip
