@@ -58,6 +58,9 @@ BAD_COMMANDS = [
     ("train.py", ["run_id=has/slash"], "run_id"),
     # one process would run identical copies of one generation on each device
     ("train.py", ["trainer.devices=2"], "trainer.devices"),
+    # the default search samples without replacement, which only the HF sampler can
+    ("train.py", ["rollout=mcts", "sampler=vllm"], "rollout.without_replacement"),
+    ("eval.py", ["search=mcts", "sampler=vllm"], "search.rollout.without_replacement"),
     ("eval.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
     ("eval.py", ["+eval.kk=4"], "eval.kk"),
 ]

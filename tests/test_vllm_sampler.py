@@ -492,7 +492,9 @@ def test_eval_py_runs_with_sampler_vllm_on_cpu(tmp_path):
 @requires_vllm
 def test_single_process_training_with_sampler_vllm_is_on_policy(tmp_path):
     # sync_every=1: vLLM samples with the weights just synced, so the trainer's ratio is 1
-    res = run_entry("train.py", "debug=smoke", "data.sync_every=1", tmp_path=tmp_path)
+    res = run_entry(
+        "train.py", "debug=smoke", "data.sync_every=1", "rollout.without_replacement=false", tmp_path=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["global_step"] == 3 and out["rollout/version"] >= 2
