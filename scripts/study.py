@@ -151,6 +151,9 @@ def best_lr(out: Path, method: str) -> str | None:
 def plan(out: Path) -> list[Job]:
     """Every job whose inputs are known now (the seed runs need the grid's choice first)."""
     jobs = [eval_job(out, "base", "tiny", t) for t in TEMPERATURES]
+    base_val = out / "eval" / "base_val.json"
+    jobs.append(Job("validate base", [sys.executable, str(Path(__file__).resolve()), "_validate", "tiny", str(base_val)],
+                    base_val))  # fmt: skip
     # the grid rate by rate, every method at the middle rate first: a study cut short still
     # compares all methods at one rate
     for lr in sorted(LRS, key=lambda x: abs(LRS.index(x) - len(LRS) // 2)):
@@ -280,14 +283,16 @@ def report(out: Path) -> dict:
 
     summary: dict = {"methods": {}, "pairs": [], "note": ""}
     per_method: dict[str, dict[str, dict[str, float]]] = {}  # method -> T -> seed-mean per problem
+    val_per: dict[str, dict[str, dict[str, float]]] = {}  # method -> lr -> per problem (validation, seed 0)
     for m in ["base", *METHODS]:
         lr = None if m == "base" else best_lr(out, m)
         names = ["base"] if m == "base" else [f"{m}_s{s}" for s in SEEDS]
         row: dict = {"label": LABELS[m], "lr": lr}
-        if lr is not None:
-            row["val"] = {
-                x: json.loads((train_dir(out, m, x, 0) / "val.json").read_text())["mean@16"] for x in LRS
-            }
+        vals = {"-": _val(out / "eval" / "base_val.json")} if m == "base" else {
+            x: _val(train_dir(out, m, x, 0) / "val.json") for x in LRS
+        }  # fmt: skip
+        row["val"] = {x: v["mean@16"] for x, v in vals.items() if v is not None}
+        val_per[m] = {x: _per_problem(v) for x, v in vals.items() if v is not None}
         for t in TEMPERATURES:
             res = [r for r in (_eval(out, n, t) for n in names) if r is not None]
             if not res:
@@ -316,12 +321,32 @@ def report(out: Path) -> dict:
                     verdict = "no difference" if lo <= 0 <= hi else (f"{b} > {a}" if lo > 0 else f"{a} > {b}")
                     summary["pairs"].append({"T": t, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
                                              "verdict": verdict})  # fmt: skip
+    # the grid on the validation slice (seed 0), paired per problem: every run against the base, and
+    # the methods against each other at each rate. This is what a study cut short still shows.
+    summary["val_pairs"] = []
+    base_val = val_per.get("base", {}).get("-")
+    methods = [m for m in METHODS if m in val_per]
+    for lr in LRS:
+        at = [(m, val_per[m][lr]) for m in methods if lr in val_per[m]]
+        pairs = [(("base", base_val), x) for x in at] if base_val else []
+        pairs += [(at[i], at[j]) for i in range(len(at)) for j in range(i + 1, len(at))]
+        for (a, pa), (b, pb) in pairs:
+            common = sorted(set(pa) & set(pb))
+            d = paired_difference([pa[k] for k in common], [pb[k] for k in common])
+            lo, hi = d["ci95"]
+            verdict = "no difference" if lo <= 0 <= hi else (f"{b} > {a}" if lo > 0 else f"{a} > {b}")
+            summary["val_pairs"].append({"lr": lr, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
+                                         "verdict": verdict, "problems": d["problems"]})  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(summary, indent=1))
     (out / "study.md").write_text(markdown(summary))
     plot(summary, out / "study.png")
     print(markdown(summary))
     return summary
+
+
+def _val(f: Path) -> dict | None:
+    return json.loads(f.read_text()) if f.exists() else None
 
 
 def _ms(xs: Sequence[float]) -> str:
@@ -335,25 +360,41 @@ def _ms(xs: Sequence[float]) -> str:
 def markdown(summary: dict) -> str:
     lines = [
         "| method | lr (validation mean@16 at 3e-5 / 1e-4 / 3e-4) | mean@16, T=1.0 | pass@16, T=1.0 "
-        "| mean@16, T=0.2 | pass@16, T=0.2 | train min |",
-        "|---|---|---|---|---|---|---|",
+        "| mean@16, T=0.2 | pass@16, T=0.2 | seeds | train min |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for _m, r in summary["methods"].items():
-        val = " / ".join(f"{100 * r['val'][x]:.2f}" for x in LRS) if "val" in r else ""
-        lr = f"{r['lr']} ({val})" if r.get("lr") else "-"
+        if _m == "base":  # one validation figure
+            lr = f"- ({100 * r['val']['-']:.2f})" if "-" in r["val"] else "-"
+        else:
+            val = " / ".join(f"{100 * r['val'][x]:.2f}" if x in r["val"] else "-" for x in LRS)
+            lr = f"{r['lr'] or 'not chosen yet'} ({val})"
         cells = []
         for t in TEMPERATURES:
             e = r.get(f"T{t}", {})
             cells += [_ms(e.get("mean@16", [])), _ms(e.get("pass@16", []))]
         mins = r.get("train_minutes") or []
         wall = f"{statistics.fmean(mins):.1f}" if mins and all(math.isfinite(x) for x in mins) else "-"
-        lines.append(f"| {r['label']} | {lr} | " + " | ".join(cells) + f" | {wall} |")
+        seeds = max((r.get(f"T{t}", {}).get("seeds", 0) for t in TEMPERATURES), default=0)
+        lines.append(f"| {r['label']} | {lr} | " + " | ".join(cells) + f" | {seeds} | {wall} |")
     lines += ["", "Paired differences of mean@16 (seed-averaged per problem, 820 problems, 95% CI):", ""]
     lines += ["| T | b - a | difference (points) | verdict |", "|---|---|---|---|"]
     for p in summary["pairs"]:
         lo, hi = p["ci95"]
         lines.append(f"| {p['T']} | {p['b']} - {p['a']} | {100 * p['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
                      f"| {p['verdict']} |")  # fmt: skip
+    if summary.get("val_pairs"):
+        n = summary["val_pairs"][0]["problems"]
+        lines += [
+            "",
+            f"The grid on the validation slice (seed 0, {n} problems, mean@16 at T=1.0, paired 95% CI):",
+            "",
+        ]
+        lines += ["| lr | b - a | difference (points) | verdict |", "|---|---|---|---|"]
+        for p in summary["val_pairs"]:
+            lo, hi = p["ci95"]
+            lines.append(f"| {p['lr']} | {p['b']} - {p['a']} | {100 * p['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                         f"| {p['verdict']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
