@@ -124,10 +124,15 @@ def plot(results: list[MethodResult], path: Path, title: str) -> None:
         for r in pts:
             axes[0].annotate(r.method.label.split()[-1], (r.mean("tokens"), r.mean("correct")), fontsize=7,
                              textcoords="offset points", xytext=(3, 3))  # fmt: skip
-    for ax, what in zip(axes, ("emitted trajectory correct", "a correct answer generated anywhere")):
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for ax, what in zip(axes, ("emitted trajectory correct", "a correct answer found anywhere")):
         ax.set_xscale("log")
-        ax.set_xlabel("generated tokens per problem (log)")
-        ax.set_ylabel(f"share of problems: {what}")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("generated tokens per problem (log scale)")
+        ax.set_title(f"share of problems: {what}", fontsize=9)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
