@@ -35,6 +35,7 @@ import torch
 from tsd.config import build
 from tsd.envs.countdown import CountdownEnv
 from tsd.eval.search_efficiency import (
+    ARTICLE_SEARCH,
     Method,
     MethodResult,
     compare,
@@ -49,21 +50,7 @@ from tsd.models.loading import load_policy
 #: (its 4x6 was the laptop default before; 16x24 shows where its tokens stop growing)
 VARIANTS: dict[str, tuple[list[tuple[int, int]] | None, list[str]]] = {
     "default": (None, []),
-    "article": (
-        [(4, 6), (8, 6), (16, 6), (16, 12), (16, 24)],
-        [
-            "rollout/selection=max_visit",
-            "rollout.c_puct=0.5",
-            "rollout.rollout_mix=0",
-            "rollout.unseen_as_child=false",
-            "rollout.without_replacement=false",
-            "rollout.min_unseen_mass=0",
-            "rollout.skip_exhausted=false",
-            "rollout.completions_per_node=4",
-            "rollout.widening_alpha=0",
-            "rollout.prior_temperature=1",
-        ],
-    ),
+    "article": ([(4, 6), (8, 6), (16, 6), (16, 12), (16, 24)], list(ARTICLE_SEARCH)),
 }
 
 

@@ -48,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from tsd.eval.search_efficiency import ARTICLE_SEARCH  # noqa: E402
+
 LRS = ("3e-5", "1e-4", "3e-4")
 SEEDS = (0, 1, 2)
 STEPS = 150
@@ -72,17 +74,9 @@ METHODS: dict[str, list[str]] = {
     "mcts_article": [
         "experiment=mcts_countdown",
         "data.batch_size=8",
-        "rollout/selection=max_visit",
         "rollout.workers=4",
         "rollout.iterations=6",
-        "rollout.c_puct=0.5",
-        "rollout.rollout_mix=0",
-        "rollout.unseen_as_child=false",
-        "rollout.without_replacement=false",
-        "rollout.min_unseen_mass=0",
-        "rollout.skip_exhausted=false",
-        "rollout.completions_per_node=4",
-        "rollout.widening_alpha=0",
+        *ARTICLE_SEARCH,
     ],
     # the tuned search at the others' budget (4 x 4: best-of-16's tokens), not the default's 4 x 8
     "mcts": ["experiment=mcts_countdown", "data.batch_size=8", "rollout.workers=4", "rollout.iterations=4"],

@@ -195,3 +195,17 @@ def test_every_study_run_composes_and_matches_signatures():
         assert cfg.trainer.max_steps == study.STEPS, method
         assert cfg.generation.problems_per_rollout == 8 and cfg.data.sync_every == 1, method
         _check_signature(cfg)
+
+
+def test_the_article_search_overrides_match_the_paper_experiment():
+    """search_efficiency's and the study's "article" search (tsd.eval.search_efficiency.ARTICLE_SEARCH
+    on top of the laptop default) searches as experiment=mcts_countdown_paper does, but for the
+    sizes (workers, waves, token caps) that the laptop chooses."""
+    from tsd.eval.search_efficiency import ARTICLE_SEARCH
+
+    article = _compose("train", ["rollout=mcts", *ARTICLE_SEARCH]).rollout
+    paper = _compose("train", ["experiment=mcts_countdown_paper"]).rollout
+    sizes = {"workers", "iterations", "max_step_tokens", "max_new_tokens", "max_depth", "seed"}
+    for key in paper:
+        if key not in sizes:
+            assert article[key] == paper[key], key

@@ -37,6 +37,23 @@ from tsd.rollouts.base import PROBLEM_STAT_KEYS
 PER_PROBLEM = ("correct", "reward", "found", "distinct", "tokens")
 
 
+#: the article's search as Hydra overrides of the laptop default (configs/rollout/mcts.yaml):
+#: value-head leaves, K=4 samples per expansion, no widening, c_puct 0.5, the max-visit path
+#: (experiment=mcts_countdown_paper pins the same values at the article's scale)
+ARTICLE_SEARCH: tuple[str, ...] = (
+    "rollout/selection=max_visit",
+    "rollout.c_puct=0.5",
+    "rollout.rollout_mix=0",
+    "rollout.unseen_as_child=false",
+    "rollout.without_replacement=false",
+    "rollout.min_unseen_mass=0",
+    "rollout.skip_exhausted=false",
+    "rollout.completions_per_node=4",
+    "rollout.widening_alpha=0",
+    "rollout.prior_temperature=1",
+)
+
+
 @dataclass
 class Method:
     """One point of a curve: ``family`` names the curve, ``overrides`` the rollout config."""
