@@ -4,6 +4,7 @@ article's evaluation (mean@16 and pass@16 on all 820 test problems at temperatur
     python scripts/study.py plan                  # the runs and their commands, nothing run
     python scripts/study.py run --parallel 2      # run what is missing (resumable: finished runs are kept)
     python scripts/study.py report                # table, paired intervals, curves -> OUT/study.md, .json, .png
+    python scripts/study.py report --readme README.md   # ... and the README's results block
     python scripts/study.py all --parallel 2      # run, then report
 
 Design (README "A fair laptop study" says why):
@@ -415,7 +416,8 @@ def plot(summary: dict, path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("eval mean@16 (first 128 test problems, T=1)")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # no curves before a rate is chosen
+        axes[0].legend(fontsize=7)
     fig.suptitle("laptop study: seed mean, band = min..max over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -428,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
     ap.add_argument("--parallel", type=int, default=2, help="jobs at a time (they share the cores)")
+    ap.add_argument(
+        "--readme", type=Path, default=None, help="report: regenerate the results block of this README"
+    )
     a = ap.parse_args(argv)
     if a.what == "_validate":
         validate(*a.args)
@@ -443,8 +448,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.what in ("run", "all"):
         run_jobs(out, a.parallel)
     if a.what in ("report", "all"):
-        report(out)
+        summary = report(out)
+        if a.readme is not None:
+            write_readme_block(a.readme, markdown(summary))
     return 0
+
+
+BEGIN, END = "<!-- study.py report: begin -->", "<!-- study.py report: end -->"
+
+
+def write_readme_block(readme: Path, table: str) -> None:
+    """Replace what stands between the two markers in ``readme`` with the report's tables."""
+    text = readme.read_text()
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise SystemExit(f"study: {readme} has no '{BEGIN}' ... '{END}' block to regenerate")
+    readme.write_text(text[: i + len(BEGIN)] + "\n" + table + text[j:])
+    print(f"study: regenerated the results block of {readme}")
 
 
 if __name__ == "__main__":

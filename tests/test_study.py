@@ -1,0 +1,62 @@
+"""scripts/study.py's bookkeeping: which rate the grid picks, what a study cut short reports, and
+the README block it regenerates. The runs themselves are ordinary train.py / eval.py commands
+(test_configs checks that each composes); here their result files are written by hand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import study  # noqa: E402
+
+
+def _result(path: Path, correct: list[int], k: int = 16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(correct)
+    path.write_text(json.dumps({
+        "mean@16": sum(correct) / (n * k), "pass@16": sum(c > 0 for c in correct) / n,
+        "samples_per_problem": k, "per_problem_correct": {str(i): c for i, c in enumerate(correct)},
+    }))  # fmt: skip
+
+
+def test_the_grid_picks_the_best_validated_rate_and_a_short_study_still_compares(tmp_path):
+    out = tmp_path / "study"
+    n = 64
+    _result(out / "eval" / "base_val.json", [1] * n)
+    for lr, c in (("3e-5", 2), ("1e-4", 4), ("3e-4", 3)):
+        _result(study.train_dir(out, "cispo", lr, 0) / "val.json", [c] * (n // 2) + [c - 1] * (n // 2))
+    _result(study.train_dir(out, "bon", "1e-4", 0) / "val.json", [1] * n)  # one rate of three so far
+    assert study.best_lr(out, "cispo") == "1e-4"
+    assert study.best_lr(out, "bon") is None  # not every rate validated yet
+    names = {j.name for j in study.plan(out)}
+    assert "train cispo lr=1e-4 seed=1" in names and "train bon lr=1e-4 seed=1" not in names
+
+    summary = study.report(out)
+    cispo = summary["methods"]["cispo"]
+    assert cispo["lr"] == "1e-4" and set(cispo["val"]) == {"3e-5", "1e-4", "3e-4"}
+    pairs = {(p["lr"], p["a"], p["b"]): p for p in summary["val_pairs"]}
+    # cispo at 1e-4 scores 3.5/16 per problem on average, the base 1/16: +2.5/16, every problem better
+    p = pairs[("1e-4", "base", "cispo")]
+    assert p["diff"] == pytest.approx(2.5 / 16) and p["verdict"] == "cispo > base"
+    # bon equals the base on every problem: a zero-width interval holding 0
+    assert pairs[("1e-4", "base", "bon")]["verdict"] == "no difference"
+    assert pairs[("1e-4", "cispo", "bon")]["verdict"] == "cispo > bon"
+    md = (out / "study.md").read_text()
+    assert "| best-of-16 | not chosen yet (- / 6.25 / -) |" in md, md
+    assert (out / "study.png").stat().st_size > 10_000
+
+
+def test_the_readme_block_is_regenerated_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{study.BEGIN}\nold table\n{study.END}\nafter\n")
+    study.write_readme_block(readme, "| new | table |\n")
+    text = readme.read_text()
+    assert "old table" not in text and "| new | table |" in text
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{study.END}\nafter\n")
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no '<!-- study.py report: begin -->'"):
+        study.write_readme_block(readme, "t")
