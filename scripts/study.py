@@ -43,7 +43,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,15 +154,18 @@ def plan(out: Path) -> list[Job]:
     for lr in sorted(LRS, key=lambda x: abs(LRS.index(x) - len(LRS) // 2)):
         for m in METHODS:
             jobs += [train_job(out, m, lr, 0), val_job(out, m, lr)]
-    for m in METHODS:
-        lr = best_lr(out, m)
-        if lr is None:
-            continue
-        for s in SEEDS:
+    # then seed by seed, every method at its chosen rate (a study cut short has as many seeds of
+    # each); an evaluation waits for its training run
+    for s in SEEDS:
+        for m in METHODS:
+            lr = best_lr(out, m)
+            if lr is None:
+                continue
             if s:
                 jobs.append(train_job(out, m, lr, s))
             for t in TEMPERATURES:
-                jobs.append(eval_job(out, f"{m}_s{s}", str(train_dir(out, m, lr, s) / "policy"), t))
+                ev = eval_job(out, f"{m}_s{s}", str(train_dir(out, m, lr, s) / "policy"), t)
+                jobs.append(replace(ev, after=[f"train {m} lr={lr} seed={s}"]))
     return jobs
 
 
@@ -187,7 +190,7 @@ def run_jobs(out: Path, parallel: int) -> None:
             ready = [
                 j for j in plan(out)
                 if j.name not in started and not j.done_file.exists()
-                and all(_done(out, a) for a in j.after)
+                and all(_done(out, a) for a in j.after) and not _live_elsewhere(j)
             ]  # fmt: skip
             while ready and len(running) < parallel:
                 j = ready.pop(0)
@@ -203,6 +206,13 @@ def run_jobs(out: Path, parallel: int) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {status:<6} {job.name} in {dt / 60:.1f} min", flush=True)
             if status != "ok":
                 raise SystemExit(f"study: {job.name} failed; rerun 'study.py run' after fixing it")
+
+
+def _live_elsewhere(job: Job) -> bool:
+    """A run directory whose log was written in the last 2 minutes belongs to a run still going
+    (an earlier ``study.py run`` that was stopped leaves its running jobs alive): not started twice."""
+    log = job.done_file.parent / "train.log"
+    return log.exists() and time.time() - log.stat().st_mtime < 120
 
 
 def _done(out: Path, name: str) -> bool:

@@ -32,8 +32,16 @@ def test_the_grid_picks_the_best_validated_rate_and_a_short_study_still_compares
     _result(study.train_dir(out, "bon", "1e-4", 0) / "val.json", [1] * n)  # one rate of three so far
     assert study.best_lr(out, "cispo") == "1e-4"
     assert study.best_lr(out, "bon") is None  # not every rate validated yet
-    names = {j.name for j in study.plan(out)}
-    assert "train cispo lr=1e-4 seed=1" in names and "train bon lr=1e-4 seed=1" not in names
+    jobs = {j.name: j for j in study.plan(out)}
+    assert "train cispo lr=1e-4 seed=1" in jobs and "train bon lr=1e-4 seed=1" not in jobs
+    # an evaluation waits for its training run (it once started on a policy not trained yet)
+    assert jobs["eval cispo_s1 T=1.0"].after == ["train cispo lr=1e-4 seed=1"]
+    # a run whose log is being written (a stopped study.py left it running) is not started twice
+    seed1 = jobs["train cispo lr=1e-4 seed=1"]
+    assert not study._live_elsewhere(seed1)
+    seed1.done_file.parent.mkdir(parents=True)
+    (seed1.done_file.parent / "train.log").write_text("step 5/150\n")
+    assert study._live_elsewhere(seed1)
 
     summary = study.report(out)
     cispo = summary["methods"]["cispo"]
