@@ -715,7 +715,13 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
     from tsd.models.char_tokenizer import build_char_tokenizer
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
     try:
         policy = make_random_policy(build_char_tokenizer(), hidden=48, layers=3)  # the same on every rank
         reference = {k: v.detach().clone() for k, v in policy.state_dict().items()}
@@ -746,5 +752,7 @@ def test_bucketed_gather_of_fsdp2_shards_equals_the_per_tensor_gather(tmp_path):
     import torch.multiprocessing as mp
 
     out = tmp_path / "gathered.json"
-    mp.start_processes(_gather_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="fork")
+    # spawn, not fork: forked from the suite's process (threads of earlier tests alive), the ranks
+    # once hung for the whole 600 s timeout; a spawned rank starts from a clean interpreter
+    mp.start_processes(_gather_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="spawn")
     assert json.loads(out.read_text())["tensors"] > 20
