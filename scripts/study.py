@@ -382,6 +382,12 @@ def markdown(summary: dict) -> str:
         wall = f"{statistics.fmean(mins):.1f}" if mins and all(math.isfinite(x) for x in mins) else "-"
         seeds = max((r.get(f"T{t}", {}).get("seeds", 0) for t in TEMPERATURES), default=0)
         lines.append(f"| {r['label']} | {lr} | " + " | ".join(cells) + f" | {seeds} | {wall} |")
+    lines += [
+        "",
+        "Cells: percent, mean ± standard deviation over the seeds evaluated (`seeds`); validation:"
+        " mean@16 on train[19744:20000] at T=1.0, seed 0; `train min`: mean wall minutes of a run,"
+        " every run sharing the 2 cores with others.",
+    ]
     lines += ["", "Paired differences of mean@16 (seed-averaged per problem, 820 problems, 95% CI):", ""]
     lines += ["| T | b - a | difference (points) | verdict |", "|---|---|---|---|"]
     for p in summary["pairs"]:
