@@ -187,10 +187,12 @@ def run_jobs(out: Path, parallel: int) -> None:
     with ThreadPoolExecutor(parallel) as pool:
         running = {}
         while True:
+            jobs = plan(out)  # once a round: the grid's choices may have appeared
+            finished = {j.name for j in jobs if j.done_file.exists()}
             ready = [
-                j for j in plan(out)
-                if j.name not in started and not j.done_file.exists()
-                and all(_done(out, a) for a in j.after) and not _live_elsewhere(j)
+                j for j in jobs
+                if j.name not in started and j.name not in finished
+                and all(a in finished for a in j.after) and not _live_elsewhere(j)
             ]  # fmt: skip
             while ready and len(running) < parallel:
                 j = ready.pop(0)
@@ -199,8 +201,8 @@ def run_jobs(out: Path, parallel: int) -> None:
                 print(f"[{time.strftime('%H:%M:%S')}] start  {j.name}", flush=True)
             if not running:
                 break
-            finished = next(iter(_wait_any(running.values())))
-            job, rc, dt = finished.result()
+            future = next(iter(_wait_any(running.values())))
+            job, rc, dt = future.result()
             del running[job.name]
             status = "ok" if rc == 0 and job.done_file.exists() else f"FAILED (exit {rc}; see {logs})"
             print(f"[{time.strftime('%H:%M:%S')}] {status:<6} {job.name} in {dt / 60:.1f} min", flush=True)
@@ -213,10 +215,6 @@ def _live_elsewhere(job: Job) -> bool:
     (an earlier ``study.py run`` that was stopped leaves its running jobs alive): not started twice."""
     log = job.done_file.parent / "train.log"
     return log.exists() and time.time() - log.stat().st_mtime < 120
-
-
-def _done(out: Path, name: str) -> bool:
-    return any(j.name == name and j.done_file.exists() for j in plan(out))
 
 
 def _wait_any(futures):

@@ -129,8 +129,8 @@ def check_sampler_serves_rollout(sampler: Any, rollout: Any, field: str = "rollo
     """The rollout asks nothing of the sampler that it cannot do, refused before the engine starts:
     sampling without replacement (``rollout.without_replacement``, the laptop MCTS default) is the
     HF sampler's only (vLLM has no exact conditional exclusion of whole steps)."""
-    target = str(sampler.get("_target_", "")) if isinstance(sampler, Mapping | DictConfig) else ""
-    wants = rollout.get("without_replacement", False) if isinstance(rollout, Mapping | DictConfig) else False
+    target = str(sampler.get("_target_", "")) if isinstance(sampler, Mapping) else ""  # DictConfig is one
+    wants = rollout.get("without_replacement", False) if isinstance(rollout, Mapping) else False
     if target.endswith("VLLMSampler") and wants is True:
         raise ConfigError(
             f"{field}.without_replacement: true needs sampler=hf (the vLLM sampler cannot sample without "
