@@ -77,6 +77,7 @@ class ScriptedSampler(Sampler):
         self, tokenizer, script=SCRIPT, values: dict[str, float] | None = None, cycle: bool = False
     ) -> None:
         self.tokenizer = tokenizer
+        self._step_ids = {tokenizer.convert_tokens_to_ids("</step>")}  # how split_steps cuts a path
         self.script = script
         self.values = values or {}
         #: ``cycle``: the j-th sample ever drawn at a state is option j % len (across calls), so that
@@ -98,25 +99,32 @@ class ScriptedSampler(Sampler):
         self.exclude_calls.append([len(e) for e in exclude] if exclude is not None else None)
         out = []
         for i, s in enumerate(states):
-            key = self._completion(s)
-            options = self.script.get(key, [("<eos>", "eos", -0.5)])
-            if exclude is not None and exclude[i]:  # without replacement: skip the excluded options
-                seen = {tuple(e.token_ids) for e in exclude[i]}
-                left = [
-                    o
-                    for o in options
-                    if tuple(self.tokenizer.encode(o[0], add_special_tokens=False)) not in seen
-                ]
-                options = left or options
             conts = []
             for j in range(n):
-                if self.cycle:
-                    j, self.drawn[key] = self.drawn.get(key, 0), self.drawn.get(key, 0) + 1
-                text, fin, total = options[j % len(options)]
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                conts.append(Continuation(ids, [total / len(ids)] * len(ids), fin))
+                # stop="answer": scripted steps one after the other until one that is not a step
+                # (only the first is drawn without replacement: below it every node is new)
+                key, ids, lps, fin = self._completion(s), [], [], "step"
+                while fin == "step" and (stop == "answer" or not ids):
+                    text, fin, total = self._draw(
+                        key, j, exclude[i] if exclude is not None and not ids else None
+                    )
+                    step = self.tokenizer.encode(text, add_special_tokens=False)
+                    ids, lps, key = ids + step, lps + [total / len(step)] * len(step), key + text
+                conts.append(Continuation(ids, lps, fin))
             out.append(conts)
         return out
+
+    def _draw(self, key: str, j: int, excluded) -> tuple[str, str, float]:
+        options = self.script.get(key, [("<eos>", "eos", -0.5)])
+        if excluded:  # without replacement: skip the excluded options
+            seen = {tuple(e.token_ids) for e in excluded}
+            left = [
+                o for o in options if tuple(self.tokenizer.encode(o[0], add_special_tokens=False)) not in seen
+            ]
+            options = left or options
+        if self.cycle:
+            j, self.drawn[key] = self.drawn.get(key, 0), self.drawn.get(key, 0) + 1
+        return options[j % len(options)]
 
     def value(self, states):
         self.value_calls.append(len(states))
@@ -508,8 +516,34 @@ def test_rollout_values_hand_traced(char_tokenizer):
     assert traj.correct and traj.reward == 1.0
     assert traj.stats["rollout/correct_found"] == 1.0 and traj.stats["rollout/distinct_completions"] == 3
     assert out.stats["search/cached_terminal_fraction"] == 0.0
-    # one step per sampler call, n = 1 per simulation
-    assert all(n == 1 and stop == "step" for _, n, stop in sampler.sample_calls)
+    # one sampler call per wave, a whole path (stop="answer") per simulation
+    assert sampler.sample_calls == [(1, 1, "answer")] * 3
+
+
+def test_one_call_paths_are_cut_where_a_step_by_step_search_would_stop(char_tokenizer):
+    # one wave, one worker: the path is sampled whole, then cut into nodes. A step over
+    # max_step_tokens ends the branch there ("length"); steps below max_depth are not kept. The
+    # tokens past the cut were generated (paid) and are counted as discarded.
+    long = "<step>" + "1+" * 10 + "1=11</step>"  # 27 tokens
+    script = {"": [(long, "step", -1.0)], long: [("<answer>1</answer>", "answer", -1.0)]}
+    out_tokens = len(char_tokenizer.encode(long + "<answer>1</answer>", add_special_tokens=False))
+    rollout = _small(workers=1, iterations=1, rollout_mix=1.0, max_step_tokens=10, record_trees=True)
+    out = rollout.run([PROBLEM], ScriptedSampler(char_tokenizer, script), CountingEnv())
+    (tree,) = rollout.trees
+    (child,) = tree.root.children
+    assert len(child.token_ids) == 10 and child.terminal and child.terminal_reason == "length"
+    assert out.generated_tokens == out_tokens  # every sampled token is paid for ...
+    assert out.stats["search/discarded_tokens_per_problem"] == out_tokens - 10  # ... the rest kept in no node
+
+    s1, s2, s3 = "<step>1+1=2</step>", "<step>2+2=4</step>", "<step>4+4=8</step>"
+    script = {"": [(s1, "step", -1.0)], s1: [(s2, "step", -1.0)], s1 + s2: [(s3, "step", -1.0)],
+              s1 + s2 + s3: [("<answer>8</answer>", "answer", -1.0)]}  # fmt: skip
+    rollout = _small(workers=1, iterations=1, rollout_mix=1.0, max_depth=2, record_trees=True)
+    out = rollout.run([PROBLEM], ScriptedSampler(char_tokenizer, script), CountingEnv())
+    (tree,) = rollout.trees
+    assert [n.depth for n in tree.nodes] == [0, 1, 2] and tree.nodes[2].terminal_reason == "max_depth"
+    kept = sum(len(n.token_ids) for n in tree.nodes)
+    assert out.stats["search/discarded_tokens_per_problem"] == tree.generated_tokens - kept > 0
 
 
 def test_rollout_mix_blends_the_value_head_of_the_first_new_node(char_tokenizer):
@@ -534,8 +568,9 @@ def test_rollout_simulations_back_up_once_and_share_waves(char_tokenizer):
         for n in tree.nodes:  # no virtual loss or reservation left behind
             assert n.in_flight == 0 and n.scheduled == 0 and float(n.visits).is_integer()
             assert n.visits >= sum(c.visits for c in n.children)
-    # every step call serves every live simulation of both trees (at most depth 3 calls a wave here)
-    assert max(states for states, _, _ in sampler.sample_calls) <= 2 * 3
+    # one call per wave serves every live simulation of both trees, a whole path each
+    assert len(sampler.sample_calls) == 4
+    assert all(states <= 2 * 3 and stop == "answer" for states, _, stop in sampler.sample_calls)
     assert len(out.trajectories) == 2 and out.stats["search/simulations_per_problem"] == 12
 
 

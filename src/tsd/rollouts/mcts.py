@@ -23,10 +23,11 @@ One *wave* is one iteration of every worker on every tree of the batch:
      pass that starts their sampling; with widening (``alpha > 0``) a node that already has
      children draws the samples it has room for in one more call of the same wave. Two workers
      that stop at the same node share its expansion and both back up its value;
-   - ``rollout_mix > 0``: each simulation samples ONE path from where it stopped down to a
-     terminal, one step per sampler call (every worker of every tree in each call), and every
-     step becomes a node (identical steps merge), so the rollout's tokens stay in the tree and
-     later simulations branch from its intermediate steps. Its value is
+   - ``rollout_mix > 0``: each simulation samples ONE path from where it stopped down to an
+     answer, in ONE sampler call for every worker of every tree (``stop="answer"``; the first
+     step drawn without replacement when ``without_replacement``), cut into its steps afterwards
+     with their exact log-probs, and every step becomes a node (identical steps merge), so the
+     rollout's tokens stay in the tree and later simulations branch from its intermediate steps. Its value is
      ``(1 - lambda) * V(s_L) + lambda * z`` (AlphaGo, Silver et al. 2016): ``z`` the dense reward
      of the terminal it reached, ``s_L`` the first node it created (``z`` alone when that is the
      terminal). Every simulation ends on a graded answer, as every best-of-N sample does, but
@@ -56,7 +57,14 @@ from typing import Any
 from tsd.config import check_bool, check_int, check_number, require
 from tsd.envs.base import Env, Problem
 from tsd.rl.trajectory import Trajectory
-from tsd.rollouts.base import Rollout, RolloutOutput, encode_prompt, grade, mean_problem_stats, problem_stats
+from tsd.rollouts.base import (
+    Rollout,
+    RolloutOutput,
+    encode_prompt,
+    grade,
+    mean_problem_stats,
+    problem_stats,
+)
 from tsd.rollouts.selection import MaxVisit
 from tsd.rollouts.tree import Node, SearchTree
 from tsd.samplers.base import Continuation, Sampler
@@ -77,6 +85,8 @@ class SearchCounters:
     value_calls: int = 0
     search_tokens: int = 0
     completion_tokens: int = 0
+    #: sampled tokens that ended in no node (past a terminal of a rollout path): paid, not kept
+    discarded_tokens: int = 0
     #: rows (state x continuation) of each search ``sample`` call
     sample_widths: list[int] = field(default_factory=list)
     #: nodes created in each wave, all trees together
@@ -362,57 +372,90 @@ class MCTSRollout(Rollout):
         counters: SearchCounters,
     ) -> None:
         """One iteration of every worker on every tree with rollout values: select (with
-        virtual loss); from every non-terminal stopping node sample one path to a terminal, one
-        step per sampler call for all simulations at once, each step a node; grade the terminals;
-        back up ``(1 - lambda) * V(first new node) + lambda * reward`` along root ... terminal."""
+        virtual loss); from every non-terminal stopping node sample one path to an answer, all
+        simulations of all trees in ONE ``stop="answer"`` sampler call (its first step drawn
+        without replacement among the node's children when ``without_replacement``; below a new
+        node nothing is excluded, exactly as step-by-step calls would sample); cut each path into
+        its steps (:meth:`~tsd.samplers.base.Sampler.split_steps`, each capped at
+        ``max_step_tokens``), each step a node; grade the terminals; back up
+        ``(1 - lambda) * V(first new node) + lambda * reward`` along root ... terminal."""
         c = counters
         selections = self._select(trees, grade_node, c)
         ends = [path[-1] for _, path in selections]  # where each simulation's path is now
         first_new: list[Node | None] = [None] * len(selections)
         chains: list[list[Node]] = [[] for _ in selections]
         live = [s for s, node in enumerate(ends) if not node.terminal]
-        while live:
-            states = [trees[selections[s][0]].prompt_ids + ends[s].completion_ids() for s in live]
-            budget = max(self.max_new_tokens - ends[s].num_tokens for s in live)
+        if live:
+            starts = [ends[s] for s in live]
+            states = [
+                trees[selections[s][0]].prompt_ids + node.completion_ids() for s, node in zip(live, starts)
+            ]
             outs, values = sampler.sample_and_value(
                 states,
                 n=1,
-                max_new_tokens=min(self.max_step_tokens, budget),
-                stop="step",
-                exclude=[ends[s].children for s in live] if self.without_replacement else None,
+                max_new_tokens=max(self.max_new_tokens - node.num_tokens for node in starts),
+                stop="answer",
+                exclude=[node.children for node in starts] if self.without_replacement else None,
             )
             c.sample_calls += 1
             c.value_calls += 1
             c.sample_widths.append(len(states))
-            for s, conts, v in zip(live, outs, values):
-                i, node = selections[s][0], ends[s]
-                tokens = sum(len(x.token_ids) for x in conts)
+            for s, node, (cont,), v in zip(live, starts, outs, values):
+                i = selections[s][0]
+                tokens = len(cont.token_ids)
                 c.search_tokens += tokens
                 trees[i].generated_tokens += tokens
                 node.value_estimate = min(1.0, max(-1.0, float(v)))
                 c.expansions += not node.expanded
                 n_before = len(trees[i].nodes)
-                (child,) = trees[i].add_samples(node, conts)
-                if first_new[s] is None and len(trees[i].nodes) > n_before:
-                    first_new[s] = child
-                chains[s].append(child)
-                ends[s] = child
-            live = [s for s in live if not ends[s].terminal]
+                chain = trees[i].add_path(node, self._steps(sampler, cont))
+                # tokens sampled past the end of the path (a step over max_step_tokens, a node at
+                # max_depth): paid for, in no node
+                c.discarded_tokens += tokens - (chain[-1].num_tokens - node.num_tokens)
+                chains[s], ends[s] = chain, chain[-1]
+                created = trees[i].nodes[n_before:]
+                first_new[s] = created[0] if created else None
         for path in (p for _, p in selections):
             path[-1].scheduled = 0
 
         lam = self.rollout_mix
+        if lam < 1:  # V(first new node) of the simulations that need it: one value-head call
+            need = [s for s, leaf in enumerate(first_new) if leaf is not None and not leaf.terminal]
+            if need:
+                vals = sampler.value(
+                    [trees[selections[s][0]].prompt_ids + first_new[s].completion_ids() for s in need]  # type: ignore[union-attr]
+                )
+                c.value_calls += 1
+                for s, v in zip(need, vals):
+                    first_new[s].value_estimate = min(1.0, max(-1.0, float(v)))  # type: ignore[union-attr]
         for s, (i, path) in enumerate(selections):
             end = ends[s]
             grade_node(i, end)
             z = end.reward
             assert z is not None
             leaf = first_new[s]
-            value = z if leaf is None or leaf.terminal else (1 - lam) * leaf.value_estimate + lam * z
+            if lam == 1 or leaf is None or leaf.terminal:
+                value = z
+            else:
+                assert leaf.value_estimate is not None  # valued above
+                value = (1 - lam) * leaf.value_estimate + lam * z
             trees[i].undo_virtual_loss(path)
             trees[i].backup(path + chains[s], value, virtual_loss_applied=False)
             c.simulations += 1
         c.waves += 1
+
+    def _steps(self, sampler: Sampler, cont: Continuation) -> list[Continuation]:
+        """A sampled path as the steps a step-by-step search would have made of it: split at the
+        step stops, a step longer than ``max_step_tokens`` cut there (finish ``length``: the branch
+        ends, as a step call capped at ``max_step_tokens`` would have ended it) and nothing after."""
+        steps = []
+        for step in sampler.split_steps(cont):
+            if len(step.token_ids) > self.max_step_tokens:
+                cap = self.max_step_tokens
+                steps.append(Continuation(step.token_ids[:cap], step.logprobs[:cap], "length"))
+                break
+            steps.append(step)
+        return steps
 
     # ------------------------------------------------------------------ trajectory selection
     def _finish(
@@ -503,12 +546,8 @@ class MCTSRollout(Rollout):
         n = len(problems)
         widths = [w for t in trees for w in t.expansion_widths]
         waves = c.new_nodes_per_wave
-        return {
-            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories),
-            "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories),
-            **mean_problem_stats(trajectories),
+        out = {
             "search/tree_size": statistics.fmean(len(t.nodes) for t in trees),
-            "search/chosen_depth": statistics.fmean(len(t.chosen) - 1 for t in trees),
             "search/distinct_children_per_expansion": statistics.fmean(widths) if widths else 0.0,
             "search/root_visit_entropy": statistics.fmean(t.root_visit_entropy() for t in trees),
             "search/root_prior_visit_kl": statistics.fmean(t.root_prior_visit_kl() for t in trees),
@@ -530,13 +569,22 @@ class MCTSRollout(Rollout):
             ),
             "search/new_nodes_per_wave_first": waves[0] / n if waves else 0.0,
             "search/new_nodes_per_wave_last": waves[-1] / n if waves else 0.0,
-            "search/chosen_reward": statistics.fmean(t.reward for t in trajectories),
-            "search/chosen_completed_fraction": statistics.fmean(
-                t.stats["search/completed"] for t in trajectories
-            ),
             "search/waves": float(c.waves),
             "search/simulations_per_problem": c.simulations / n,
             "search/exhausted_fraction": statistics.fmean(float(t.root.exhausted) for t in trees),
             "search/sampler_tokens_per_problem": (c.search_tokens + c.completion_tokens) / n,
             "search/grades_per_problem": c.grades / n,
+            "search/discarded_tokens_per_problem": c.discarded_tokens / n,
+            "search/sample_calls": float(c.sample_calls),
+        }
+        return {
+            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories),
+            "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories),
+            **mean_problem_stats(trajectories),
+            **out,
+            "search/chosen_depth": statistics.fmean(len(t.chosen) - 1 for t in trees),
+            "search/chosen_reward": statistics.fmean(t.reward for t in trajectories),
+            "search/chosen_completed_fraction": statistics.fmean(
+                t.stats["search/completed"] for t in trajectories
+            ),
         }

@@ -86,6 +86,7 @@ class Node:
     #: dense reward (terminal nodes; graded once, on first visit)
     reward: float | None = None
     correct: bool | None = None
+    _step_p: float | None = field(default=None, repr=False, compare=False)
 
     @property
     def expanded(self) -> bool:
@@ -105,8 +106,11 @@ class Node:
         return out[::-1]
 
     def step_probability(self) -> float:
-        """Probability the sampler gave this node's step at its parent, ``exp(sum of log-probs)``."""
-        return math.exp(math.fsum(self.logprobs))
+        """Probability the sampler gave this node's step at its parent, ``exp(sum of log-probs)``
+        (computed once: a node's tokens never change)."""
+        if self._step_p is None:
+            self._step_p = math.exp(math.fsum(self.logprobs))
+        return self._step_p
 
     def completion_ids(self) -> list[int]:
         """The step tokens from the root to here, concatenated."""
@@ -410,6 +414,20 @@ class SearchTree:
         if first:
             self.expansion_widths.append(len(node.children))
         return landed
+
+    def add_path(self, node: Node, steps: Sequence[Any]) -> list[Node]:
+        """Add the consecutive steps of one sampled path below ``node`` (objects as in
+        :meth:`add_samples`, each sampled from the state its predecessors reach), one node per step
+        (a step identical to an existing child merges into it), until a terminal: steps past a
+        terminal (the depth or token budget reached, an answer) are not added. Returns the nodes
+        the path went through below ``node``, in order."""
+        chain: list[Node] = []
+        for step in steps:
+            if node.terminal:
+                break
+            (node,) = self.add_samples(node, [step])
+            chain.append(node)
+        return chain
 
     def expand(self, node: Node, continuations: Sequence[Any]) -> list[Node]:
         """The first expansion of a leaf (the article's: K samples at once); returns its children."""
