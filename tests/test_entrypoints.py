@@ -82,7 +82,7 @@ def test_bad_override_exits_2_naming_the_field(tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    run(
+    p = run(
         [
             "train.py",
             "-m",
@@ -98,6 +98,22 @@ def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_
     )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]  # exactly one directory per job, nothing else
+    # the sweep ends with its table (tsd.viz.sweep_summary): one row per job, the sweeper's knobs,
+    # the jobs' own final eval and compute, and nothing printed after it
+    out = p.stdout.rstrip().splitlines()
+    table = out[out.index(f"sweep {sweep}: 2 jobs, eval/mean@2") + 2 :]
+    assert table[0].startswith(
+        "| job | rollout.workers | rollout.iterations | base eval/mean@2 | final eval/mean@2"
+    )
+    assert len(table) == 4 and (sweep / "summary.md").read_text().endswith("\n".join(table) + "\n")
+    for job, line in zip(jobs, table[2:]):
+        res = json.loads((sweep / job / "results.json").read_text())
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == [job, str(int(job) + 1), "2"]
+        assert float(cells[4]) == pytest.approx(res["final/eval/mean@2"], abs=5e-5)
+        assert int(cells[5].replace(",", "")) == res["compute/generated_tokens"] > 0
+        assert int(cells[6].replace(",", "")) == res["compute/trained_tokens"] > 0
+        assert float(cells[7].replace(",", "")) == pytest.approx(res["wall_seconds"], abs=0.5)
     # W&B: one finished run per job (not the first job's run reused), grouped as one sweep
     from wandb_offline import offline_runs
 
