@@ -140,7 +140,7 @@ def read_evals(run: Path) -> list[dict[str, float]]:
 
 def read_run(run: Path) -> RunRecord:
     hp = _yaml(run / "csv" / "hparams.yaml") or {}
-    info = hp.get("run") if isinstance(hp, dict) and isinstance(hp.get("run"), dict) else {}
+    info: dict = hp["run"] if isinstance(hp, dict) and isinstance(hp.get("run"), dict) else {}
     hydra_cfg = _yaml(run / ".hydra" / "config.yaml") or {}
     seed = hp.get("seed", hydra_cfg.get("seed")) if isinstance(hp, dict) else None
     res = run / "results.json"
