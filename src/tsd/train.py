@@ -104,15 +104,25 @@ def train(cfg: DictConfig) -> dict:
 
     # the heavy imports only now: a bad command above fails before paying for them
     import lightning as L
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from tsd.callbacks import AckAfterStep, ExportPolicy, LogRunConfig, MeanAtKEval, WeightSync
+    from tsd.callbacks import (
+        AckAfterStep,
+        ExportPolicy,
+        LogRunConfig,
+        MeanAtKEval,
+        StepProgressBar,
+        WeightSync,
+    )
     from tsd.data.record_check import RecordCheck
+    from tsd.lightning_logs import route_lightning_logs
     from tsd.loggers.run_info import logged_config
     from tsd.models.loading import load_policy
     from tsd.rollouts.mcts import MCTSRollout
     from tsd.samplers.hf import banned_token_ids, eos_token_ids
 
+    route_lightning_logs()  # each Lightning line once, through Hydra's handlers; no advertising
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
 
@@ -134,6 +144,12 @@ def train(cfg: DictConfig) -> dict:
     # the data flow's own callbacks first (ack, then clock and weight sync), then the configured
     # ones; every logger gets the resolved config + the run's identity
     run_callbacks = [AckAfterStep(), WeightSync(), *callbacks.values()]
+    # the bar counts optimiser steps (Lightning's own read "Epoch 0/-2"), unless off or configured;
+    # first, so that it closes before the final evaluation logs
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(cb, ProgressBar) for cb in callbacks.values()
+    ):
+        run_callbacks.insert(0, StepProgressBar())
     if loggers:
         run_callbacks.append(LogRunConfig(logged_config(cfg)))
     strategy = build(cfg.strategy, "strategy")  # refuses a world it cannot run, with the trainer

@@ -124,7 +124,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
             gather_bucket_mb: the full weights are gathered onto rank 0 in flat buckets of at most
                 this many MB, one collective each (:func:`~tsd.distributed.gather.gather_full_state`);
                 0: one collective per tensor (``get_model_state_dict``, the slower path it replaced,
-                kept to measure against: ``scripts/bench_distributed.py``).
+                kept to measure against: ``benchmarks/bench_distributed.py``).
             accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin:
                 set by Lightning from ``trainer.*``.
         """
