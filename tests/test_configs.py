@@ -120,6 +120,7 @@ ARTICLE_BY_EXPERIMENT = {
         "rollout.prior_temperature": 1.0,
         "rollout.rollout_mix": 0.0,  # leaves valued by the value head alone
         "rollout.selection._target_": "tsd.rollouts.selection.MaxVisit",
+        "rollout.emission": None,  # one path per search, the max-visit one (not the whole tree)
         "data.sync_every": 8,
         "data.batch_size": 16,  # x 2 trainers (trainer.devices=8, 6 generators) = 32
         "strategy.num_generators": 6,

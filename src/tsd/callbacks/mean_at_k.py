@@ -118,13 +118,15 @@ class MeanAtKEval(L.Callback):
         tree = self._draw_tree(sampler, trainer.global_step) if self.search is not None else None
         media = self._wandb_media(res.pop("samples", None), tree) if wandb_loggers else {}
         policy.train(was_training)
-        gen = float(trainer.datamodule.generation.generated_tokens())
+        generation = trainer.datamodule.generation
+        gen = float(generation.generated_tokens())
         row = {
             "step": trainer.global_step,
             f"eval/mean@{self.k}": res[f"mean@{self.k}"],
             f"eval/pass@{self.k}": res[f"pass@{self.k}"],
             "eval/dense_mean": res["dense_mean"],
             "compute/generated_tokens": gen,
+            "compute/prefill_tokens": float(generation.prefill_tokens()),
             "compute/trained_tokens": float(getattr(pl_module, "trained_tokens", 0)),
             "perf/eval_seconds": res["seconds"],
             # wall seconds since this process started fitting (a resumed run counts from its resume)

@@ -63,10 +63,12 @@ from tsd.rollouts.base import (
     encode_prompt,
     grade,
     mean_problem_stats,
+    problem_means,
     problem_stats,
 )
 from tsd.rollouts.selection import MaxVisit
 from tsd.rollouts.tree import Node, SearchTree
+from tsd.rollouts.tree_targets import TreePaths, graded_terminals
 from tsd.samplers.base import Continuation, Sampler
 
 
@@ -119,6 +121,7 @@ class MCTSRollout(Rollout):
         unseen_as_child: bool = False,
         without_replacement: bool = False,
         selection: Callable[[SearchTree], list[Node]] | None = None,
+        emission: TreePaths | None = None,
         temperature: float | None = None,
         seed: int = 0,
         record_trees: bool = False,
@@ -162,6 +165,11 @@ class MCTSRollout(Rollout):
                 log-probs stay the policy's own. HF sampler only (False: the article's).
             selection: the rule that picks the emitted path (:mod:`tsd.rollouts.selection`);
                 ``None`` = :class:`~tsd.rollouts.selection.MaxVisit`, the article's.
+            emission: ``None`` (the article's): one trajectory per problem, the path ``selection``
+                picks, trained with the value baseline. A
+                :class:`~tsd.rollouts.tree_targets.TreePaths`: the path of every graded answer in
+                the tree (up to its ``max_paths``), each token carrying its step's advantage
+                computed from the tree (``selection`` then plays no part).
             temperature: informational only: the sampler's temperature is what samples; a
                 mismatch warns.
             seed: recorded for the run's provenance. The search itself draws no random numbers
@@ -193,6 +201,13 @@ class MCTSRollout(Rollout):
             selection,
         )
         self.selection = selection if selection is not None else MaxVisit()
+        require(
+            emission is None or isinstance(emission, TreePaths),
+            f"{o}.emission",
+            "null (one path) or a tsd.rollouts.tree_targets.TreePaths",
+            type(emission).__name__,
+        )
+        self.emission = emission
         self.temperature = (
             None if temperature is None else check_number(temperature, f"{o}.temperature", low=0)
         )
@@ -248,7 +263,10 @@ class MCTSRollout(Rollout):
                 if node.terminal:
                     grade_node(i, node)
 
-        trajectories = self._finish(problems, trees, sampler, env, grade_node, c, version)
+        if self.emission is None:
+            trajectories = self._finish(problems, trees, sampler, env, grade_node, c, version)
+        else:
+            trajectories = self._emit_tree(problems, trees, self.emission, version)
         if sampler.version != version:  # a trajectory must come from one set of weights
             raise RuntimeError(
                 f"MCTSRollout: the sampler's weights changed during the search (version {version} -> "
@@ -536,6 +554,41 @@ class MCTSRollout(Rollout):
             )
         return trajectories
 
+    def _emit_tree(
+        self, problems: Sequence[Problem], trees: Sequence[SearchTree], emission: TreePaths, version: int
+    ) -> list[Trajectory]:
+        """Every tree's graded answers as trajectories (:class:`~tsd.rollouts.tree_targets.TreePaths`):
+        each the path root ... terminal with the behaviour log-probs its nodes recorded and one
+        advantage per token. No completion is sampled: only graded terminals are emitted, and a
+        tree without one emits nothing (``search/trees_without_answer``)."""
+        trajectories = []
+        for problem, tree in zip(problems, trees):
+            targets = emission(tree)
+            tree.chosen = targets[0].path if targets else []
+            for target in targets:
+                end = target.path[-1]
+                assert end.reward is not None and end.correct is not None
+                trajectories.append(
+                    Trajectory(
+                        problem_id=problem.id,
+                        prompt_ids=list(tree.prompt_ids),
+                        completion_ids=end.completion_ids(),
+                        behaviour_logprobs=[float(v) for v in end.completion_logprobs()],
+                        reward=float(end.reward),
+                        correct=bool(end.correct),
+                        policy_version=version,
+                        rollout=self.name,
+                        token_advantages=target.token_advantages(),
+                        finish_reason=str(end.terminal_reason),
+                        group_id=problem.id,
+                        stats={
+                            "search/path_depth": float(end.depth),
+                            "search/path_visits": float(end.visits),
+                        },
+                    )
+                )
+        return trajectories
+
     def _stats(
         self,
         problems: Sequence[Problem],
@@ -577,14 +630,42 @@ class MCTSRollout(Rollout):
             "search/discarded_tokens_per_problem": c.discarded_tokens / n,
             "search/sample_calls": float(c.sample_calls),
         }
+        if self.emission is None:  # one path per problem
+            return {
+                "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories),
+                "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories),
+                **mean_problem_stats(trajectories),
+                **out,
+                "search/chosen_depth": statistics.fmean(len(t.chosen) - 1 for t in trees),
+                "search/chosen_reward": statistics.fmean(t.reward for t in trajectories),
+                "search/chosen_completed_fraction": statistics.fmean(
+                    t.stats["search/completed"] for t in trajectories
+                ),
+            }
+        # the whole tree: per problem from the trees, per path from what is emitted
+        ends = [graded_terminals(t) for t in trees]
+        advs = [a for t in trajectories for a in (t.token_advantages or [])]
         return {
-            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories),
-            "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories),
-            **mean_problem_stats(trajectories),
-            **out,
-            "search/chosen_depth": statistics.fmean(len(t.chosen) - 1 for t in trees),
-            "search/chosen_reward": statistics.fmean(t.reward for t in trajectories),
-            "search/chosen_completed_fraction": statistics.fmean(
-                t.stats["search/completed"] for t in trajectories
+            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories) if trajectories else 0.0,
+            "rollout/correct_mean": (
+                statistics.fmean(float(t.correct) for t in trajectories) if trajectories else 0.0
             ),
+            **problem_means(
+                [
+                    problem_stats(t.generated_tokens, any(x.correct for x in e), len(e))
+                    for t, e in zip(trees, ends)
+                ]
+            ),
+            **out,
+            "rollout/paths_per_problem": len(trajectories) / n,
+            # completion tokens the trainer will see (a shared step once per path through it)
+            "rollout/path_tokens_per_problem": sum(t.num_tokens for t in trajectories) / n,
+            "rollout/token_advantage_abs_mean": statistics.fmean(abs(a) for a in advs) if advs else 0.0,
+            # paths that carry no policy gradient (every step's advantage 0: e.g. all answers equal)
+            "rollout/zero_advantage_path_fraction": (
+                statistics.fmean(float(not any(t.token_advantages or [])) for t in trajectories)
+                if trajectories
+                else 0.0
+            ),
+            "search/trees_without_answer": sum(not e for e in ends) / n,
         }

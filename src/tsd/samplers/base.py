@@ -107,6 +107,12 @@ class Sampler(ABC):
         to read V(s) from that pass instead of a second one."""
         return self.sample(states, n, max_new_tokens, stop, exclude), self.value(states)
 
+    def drop_cache(self) -> None:
+        """Forget what earlier calls left behind to reuse (the HF sampler's prefix store); nothing by
+        default. A rollout worker calls it before each rollout, so that a rollout reuses only what
+        its own calls ran and a resumed run samples exactly what the uninterrupted one did."""
+        return None
+
     def split_steps(self, continuation: Continuation) -> list[Continuation]:
         """Cut a ``stop="answer"`` continuation into the reasoning steps that ``stop="step"`` calls
         would have returned one after the other: each piece ends after a step stop (finish

@@ -288,6 +288,10 @@ class HFSampler(Sampler):
                 out.extend(values[:, -1].float().tolist())
         return out
 
+    def drop_cache(self) -> None:
+        if self.prefix_store is not None:
+            self.prefix_store.clear()
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state_dict, strict=True)
         self.version = int(version)
