@@ -186,10 +186,7 @@ def test_every_paper_value_says_where_it_comes_from(experiment):
 def test_every_study_run_composes_and_matches_signatures():
     """scripts/study.py's training commands are ordinary train.py overrides: each must compose
     and give every ``_target_`` only keys it accepts (a renamed key would fail hours into a study)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import study
+    from tsd.eval import study
 
     for method, overrides in study.METHODS.items():
         cfg = _compose("train", [*overrides, *study.COMMON, "module.optimizer.lr=1e-4", "seed=1"])

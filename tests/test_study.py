@@ -5,13 +5,11 @@ the README block it regenerates. The runs themselves are ordinary train.py / eva
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import study  # noqa: E402
+from tsd.eval import study
 
 
 def _result(path: Path, correct: list[int], k: int = 16) -> None:

@@ -2,7 +2,7 @@
 
     python scripts/draw_tree.py --problems 3            # search, then draw each tree
     python scripts/search_efficiency.py                 # correct share against generated tokens, vs best-of-N
-    python scripts/bench_mcts.py                        # simulations/s for N = 1, 4, 16 workers
+    python benchmarks/bench_mcts.py                     # simulations/s for N = 1, 4, 16 workers
 
 The root is the prompt, a node is one reasoning step (tokens up to and including ``</step>``)
 and a terminal node holds the answer or ends the sequence (:mod:`tsd.rollouts.tree` has the pure
