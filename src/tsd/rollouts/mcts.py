@@ -39,11 +39,16 @@ One *wave* is one iteration of every worker on every tree of the batch:
    every node on it (with rollouts: down to the terminal it reached), once.
 
 M iterations are therefore M waves and N*M simulations per tree. After M waves every terminal is
-graded (no tokens) and the selection rule (``max_visit``, the article's; ``best_terminal``;
-``max_q``) picks the emitted path, which is completed with one ``stop="answer"`` sample if it ends
-short of a terminal, graded, and emitted with the behaviour log-probs the sampler recorded for
-every token. ``advantage`` is left ``None``: the trainer uses the value baseline
-``A_t = r - sg(V_old(s_t))``.
+graded (no tokens), and what is emitted is one of two things (``emission``):
+
+- the article's one path per problem (``emission=None``): the selection rule (``max_visit``, the
+  article's; ``best_terminal``; ``max_q``) picks it, it is completed with one ``stop="answer"``
+  sample if it ends short of a terminal, graded, and emitted with the behaviour log-probs the
+  sampler recorded for every token; ``advantage`` is left ``None``, so the trainer uses the value
+  baseline ``A_t = r - sg(V_old(s_t))``;
+- the whole tree (``rollout/emission=tree``, :mod:`tsd.rollouts.tree_targets`): the path of every
+  graded answer, each token carrying the advantage of its step computed from the tree's values
+  (``token_advantages``; no value baseline).
 """
 
 from __future__ import annotations
