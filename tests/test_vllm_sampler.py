@@ -35,9 +35,13 @@ from conftest import make_random_policy
 from test_sampler import states_of, teacher_forced_logprobs
 
 from tsd.config import ConfigError
+from tsd.samplers.base import Continuation
+from tsd.samplers.exclusion import EXTRA_ARGS_KEY, trie_payload
 from tsd.samplers.hf import HFSampler
 from tsd.samplers.vllm import (
     BAN_BIAS,
+    LOGITS_PROCESSOR,
+    V2_RUNNER_ENV,
     VLLMSampler,
     WeightSyncWorkerExtension,
     pack_weights,
@@ -92,11 +96,13 @@ class FakeLLM:
         FakeLLM.last = self
 
     def generate(self, prompts, params, use_tqdm=True):
-        self.calls.append((prompts, params))
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        assert len(per_prompt) == len(prompts)  # vLLM pairs them one by one
+        self.calls.append((prompts, per_prompt))
         out = []
-        for p in prompts:
+        for p, par in zip(prompts, per_prompt):
             conts = []
-            for i in reversed(range(params.kwargs["n"])):  # out of order: the sampler sorts by index
+            for i in reversed(range(par.kwargs["n"])):  # out of order: the sampler sorts by index
                 toks, finish, stop = self.script(p["prompt_token_ids"], i)
                 lps = [{t: Logprob(-0.1 * (k + 1))} for k, t in enumerate(toks)]
                 conts.append(CompletionOutput(i, toks, lps, finish, stop))
@@ -126,6 +132,9 @@ def fake_vllm(monkeypatch, request):
     vllm.on_cpu = request.param == "cpu"
     for name, mod in (("vllm", vllm), ("vllm.inputs", inputs), ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, mod)
+    # unset, as the sampler finds it in a fresh process; what it sets is undone after the test
+    monkeypatch.setenv(V2_RUNNER_ENV, "0")
+    monkeypatch.delenv(V2_RUNNER_ENV)
     return vllm
 
 
@@ -164,7 +173,14 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
     sampler = make(random_policy, tok, temperature=0.7, top_p=0.9, seed=3, llm_kwargs={"enforce_eager": True})
     llm = FakeLLM.last
     assert llm.kwargs["model"] == "/models/policy"
-    assert llm.kwargs["logprobs_mode"] == "processed_logprobs"  # temperature/top-p applied
+    # the processor's output (the policy's log-probs) is reported as it is
+    assert llm.kwargs["logprobs_mode"] == "processed_logits"
+    assert llm.kwargs["logits_processors"] == [LOGITS_PROCESSOR]
+    module, cls = LOGITS_PROCESSOR.split(":")
+    assert (Path(__file__).parents[1] / "src" / (module.replace(".", "/") + ".py")).read_text().count(
+        f"class {cls}("
+    ) == 1  # (the module imports vLLM: the real tests load it)
+    assert os.environ[V2_RUNNER_ENV] == "0"  # the runner whose processor interface it implements
     assert llm.kwargs["seed"] == 3 and llm.kwargs["enable_prefix_caching"] and llm.kwargs["enforce_eager"]
     assert llm.kwargs["dtype"] == "float32"  # the given policy's
     assert llm.kwargs["hf_overrides"] == {"head_dtype": "float32"}  # the LM head in fp32
@@ -183,10 +199,12 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
     prompts, params = llm.calls[-1]
     assert [p["prompt_token_ids"] for p in prompts] == states
     step, answer = tok.convert_tokens_to_ids("</step>"), tok.convert_tokens_to_ids("</answer>")
-    assert params.kwargs == {
+    assert len(params) == len(states)
+    assert params[0].kwargs == {
         "n": 3,
-        "temperature": 0.7,
-        "top_p": 0.9,
+        # the processor applies the policy's temperature and top-p; vLLM samples its output as it is
+        "temperature": 1.0,
+        "top_p": 1.0,
         "max_tokens": 5,
         "logprobs": 0,
         "stop": [],  # both tags are single tokens of the char tokenizer: stopped by id
@@ -194,9 +212,16 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
         "include_stop_str_in_output": True,
         "skip_special_tokens": False,
         "logit_bias": {tok.pad_token_id: BAN_BIAS, tok.bos_token_id: BAN_BIAS},
+        "extra_args": {EXTRA_ARGS_KEY: {"temperature": 0.7, "top_p": 0.9}},
     }
     sampler.sample(states, n=1, max_new_tokens=5, stop="answer")
-    assert llm.calls[-1][1].kwargs["stop_token_ids"] == [answer]  # a step end does not stop an answer
+    assert llm.calls[-1][1][0].kwargs["stop_token_ids"] == [answer]  # a step end does not stop an answer
+    sampler.temperature = 0.0  # greedy: vLLM takes the argmax of the processor's output (T = 1 inside)
+    sampler.sample(states, n=2, max_new_tokens=5)
+    kw = llm.calls[-1][1][0].kwargs
+    assert (
+        kw["n"] == 1 and kw["temperature"] == 0.0 and kw["extra_args"][EXTRA_ARGS_KEY]["temperature"] == 0.0
+    )
 
 
 def test_a_model_without_checkpoint_is_written_for_vllm(fake_vllm, random_policy, char_tokenizer):
@@ -236,10 +261,10 @@ def test_a_checkpoint_path_loads_both_copies(fake_vllm, tmp_path, char_tokenizer
 def test_multi_token_stop_strings_go_to_vllm_as_text(fake_vllm, random_policy, char_tokenizer):
     sampler = make(random_policy, char_tokenizer, stop_strings=("ab",), answer_stop_strings=("cd",))
     sampler.sample([[1, 9]], n=1, max_new_tokens=4, stop="step")
-    params = FakeLLM.last.calls[-1][1].kwargs
+    params = FakeLLM.last.calls[-1][1][0].kwargs
     assert params["stop"] == ["ab", "cd"] and params["stop_token_ids"] == []
     sampler.sample([[1, 9]], n=1, max_new_tokens=4, stop="answer")
-    assert FakeLLM.last.calls[-1][1].kwargs["stop"] == ["cd"]
+    assert FakeLLM.last.calls[-1][1][0].kwargs["stop"] == ["cd"]
 
 
 def test_outputs_become_continuations(fake_vllm, random_policy, char_tokenizer):
@@ -269,6 +294,49 @@ def test_outputs_become_continuations(fake_vllm, random_policy, char_tokenizer):
     # in "answer" mode a step token at the end is a length stop
     FakeLLM.last.script = lambda prompt, i: ([a, step], "length", None)
     assert sampler.sample([[1, 9]], n=1, max_new_tokens=2, stop="answer")[0][0].finish_reason == "length"
+
+
+def test_excluded_continuations_travel_per_state_and_log_probs_are_restored(
+    fake_vllm, random_policy, char_tokenizer
+):
+    import math
+
+    tok = char_tokenizer
+    sampler = make(random_policy, tok, temperature=0.8)
+    a, b, c = tok.encode("abc", add_special_tokens=False)
+    step = tok.convert_tokens_to_ids("</step>")
+    # state 0 excludes the step "a b </step>" (P = 0.5 * 0.2 * 0.9) and "c </step>"; state 1 nothing
+    excl = [
+        Continuation([a, b, step], [math.log(0.5), math.log(0.2), math.log(0.9)], "step"),
+        Continuation([c, step], [math.log(0.1), math.log(0.7)], "step"),
+    ]
+    FakeLLM.last.script = lambda prompt, i: ([a, c, step], "stop", step)
+    out = sampler.sample([[1, 9], [1, 8]], n=2, max_new_tokens=4, exclude=[excl, []])
+    _, params = FakeLLM.last.calls[-1]
+    ours = params[0].kwargs["extra_args"][EXTRA_ARGS_KEY]
+    assert ours == {"temperature": 0.8, "top_p": 1.0, "exclude": trie_payload(excl)}
+    assert "exclude" not in params[1].kwargs["extra_args"][EXTRA_ARGS_KEY]
+    # the stand-in reports -0.1, -0.2, -0.3: the first token, a, is on the excluded prefix (mass
+    # 0.5 * 0.2 * 0.9), so what was reported is log(p(a) - m(a)); then c leaves the trie
+    m_a = 0.5 * 0.2 * 0.9
+    want = [math.log(math.exp(-0.1) + m_a), -0.2, -0.3]
+    assert out[0][0].logprobs == pytest.approx(want, abs=1e-12) and out[0][1].logprobs == pytest.approx(want)
+    assert out[1][0].logprobs == pytest.approx([-0.1, -0.2, -0.3])  # nothing excluded: as reported
+    assert sampler.exhausted_draws == 0
+    # every token of the prefix excluded: drawn from the policy, counted, log-probs as reported
+    full = [Continuation([a], [math.log(0.6)], "length"), Continuation([b], [math.log(0.4)], "length")]
+    out = sampler.sample([[1, 9]], n=3, max_new_tokens=4, exclude=[full])
+    assert sampler.exhausted_draws == 3 and out[0][0].logprobs == pytest.approx([-0.1, -0.2, -0.3])
+    with pytest.raises(ValueError, match="exclude has 1 entries for 2 states"):
+        sampler.sample([[1, 9], [1, 8]], n=1, max_new_tokens=2, exclude=[excl])
+
+
+def test_the_v2_model_runner_is_refused_when_asked_for(fake_vllm, monkeypatch, random_policy, char_tokenizer):
+    monkeypatch.setenv(V2_RUNNER_ENV, "1")
+    with pytest.raises(ValueError, match="V2 model runner.*unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"):
+        make(random_policy, char_tokenizer)
+    monkeypatch.setenv(V2_RUNNER_ENV, "0")
+    make(random_policy, char_tokenizer)  # asked for V1: fine
 
 
 def test_load_weights_renames_syncs_and_resets_the_prefix_cache(fake_vllm, random_policy, char_tokenizer):
