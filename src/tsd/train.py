@@ -170,7 +170,9 @@ def train(cfg: DictConfig) -> dict:
     )
     for cb in callbacks.values():
         if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
-            cb.setup_eval(env, tokenizer, search=rollout if isinstance(rollout, MCTSRollout) else None)
+            # it samples with the run's sampler (vLLM at paper scale)
+            search = rollout if isinstance(rollout, MCTSRollout) else None
+            cb.setup_eval(env, tokenizer, make_sampler, search=search)
         if isinstance(cb, ExportPolicy):
             cb.tokenizer = tokenizer
 
