@@ -61,6 +61,25 @@ def chi_square(observed: Counter, expected: dict, n: int, min_expected: float = 
     return stat, len(cells) - 1
 
 
+def chi_square_two_samples(a: Counter, b: Counter, min_expected: float = 5.0) -> tuple[float, int]:
+    """Pearson's homogeneity statistic of two samples counted by class (a 2 x K table); classes
+    whose smaller expected count is under ``min_expected`` are pooled into one. Returns
+    (statistic, df = K - 1)."""
+    na, nb = sum(a.values()), sum(b.values())
+    n = na + nb
+    big = [c for c in set(a) | set(b) if (a[c] + b[c]) * min(na, nb) / n >= min_expected]
+    cells = [(a[c], b[c]) for c in big]
+    rest = (na - sum(x for x, _ in cells), nb - sum(y for _, y in cells))
+    if sum(rest):
+        cells.append(rest)
+    stat = 0.0
+    for x, y in cells:
+        for obs, size in ((x, na), (y, nb)):
+            e = (x + y) * size / n
+            stat += (obs - e) ** 2 / e
+    return stat, len(cells) - 1
+
+
 def test_chi2_critical_matches_the_tables():
     # tabulated 0.999 quantiles; the approximation is within 1.2% from df 5 on (a little high)
     for df, table in [(5, 20.515), (10, 29.588), (30, 59.703)]:
@@ -76,6 +95,12 @@ def test_chi_square_accepts_the_truth_and_rejects_a_shift():
     assert df == 3 and stat < chi2_critical(df)
     shifted = dict(enumerate([0.45, 0.35, 0.15, 0.05]))
     assert chi_square(draws, shifted, n)[0] > chi2_critical(3)
+    # two samples: the same distribution passes, a shifted one does not
+    same = Counter(torch.multinomial(p, n, replacement=True, generator=g).tolist())
+    stat, df = chi_square_two_samples(draws, same)
+    assert df == 3 and stat < chi2_critical(df)
+    other = Counter(torch.multinomial(torch.tensor(list(shifted.values())), n, True, generator=g).tolist())
+    assert chi_square_two_samples(draws, other)[0] > chi2_critical(3)
 
 
 # ---------------------------------------------------------------------------- the payload

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -536,6 +537,188 @@ def test_real_vllm_weight_reload_resets_the_prefix_cache(real, monkeypatch):
     assert max_logprob_error(fresh, states, real.first, tok, 1.0) < 1e-4
 
 
+# ---------------------------------------------------------------------------- real vLLM: without replacement
+# The bundled tiny policy (trained: its steps are peaked, so excluding the likeliest ones moves a
+# lot of mass) at one Countdown state; its engine lives beside the random policies' one above.
+COUNTDOWN_STATE = "[3,5,7,2]->23\n"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    if not HAS_VLLM:
+        pytest.skip(requires_vllm.kwargs["reason"])
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from tsd import TINY_POLICY_DIR
+    from tsd.models.loading import load_policy
+
+    policy, tok = load_policy(str(TINY_POLICY_DIR))
+    sampler = VLLMSampler(
+        str(TINY_POLICY_DIR),
+        tok,
+        seed=0,
+        dtype="float32",
+        kv_cache_gib=0.0625,
+        max_model_len=256,
+        block_size=BLOCK,
+        value_device="cpu",
+        llm_kwargs={"enforce_eager": True},
+    )
+    state = [tok.bos_token_id, *tok.encode(COUNTDOWN_STATE, add_special_tokens=False)]
+    return types.SimpleNamespace(sampler=sampler, policy=policy, tok=tok, state=state)
+
+
+def policy_probs(model, tok, ids, temperature=1.0) -> torch.Tensor:
+    """p(. | ids) as the samplers draw it (pad/BOS banned, logits / T), from one transformers forward."""
+    with torch.no_grad():
+        logits, _, _ = model(torch.tensor([ids]))
+    last = logits[0, -1].double()
+    last[[tok.pad_token_id, tok.bos_token_id]] = float("-inf")
+    return torch.softmax(last / temperature, -1)
+
+
+def likeliest_steps(sampler, state, k, n=64, temperature=1.0, top_p=1.0):
+    """The ``k`` most frequent distinct steps among ``n`` plain samples (as recorded: the policy's
+    log-probs at this temperature and top-p)."""
+    from collections import Counter
+
+    with sampling(sampler, temperature, top_p):
+        (rows,) = sampler.sample([state], n=n, max_new_tokens=32, stop="step")
+    first = {}
+    for r in rows:
+        first.setdefault(tuple(r.token_ids), r)
+    counts = Counter(tuple(r.token_ids) for r in rows if r.finish_reason == "step")
+    return [first[c] for c, _ in counts.most_common(k)]
+
+
+def stop_ids(tok, stop):
+    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("</answer>")}
+    return ids | ({tok.convert_tokens_to_ids("</step>")} if stop == "step" else set())
+
+
+def prefix_class(token_ids, trie, depth, stops) -> tuple[int, ...]:
+    """A draw's class: its tokens up to where it leaves the trie (after that the policy draws
+    unconditioned), stops, or reaches ``depth``."""
+    prefix: tuple[int, ...] = ()
+    for x in token_ids[:depth]:
+        prefix = (*prefix, x)
+        if x in stops or len(prefix) == depth or prefix not in trie:
+            break
+    return prefix
+
+
+def conditional_classes(model, tok, state, excluded, depth, stops) -> dict[tuple[int, ...], float]:
+    """The exact probability of each :func:`prefix_class` under the policy conditioned on not
+    repeating ``excluded``: at a trie prefix, q(x) = (p(x) - m(x))^+ / sum (one forward per prefix)."""
+    from tsd.samplers.hf import exclusion_trie
+
+    trie = exclusion_trie(excluded)
+    out: dict[tuple[int, ...], float] = {}
+
+    def expand(prefix: tuple[int, ...], prob: float) -> None:
+        q = policy_probs(model, tok, state + list(prefix))
+        for t, m in trie[prefix].items():
+            q[t] = max(float(q[t]) - m, 0.0)
+        q /= q.sum()
+        for x in torch.nonzero(q).squeeze(-1).tolist():
+            nxt = (*prefix, x)
+            if x in stops or len(nxt) == depth or nxt not in trie:
+                out[nxt] = out.get(nxt, 0.0) + prob * float(q[x])
+            else:
+                expand(nxt, prob * float(q[x]))
+
+    expand((), 1.0)
+    return out
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.parametrize(("stop", "done"), [("step", ""), ("answer", "<step>7*2=14</step>")])
+def test_real_vllm_samples_without_replacement_from_the_conditional_distribution(bundled, stop, done):
+    from collections import Counter
+
+    from test_exclusion import chi2_critical, chi_square, chi_square_two_samples
+
+    from tsd.samplers.hf import exclusion_trie
+
+    tok, model = bundled.tok, bundled.policy
+    state = bundled.state + tok.encode(done, add_special_tokens=False)  # the root, or after one step
+    # excluded: the 3 likeliest steps (single steps in both modes: in "answer" mode a completion
+    # must not start with one of them)
+    excl = likeliest_steps(bundled.sampler, state, 3)
+    trie, stops, depth, n = exclusion_trie(excl), stop_ids(tok, stop), 4, 4000
+    expected = conditional_classes(model, tok, state, excl, depth, stops)
+    assert abs(sum(expected.values()) - 1) < 1e-9
+
+    def classes(rows):
+        return Counter(prefix_class(r.token_ids, trie, depth, stops) for r in rows)
+
+    (rows,) = bundled.sampler.sample([state], n=n, max_new_tokens=depth, stop=stop, exclude=[excl])
+    got = classes(rows)
+    hf = HFSampler(model, tok, seed=0, max_batch_size=n)
+    (hf_rows,) = hf.sample([state], n=n, max_new_tokens=depth, stop=stop, exclude=[excl])
+    hf_got = classes(hf_rows)
+    stat, df = chi_square(got, expected, n)
+    hf_stat, hf_df = chi_square(hf_got, expected, n)
+    two, two_df = chi_square_two_samples(got, hf_got)
+    (plain,) = bundled.sampler.sample([state], n=n, max_new_tokens=depth, stop=stop)
+    power, _ = chi_square(classes(plain), expected, n)
+    print(
+        f"\nwithout replacement, stop={stop} after {done or 'the prompt'!r}, n={n} per sampler, classes = "
+        f"first {depth} tokens on the trie: "
+        f"vLLM chi2 {stat:.1f} (df {df}), HF chi2 {hf_stat:.1f} (df {hf_df}), vLLM vs HF {two:.1f} "
+        f"(df {two_df}); critical (alpha 1e-3) {chi2_critical(df):.1f}; vLLM without exclusion {power:.1f}"
+    )
+    assert stat < chi2_critical(df), (stat, df)  # vLLM draws the conditional distribution
+    assert hf_stat < chi2_critical(hf_df), (hf_stat, hf_df)  # as the HF sampler does
+    assert two < chi2_critical(two_df), (two, two_df)  # and the two agree with each other
+    assert df >= 5 and power > 10 * chi2_critical(df)  # the test can fail: unconditioned draws do
+    m_root = sum(exclusion_trie(excl)[()].values())
+    assert m_root > 0.1  # the excluded steps carry real mass (else the test would say little)
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.parametrize(("temperature", "top_p", "stop"), [(1.0, 1.0, "step"), (0.7, 0.9, "answer")])
+def test_real_vllm_without_replacement_never_repeats_and_records_the_policys_log_probs(
+    bundled, temperature, top_p, stop
+):
+    tok, state, sampler = bundled.tok, bundled.state, bundled.sampler
+    excl = likeliest_steps(sampler, state, 4, temperature=temperature, top_p=top_p)
+    n, max_new = 64, 48 if stop == "answer" else 32
+    with sampling(sampler, temperature, top_p):
+        before = sampler.exhausted_draws
+        (rows,) = sampler.sample([state], n=n, max_new_tokens=max_new, stop=stop, exclude=[excl])
+        (plain,) = sampler.sample([state], n=n, max_new_tokens=max_new, stop=stop)
+    assert sampler.exhausted_draws == before  # mass was left everywhere
+
+    def repeats(rs):  # rows that are (step) or start with (answer) an excluded step
+        return sum(any(r.token_ids[: len(e.token_ids)] == e.token_ids for e in excl) for r in rs)
+
+    assert repeats(rows) == 0
+    assert repeats(plain) >= n // 8  # without the exclusion they do come back (the test can fail)
+    # the recorded log-probs are the policy's own, unconditioned ones, also on the excluded prefix
+    # (rows starting with <step>, which the excluded steps share, were restored there)
+    err = max_logprob_error([rows], [state], bundled.policy, tok, temperature, top_p)
+    assert err < 1e-4, err
+    assert sum(r.token_ids[0] == excl[0].token_ids[0] for r in rows) >= n // 2
+    assert_stops([rows], tok, stop, max_new)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_draws_from_the_policy_where_everything_is_excluded(bundled):
+    tok, state, sampler = bundled.tok, bundled.state, bundled.sampler
+    p = policy_probs(bundled.policy, tok, state)
+    # every possible first token excluded as a one-token continuation: no mass left at the root
+    everything = [
+        Continuation([t], [math.log(float(p[t]))], "length") for t in torch.nonzero(p).squeeze(-1).tolist()
+    ]
+    before = sampler.exhausted_draws
+    (rows,) = sampler.sample([state], n=32, max_new_tokens=3, stop="step", exclude=[everything])
+    assert sampler.exhausted_draws - before == 32  # each row's first token, then off the trie
+    assert max_logprob_error([rows], [state], bundled.policy, tok, 1.0) < 1e-4
+
+
 # ---------------------------------------------------------------------------- entry points with sampler=vllm
 def run_entry(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
@@ -559,14 +742,19 @@ def test_eval_py_runs_with_sampler_vllm_on_cpu(tmp_path):
 @pytest.mark.slow
 @requires_vllm
 def test_single_process_training_with_sampler_vllm_is_on_policy(tmp_path):
-    # sync_every=1: vLLM samples with the weights just synced, so the trainer's ratio is 1
-    res = run_entry(
-        "train.py", "debug=smoke", "data.sync_every=1", "rollout.without_replacement=false", tmp_path=tmp_path
-    )
+    # the default search as it is (sampling without replacement) through vLLM; sync_every=1: vLLM
+    # samples with the weights just synced, so the trainer's ratio is 1
+    res = run_entry("train.py", "debug=smoke", "data.sync_every=1", tmp_path=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["global_step"] == 3 and out["rollout/version"] >= 2
     assert out["train/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+    cfg = (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert "without_replacement: true" in cfg and "tsd.rollouts.mcts.MCTSRollout" in cfg
+    # the evaluations (start and end) sampled through vLLM too
+    logs = res.stdout + res.stderr
+    assert "eval sampler: VLLMSampler" in logs, logs[-3000:]
+    assert [h["step"] for h in out["eval_history"]] == [0, 3]
 
 
 @pytest.mark.vllm
