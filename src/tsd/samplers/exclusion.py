@@ -105,24 +105,24 @@ class FlatTrie:
         try:
             parent, token, mass = (list(payload[k]) for k in ("parent", "token", "mass"))
             exhausted = list(payload.get("exhausted", ()))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"exclusion trie: needs lists parent, token, mass ({e})") from None
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"exclusion trie: needs lists parent, token, mass ({err})") from None
         n = len(parent)
         if not (len(token) == len(mass) == n):
             raise ValueError(f"exclusion trie: parent/token/mass lengths {n}/{len(token)}/{len(mass)} differ")
         if n > max_edges:
             raise ValueError(f"exclusion trie: {n} edges, more than {max_edges}")
         edges: list[dict[int, tuple[float, int]]] = [{} for _ in range(n + 1)]
-        for e, (p, t, m) in enumerate(zip(parent, token, mass)):
-            if not (_is_int(p) and 0 <= p <= e):  # a parent node is created before its edges
-                raise ValueError(f"exclusion trie: edge {e} has parent {p!r}, expected a node in [0, {e}]")
+        for k, (p, t, m) in enumerate(zip(parent, token, mass)):
+            if not (_is_int(p) and 0 <= p <= k):  # a parent node is created before its edges
+                raise ValueError(f"exclusion trie: edge {k} has parent {p!r}, expected a node in [0, {k}]")
             if not (_is_int(t) and t >= 0):
-                raise ValueError(f"exclusion trie: edge {e} has token {t!r}, expected an id >= 0")
+                raise ValueError(f"exclusion trie: edge {k} has token {t!r}, expected an id >= 0")
             if not (isinstance(m, (int, float)) and math.isfinite(m) and m >= 0):
-                raise ValueError(f"exclusion trie: edge {e} has mass {m!r}, expected a finite number >= 0")
+                raise ValueError(f"exclusion trie: edge {k} has mass {m!r}, expected a finite number >= 0")
             if t in edges[p]:
                 raise ValueError(f"exclusion trie: node {p} has token {t} twice")
-            edges[p][int(t)] = (float(m), e + 1)
+            edges[p][int(t)] = (float(m), k + 1)
         if not all(_is_int(x) and 0 <= x <= n for x in exhausted):
             raise ValueError(f"exclusion trie: exhausted nodes must be in [0, {n}]")
         return cls(edges, frozenset(int(x) for x in exhausted))
