@@ -719,6 +719,50 @@ def test_real_vllm_draws_from_the_policy_where_everything_is_excluded(bundled):
     assert max_logprob_error([rows], [state], bundled.policy, tok, 1.0) < 1e-4
 
 
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_without_replacement_survives_preemption(bundled):
+    # a KV cache of 64 blocks for 1,024 completions: vLLM preempts running requests and adds them
+    # back later with the tokens they had; the processor's state for them is rebuilt from those
+    from tsd import TINY_POLICY_DIR
+
+    tok, state = bundled.tok, bundled.state
+    small = VLLMSampler(
+        str(TINY_POLICY_DIR),
+        tok,
+        seed=1,
+        dtype="float32",
+        kv_cache_gib=0.004,
+        max_model_len=256,
+        block_size=BLOCK,
+        value_device="cpu",
+        llm_kwargs={"enforce_eager": True},
+    )
+    # count the preemptions (vLLM's in-process engine, VLLM_ENABLE_V1_MULTIPROCESSING=0: a test hook)
+    scheduler = small.llm.llm_engine.engine_core.engine_core.scheduler
+    preempt, preempted = scheduler._preempt_request, []
+    scheduler._preempt_request = lambda *a, **k: preempted.append(1) or preempt(*a, **k)
+    excl = likeliest_steps(bundled.sampler, state, 4)
+    (rows,) = small.sample([state], n=1024, max_new_tokens=64, stop="answer", exclude=[excl])
+    assert len(preempted) > 100  # it happened, many times
+    assert not any(any(r.token_ids[: len(e.token_ids)] == e.token_ids for e in excl) for r in rows)
+    assert max_logprob_error([rows[:256]], [state], bundled.policy, tok, 1.0) < 1e-4
+    del small, scheduler
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_refuses_malformed_processor_arguments(bundled):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs import TokensPrompt
+
+    bad = SamplingParams(max_tokens=2, extra_args={EXTRA_ARGS_KEY: {"temperature": 1.0, "top_p": 1.0,
+                                                                    "exclude": {"parent": [3], "token": [1], "mass": [0.5]}}})  # fmt: skip
+    with pytest.raises(VLLMValidationError, match="edge 0 has parent 3"):  # refused before it runs
+        bundled.sampler.llm.generate([TokensPrompt(prompt_token_ids=bundled.state)], bad, use_tqdm=False)
+
+
 # ---------------------------------------------------------------------------- entry points with sampler=vllm
 def run_entry(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
