@@ -7,10 +7,14 @@ Two kinds of test:
   ...), states longer than one 32-token KV-cache block: behaviour log-probs equal HF teacher forcing
   at several temperatures, top-p and stop modes, stops are right, the text is the states'
   tokenizer's, a weight reload gives the new weights' log-probs, and without the prefix-cache reset
-  it would not (so the test can fail);
+  it would not (so the test can fail); sampling without replacement on the bundled policy: the
+  conditional frequencies against the exact conditional distribution and HFSampler's (chi-square),
+  no repeats, the policy's log-probs, exhausted prefixes, preemption; the training entry point
+  runs the default search and its evaluations through vLLM;
 - against a stand-in ``vllm`` module (always run): the glue this repo owns, i.e. the arguments
-  given to ``LLM`` / ``SamplingParams``, how outputs become Continuations (finish reasons,
-  log-probs), weight packing + prefix-cache reset, and the HF value copy. The stand-in mimics
+  given to ``LLM`` / ``SamplingParams`` (the processor's per-request arguments and excluded
+  tries), how outputs become Continuations (finish reasons, log-probs, restored where excluded),
+  weight packing + prefix-cache reset, and the HF value copy. The stand-in mimics
   vLLM's public objects (``RequestOutput.outputs[i].token_ids / logprobs / finish_reason /
   stop_reason``); it cannot check vLLM itself.
 """
