@@ -15,8 +15,9 @@ continuations, an upper bound for a trained policy's.
 
 Parts (in this order: the vLLM ones first, the FSDP one last; an in-process vLLM engine starts its
 own one-rank process group, which the trainer step then reuses):
-- ``sample``: :class:`VLLMSampler` (fp32 LM head, ``processed_logprobs``), ``--states`` prompts x
-  ``--n`` continuations of ``--tokens`` tokens; tokens/s of generated tokens, log-probs recorded.
+- ``sample``: :class:`VLLMSampler` (fp32 LM head, behaviour log-probs from its logits processor, on
+  vLLM's V1 model runner), ``--states`` prompts x ``--n`` continuations of ``--tokens`` tokens;
+  tokens/s of generated tokens, log-probs recorded.
 - ``mcts``: :class:`MCTSRollout` with the article's N=16 workers and K=4, one wave (``iterations=1``)
   over ``--problems`` Countdown problems sharing the wave's one sampler call, then the emitted
   paths completed and graded (the rollout's full cost at M=1).

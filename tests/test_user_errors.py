@@ -58,9 +58,6 @@ BAD_COMMANDS = [
     ("train.py", ["run_id=has/slash"], "run_id"),
     # one process would run identical copies of one generation on each device
     ("train.py", ["trainer.devices=2"], "trainer.devices"),
-    # the default search samples without replacement, which only the HF sampler can
-    ("train.py", ["rollout=mcts", "sampler=vllm"], "rollout.without_replacement"),
-    ("eval.py", ["search=mcts", "sampler=vllm"], "search.rollout.without_replacement"),
     ("eval.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
     ("eval.py", ["+eval.kk=4"], "eval.kk"),
 ]
@@ -108,6 +105,20 @@ def _compose(name: str, overrides: list[str]):
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
+
+
+def test_the_default_search_with_sampler_vllm_is_not_refused():
+    """Both samplers sample without replacement now: the laptop default search composes and
+    validates with sampler=vllm (it was refused while only HFSampler could)."""
+    from tsd.evaluate import _validate as validate_eval
+    from tsd.train import _validate as validate_train
+
+    cfg = _compose("train", ["rollout=mcts", "sampler=vllm"])
+    assert cfg.rollout.without_replacement is True
+    validate_train(cfg)
+    ev = _compose("eval", ["search=mcts", "sampler=vllm"])
+    assert ev.search.rollout.without_replacement is True
+    validate_eval(ev)
 
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))

@@ -37,7 +37,6 @@ from tsd.config import (
 from tsd.config_checks import (
     check_known_keys,
     check_policy_source,
-    check_sampler_serves_rollout,
     check_target_keys,
 )
 from tsd.resume import read_checkpoint, resolve_run_id
@@ -91,7 +90,6 @@ def _validate(cfg: DictConfig) -> None:
     check_number(cfg.sampler.get("top_p", 1.0), "sampler.top_p", low=0, high=1, low_open=True)
     check_choice(cfg.model.dtype, "model.dtype", DTYPES)
     check_policy_source(cfg.model.name_or_path)
-    check_sampler_serves_rollout(cfg.sampler, cfg.rollout)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -188,7 +186,9 @@ def train(cfg: DictConfig) -> dict:
     )
     for cb in callbacks.values():
         if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
-            cb.setup_eval(env, tokenizer, search=rollout if isinstance(rollout, MCTSRollout) else None)
+            # it samples with the run's sampler (vLLM at paper scale)
+            search = rollout if isinstance(rollout, MCTSRollout) else None
+            cb.setup_eval(env, tokenizer, make_sampler, search=search)
         if isinstance(cb, ExportPolicy):
             cb.tokenizer = tokenizer
 

@@ -86,8 +86,13 @@ class Sampler(ABC):
         repeating one of them* (sampling without replacement, Shi et al. 2020: at a prefix shared
         with excluded continuations, a token's probability loses the mass of the excluded ones
         below it), while the returned ``logprobs`` stay the policy's own, unconditioned: a search
-        device, like best-of-N's selection, not part of the behaviour policy. Samplers that
-        cannot do this raise ``NotImplementedError`` when ``exclude`` holds anything."""
+        device, like best-of-N's selection, not part of the behaviour policy. The rows of a state
+        are drawn independently from that conditioned distribution (not without replacement
+        among themselves). With ``stop="answer"`` and excluded single steps, a row is a whole
+        completion that does not start with one of those steps. Where the excluded continuations
+        leave no mass at a prefix, the token is drawn from the policy itself (VLLMSampler counts
+        those draws in ``exhausted_draws``). Both samplers implement it (HFSampler in its own
+        loop; VLLMSampler with a logits processor, :mod:`tsd.samplers.exclusion`)."""
 
     @abstractmethod
     def value(self, states: Sequence[Sequence[int]]) -> list[float]:
