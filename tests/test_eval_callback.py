@@ -40,7 +40,9 @@ def fake_trainer(policy, step: int):
         strategy=SimpleNamespace(full_policy=lambda module: policy),
         is_global_zero=True,
         loggers=[],
-        datamodule=SimpleNamespace(generation=SimpleNamespace(generated_tokens=lambda: 0)),
+        datamodule=SimpleNamespace(
+            generation=SimpleNamespace(generated_tokens=lambda: 0, prefill_tokens=lambda: 0)
+        ),
     )
 
 

@@ -80,6 +80,7 @@ class CompletionOutput:
 @dataclass
 class RequestOutput:
     outputs: list[CompletionOutput]
+    num_cached_tokens: int | None = None  # vLLM: the prompt tokens its prefix cache served
 
 
 class SamplingParams:
@@ -98,6 +99,7 @@ class FakeLLM:
         self.rpc: list[tuple[str, tuple]] = []
         self.resets = 0
         self.script = lambda prompt, i: ([7 + i], "length", None)
+        self.cached = lambda prompt: None  # num_cached_tokens of a request
         FakeLLM.last = self
 
     def generate(self, prompts, params, use_tqdm=True):
@@ -111,7 +113,7 @@ class FakeLLM:
                 toks, finish, stop = self.script(p["prompt_token_ids"], i)
                 lps = [{t: Logprob(-0.1 * (k + 1))} for k, t in enumerate(toks)]
                 conts.append(CompletionOutput(i, toks, lps, finish, stop))
-            out.append(RequestOutput(conts))
+            out.append(RequestOutput(conts, self.cached(p["prompt_token_ids"])))
         return out
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
@@ -200,9 +202,12 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
     assert getattr(importlib.import_module(module), cls) is WeightSyncWorkerExtension
 
     states = states_of(tok)
+    llm.cached = lambda prompt: 1 if len(prompt) > 2 else None  # the prefix cache served one token
     sampler.sample(states, n=3, max_new_tokens=5, stop="step")
     prompts, params = llm.calls[-1]
     assert [p["prompt_token_ids"] for p in prompts] == states
+    # the state tokens vLLM ran: each state once (its n rows share it), less what its cache served
+    assert sampler.prefill_tokens == sum(len(x) - (1 if len(x) > 2 else 0) for x in states)
     step, answer = tok.convert_tokens_to_ids("</step>"), tok.convert_tokens_to_ids("</answer>")
     assert len(params) == len(states)
     assert params[0].kwargs == {

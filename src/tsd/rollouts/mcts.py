@@ -167,7 +167,7 @@ class MCTSRollout(Rollout):
             without_replacement: a node's new samples never repeat a step already among its
                 children: the sampler draws from the policy conditioned on a new step (the
                 unseen mass), so every token spent widening buys a new child; behaviour
-                log-probs stay the policy's own. HF sampler only (False: the article's).
+                log-probs stay the policy's own (False: the article's).
             selection: the rule that picks the emitted path (:mod:`tsd.rollouts.selection`);
                 ``None`` = :class:`~tsd.rollouts.selection.MaxVisit`, the article's.
             emission: ``None`` (the article's): one trajectory per problem, the path ``selection``

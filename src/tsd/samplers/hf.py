@@ -97,6 +97,10 @@ def split_stop_strings(tokenizer, stops: Sequence[str]) -> tuple[set[int], list[
     return single, multi
 
 
+#: probability left at a prefix, excluded continuations taken off, under which the prefix counts as
+#: exhausted (the same threshold as :mod:`tsd.samplers.exclusion`'s for vLLM)
+EXHAUSTED_MASS = 1e-5
+
 #: prefix (token ids) -> {next token: probability, given the prefix, of the excluded continuations
 #: through it}; only prefixes that excluded continuations pass through are keys
 ExclusionTrie = dict[tuple[int, ...], dict[int, float]]
@@ -339,9 +343,11 @@ class HFSampler(Sampler):
                 left = (probs[row, ids] - torch.tensor(list(masses.values()), device=probs.device)).clamp(
                     min=0
                 )
-                if float(probs[row].sum() - probs[row, ids].sum() + left.sum()) > 1e-9:
+                # nothing left but rounding (masses recorded in fp32 leave ~1e-8 of noise), or
+                # nothing at all: draw from the policy itself (counted: a paid repeat), as vLLM does
+                if float(probs[row].sum() - probs[row, ids].sum() + left.sum()) > EXHAUSTED_MASS:
                     probs[row, ids] = left
-                else:  # everything is excluded: draw from the policy itself (counted: a paid repeat)
+                else:
                     self.exhausted_draws += 1
         if greedy:
             tok = probs.argmax(-1)  # (B,)

@@ -442,7 +442,9 @@ class VLLMSampler(Sampler):
         results = self.llm.generate(prompts, params, use_tqdm=False)
 
         out: list[list[Continuation]] = []
-        for request, payload in zip(results, payloads):
+        for state, request, payload in zip(states, results, payloads):
+            # the state's tokens vLLM ran (its prefix cache served the rest: num_cached_tokens)
+            self.prefill_tokens += len(state) - int(request.num_cached_tokens or 0)
             trie = FlatTrie.from_payload(payload) if payload is not None else None
             conts = []
             for o in sorted(request.outputs, key=lambda o: o.index):
