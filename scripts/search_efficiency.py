@@ -47,6 +47,10 @@ from tsd.eval.search_efficiency import (
 )
 from tsd.models.loading import load_policy
 
+#: the experiment every method starts from: the search emitting one path per problem (train.py's
+#: default experiment distils the whole tree instead)
+ONE_PATH = ["experiment=mcts_countdown"]
+
 #: the MCTS variants measured by default: name -> (their own budgets or None for --budgets, overrides).
 #: "default" is configs/rollout/mcts.yaml; "article" the article's search at the laptop's sizes
 #: (its 4x6 was the laptop default before; 16x24 shows where its tokens stop growing)
@@ -75,7 +79,10 @@ def parse_budget(text: str) -> tuple[int, int]:
 
 
 def methods_from(args) -> list[Method]:
-    out = [Method("best-of-N", f"bon{n}", ["rollout=best_of_n", f"rollout.n={n}"]) for n in args.bon]
+    # the one-path search (experiment=mcts_countdown: what its emitted trajectory is worth), and best-of-N
+    out = [
+        Method("best-of-N", f"bon{n}", [*ONE_PATH, "rollout=best_of_n", f"rollout.n={n}"]) for n in args.bon
+    ]
     variants = dict(VARIANTS) if not args.only_variants else {}
     variants.update(dict(args.variant))
     for name, (own_budgets, overrides) in variants.items():
@@ -84,7 +91,13 @@ def methods_from(args) -> list[Method]:
                 Method(
                     f"MCTS {name}",
                     f"{name} {w}x{m}",
-                    ["rollout=mcts", f"rollout.workers={w}", f"rollout.iterations={m}", *overrides],
+                    [
+                        *ONE_PATH,
+                        "rollout=mcts",
+                        f"rollout.workers={w}",
+                        f"rollout.iterations={m}",
+                        *overrides,
+                    ],
                 )
             )
     return out

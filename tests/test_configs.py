@@ -74,7 +74,9 @@ def test_experiment_composes_and_matches_signatures(experiment):
     "group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts], ids=lambda x: str(x)
 )
 def test_every_group_option_composes(group, option):
-    cfg = _compose("train", [f"{group}={option}"])
+    # on the groups' bare defaults: the default experiment (tree_countdown) pins the MCTS rollout's
+    # emission, so another rollout goes with its own experiment (train.py says so: test_user_errors)
+    cfg = _compose("train", ["~experiment", f"{group}={option}"])
     _check_signature(cfg)
 
 
@@ -201,7 +203,7 @@ def test_the_article_search_overrides_match_the_paper_experiment():
     sizes (workers, waves, token caps) that the laptop chooses."""
     from tsd.eval.search_efficiency import ARTICLE_SEARCH
 
-    article = _compose("train", ["rollout=mcts", *ARTICLE_SEARCH]).rollout
+    article = _compose("train", ["experiment=mcts_countdown", *ARTICLE_SEARCH]).rollout
     paper = _compose("train", ["experiment=mcts_countdown_paper"]).rollout
     sizes = {"workers", "iterations", "max_step_tokens", "max_new_tokens", "max_depth", "seed"}
     for key in paper:

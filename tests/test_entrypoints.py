@@ -147,7 +147,7 @@ def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_
 
     runs = [r for job in jobs for r in offline_runs(sweep / job)]
     assert len(runs) == 2 and runs[0].run.run_id != runs[1].run.run_id
-    assert {r.run.run_group for r in runs} == {"mcts_countdown-sweep-sweep"}
+    assert {r.run.run_group for r in runs} == {"tree_countdown-sweep-sweep"}
     assert {r.run.job_type for r in runs} == {"sweep"} and all("sweep" in r.run.tags for r in runs)
     assert [r.config["rollout"]["workers"] for r in runs] == [1, 2]
     assert [r.config["run"]["job_num"] for r in runs] == [0, 1]

@@ -98,6 +98,23 @@ def test_bad_command_exits_2_with_one_line_before_the_model_loads(
     assert {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "evaluate.log"}
 
 
+@pytest.mark.slow
+def test_another_rollout_on_the_default_experiment_is_told_to_pick_its_experiment(tmp_path):
+    """The default experiment distils an MCTS tree (it pins the rollout's emission subgroup):
+    ``rollout=best_of_n`` on top of it gets one line naming the experiments, not Hydra's
+    "Could not override 'rollout/emission'"."""
+    p = subprocess.run(
+        [sys.executable, "train.py", "rollout=best_of_n", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "config error: rollout=best_of_n:" in errors[0], out[-3000:]
+    assert "experiment=bon_countdown" in errors[0] and "~experiment" in errors[0]
+    assert not (tmp_path / "run").exists()  # refused before Hydra made anything
+
+
 def _compose(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 

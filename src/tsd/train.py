@@ -252,5 +252,38 @@ def main(cfg: DictConfig) -> float | None:
     return result.get(metric) if metric else None
 
 
-if __name__ == "__main__":
+#: what the default experiment (configs/train.yaml: tree_countdown) fixes of the rollout group
+DEFAULT_EXPERIMENT_ROLLOUT = "mcts"
+
+
+def refuse_rollout_without_experiment(argv: list[str]) -> None:
+    """``rollout=X`` (X not ``mcts``) on top of the default experiment: the default experiment sets
+    the MCTS rollout's ``emission`` subgroup, which another rollout has not, and Hydra's error
+    ("Could not override 'rollout/emission'") does not say what to do. One line that does, exit 2."""
+    if any(a.startswith(("experiment=", "~experiment", "+experiment=")) for a in argv):
+        return
+    for a in argv:
+        name, eq, value = a.partition("=")
+        if eq and name.lstrip("+") == "rollout" and value != DEFAULT_EXPERIMENT_ROLLOUT:
+            log.error(
+                "config error: rollout=%s: the default experiment (tree_countdown) searches with "
+                "rollout=mcts and distils its tree; choose a method by its experiment (accepted: "
+                "experiment=bon_countdown | cispo_countdown | mcts_countdown | ..., or ~experiment "
+                "for the groups' bare defaults, then rollout=%s)",
+                value,
+                value,
+            )
+            raise SystemExit(2)
+
+
+def cli() -> None:
+    """``python train.py``'s entry point: the argument checks Hydra cannot phrase, then :func:`main`."""
+    import sys
+
+    logging.basicConfig(format="[%(name)s][%(levelname)s] %(message)s")
+    refuse_rollout_without_experiment(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

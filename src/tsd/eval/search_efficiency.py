@@ -3,7 +3,8 @@
     python scripts/search_efficiency.py            # the CLI, the table and the picture
 
 A *method* is a rollout config written as Hydra overrides of ``configs/train.yaml`` (so it is
-exactly what ``python train.py <overrides>`` would search with), run on held problems with a
+exactly what ``python train.py <overrides>`` would search with; ``scripts/search_efficiency.py``
+starts every method from ``experiment=mcts_countdown``, the search emitting one path per problem), run on held problems with a
 freshly seeded sampler over one policy. For every problem it records what the trainer would be
 sent and what it cost:
 
