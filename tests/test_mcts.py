@@ -18,7 +18,7 @@ from tsd.envs.countdown import CountdownEnv, Problem
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.mcts import MCTSRollout
 from tsd.rollouts.selection import BestTerminal, MaxQ, MaxVisit
-from tsd.rollouts.tree import Node, SearchTree, merge_continuations, puct_score, select_child
+from tsd.rollouts.tree import SPENT_MASS, Node, SearchTree, merge_continuations, puct_score, select_child
 from tsd.samplers.base import Continuation, Sampler
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +305,82 @@ def test_unseen_mass_is_exact_and_stops_widening():
     assert not t.can_widen(t.root) and t.widen_count(t.root) == 0  # 0.2 < 0.25: a new draw would repeat
     t.min_unseen_mass = 0.0
     assert t.widen_count(t.root) == 1  # the cap alone: 3 - 2
+
+
+def test_unseen_as_child_hand_computed():
+    # root children A (p 0.5) and B (p 0.2): 0.3 of the step distribution is unseen. With
+    # unseen_as_child the priors are the probabilities themselves and "a step not sampled yet" is
+    # one more pUCT action: prior 0.3, no visits, Q = Q(root)
+    t = _tree(unseen_as_child=True, c_puct=1.0)
+    a, b = t.add_samples(
+        t.root,
+        [Continuation([5, 6], [math.log(0.5) / 2] * 2, "step"), Continuation([7], [math.log(0.2)], "step")],
+    )
+    assert (a.prior, b.prior, t._unseen_prior(t.root)) == pytest.approx((0.5, 0.2, 0.3))
+    t.root.visits, t.root.value_sum = 4.0, 0.0
+    a.visits, a.value_sum, b.visits, b.value_sum = 2.0, 1.0, 1.0, -1.0
+    # A: 0.5 + 0.5 * sqrt(4) / 3 = 0.833 beats the unseen step 0 + 0.3 * sqrt(4) = 0.6 (B: -0.8)
+    assert t.unseen_score(t.root) == pytest.approx(0.6)
+    assert t.select_leaf() == [t.root, a]
+    t.undo_virtual_loss([t.root, a])
+    a.value_sum = 0.0  # A: 0 + 1/3 < 0.6: selection stops at the root to sample a new step
+    assert t.select_leaf() == [t.root]
+    t.undo_virtual_loss([t.root])
+    # prior temperature 2: p^(1/2) renormalised over the children and the unseen mass
+    t2 = _tree(unseen_as_child=True, prior_temperature=2.0)
+    a2, b2 = t2.add_samples(
+        t2.root, [Continuation([5], [math.log(0.5)], "step"), Continuation([7], [math.log(0.2)], "step")]
+    )
+    z = math.sqrt(0.5) + math.sqrt(0.2) + math.sqrt(0.3)
+    assert (a2.prior, b2.prior, t2._unseen_prior(t2.root)) == pytest.approx(
+        (math.sqrt(0.5) / z, math.sqrt(0.2) / z, math.sqrt(0.3) / z)
+    )
+
+
+def test_a_spent_node_stops_widening_even_without_min_unseen_mass():
+    # min_unseen_mass 0: a node whose children hold all but rounding of its step distribution used to
+    # ask for new steps for ever (each a paid repeat of a child); below SPENT_MASS it cannot widen
+    t = _tree(unseen_as_child=True, skip_exhausted=True, min_unseen_mass=0.0)
+    (a,) = t.add_samples(t.root, [Continuation([5], [math.log(1 - 1e-7)], "answer")])
+    assert t.unseen_mass(t.root) < SPENT_MASS and not t.can_widen(t.root)
+    a.reward = 0.5
+    t.backup(t.select_leaf(), 0.5)
+    assert a.exhausted and t.root.exhausted  # the search stops here instead of re-drawing
+    t3 = _tree(unseen_as_child=True, min_unseen_mass=0.0)
+    t3.add_samples(t3.root, [Continuation([5], [math.log(0.9)], "step")])
+    assert t3.can_widen(t3.root)  # 10% unseen: room
+
+
+def test_fixed_k_exhausts_a_node_whatever_mass_is_left_unsampled():
+    # the article's fixed K (alpha 0): two samples of probability 0.1 each, 80% of the step
+    # distribution never drawn, and the node is spent once its two answers are graded: the
+    # search's rule (K children, never more), documented in tsd.rollouts.tree
+    t = _tree(completions_per_node=2, skip_exhausted=True)
+    a, b = t.add_samples(
+        t.root, [Continuation([5], [math.log(0.1)], "answer"), Continuation([6], [math.log(0.1)], "answer")]
+    )
+    assert t.unseen_mass(t.root) == pytest.approx(0.8)
+    for node in (a, b):
+        node.reward = 0.0
+        t.backup([t.root, node], 0.0, virtual_loss_applied=False)
+    assert t.root.exhausted and not t.can_widen(t.root)
+
+
+def test_exhausted_draws_are_counted_in_the_search_statistics(char_tokenizer):
+    class Exhausting(ScriptedSampler):  # every call reports one draw with everything excluded
+        exhausted_draws = 0
+
+        def sample(self, *args, **kwargs):
+            self.exhausted_draws += 1
+            return super().sample(*args, **kwargs)
+
+    sampler = Exhausting(char_tokenizer, cycle=True)
+    out = _small(workers=1, iterations=3, rollout_mix=1.0).run([PROBLEM], sampler, CountingEnv())
+    assert (
+        out.stats["search/exhausted_draws_per_problem"]
+        == sampler.exhausted_draws
+        == len(sampler.sample_calls)
+    )
 
 
 def test_exhausted_subtrees_are_skipped_and_propagate_up():

@@ -94,6 +94,8 @@ class SearchCounters:
     completion_tokens: int = 0
     #: sampled tokens that ended in no node (past a terminal of a rollout path): paid, not kept
     discarded_tokens: int = 0
+    #: draws where the sampler found every token excluded and drew from the policy: a paid repeat
+    exhausted_draws: int = 0
     #: rows (state x continuation) of each search ``sample`` call
     sample_widths: list[int] = field(default_factory=list)
     #: nodes created in each wave, all trees together
@@ -243,6 +245,7 @@ class MCTSRollout(Rollout):
         tok: Any = sampler.tokenizer
         version = sampler.version
         c = SearchCounters()
+        exhausted0 = sampler.exhausted_draws
         trees = [self.new_tree(encode_prompt(env, p, tok)) for p in problems]
         if self.record_trees:
             for t in trees:
@@ -268,6 +271,7 @@ class MCTSRollout(Rollout):
                 if node.terminal:
                     grade_node(i, node)
 
+        c.exhausted_draws = sampler.exhausted_draws - exhausted0
         if self.emission is None:
             trajectories = self._finish(problems, trees, sampler, env, grade_node, c, version)
         else:
@@ -633,6 +637,7 @@ class MCTSRollout(Rollout):
             "search/sampler_tokens_per_problem": (c.search_tokens + c.completion_tokens) / n,
             "search/grades_per_problem": c.grades / n,
             "search/discarded_tokens_per_problem": c.discarded_tokens / n,
+            "search/exhausted_draws_per_problem": c.exhausted_draws / n,
             "search/sample_calls": float(c.sample_calls),
         }
         if self.emission is None:  # one path per problem

@@ -31,7 +31,12 @@ Everything here is single-agent with values in [-1, 1] (no sign flips between le
   tokens, no new child).
 - Exhausted subtrees: with ``skip_exhausted`` selection passes over graded terminals and subtrees
   that may never widen again, so no simulation is spent re-reading a cached reward; a search
-  whose root is exhausted stops early.
+  whose root is exhausted stops early. "May never widen" is the search's own rule, not the
+  policy's: with a fixed K (the article's, ``widening_alpha = 0``) a node that has drawn its K
+  samples never widens, however much of its step distribution is left unsampled (80% with peaked
+  priors), so once its children are exhausted it is too; with widening or ``unseen_as_child`` a
+  node is exhausted only when less than ``min_unseen_mass`` (at least ``SPENT_MASS``) of its step
+  distribution is left unsampled.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+#: unsampled probability below which a node cannot widen whatever ``min_unseen_mass`` says: what
+#: is left is rounding of the recorded log-probs (the samplers' exhausted-draw threshold)
+SPENT_MASS = 1e-5
 
 
 @dataclass
@@ -246,7 +255,9 @@ class SearchTree:
         with ``unseen_as_child``: pUCT decides)."""
         if node.terminal:
             return False
-        if node.expanded and self.min_unseen_mass > 0 and self.unseen_mass(node) < self.min_unseen_mass:
+        # below SPENT_MASS nothing is left but rounding: a new draw could only repeat a child (with
+        # min_unseen_mass 0 such a node used to ask for paid duplicates for ever)
+        if node.expanded and self.unseen_mass(node) < max(self.min_unseen_mass, SPENT_MASS):
             return False
         if self.unseen_as_child:
             return True
