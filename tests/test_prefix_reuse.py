@@ -123,19 +123,26 @@ def test_identical_states_of_a_call_are_prefilled_once(random_policy, char_token
 def test_prefix_store_finds_the_longest_held_prefix():
     store = PrefixKVStore(max_tokens=10)
     kv = torch.arange(2 * 2 * 1 * 4 * 1, dtype=torch.float32).reshape(2, 2, 1, 4, 1)  # 4 positions
-    store.insert([1, 2, 3, 4, 5], kv)  # the keys/values of the first 4 tokens
+    fetched = []
+
+    def fetch(length):
+        fetched.append(length)
+        return kv[:, :, :, :length]
+
+    store.insert([1, 2, 3, 4, 5], 4, fetch)  # the keys/values of the first 4 tokens
+    assert fetched == []  # nothing is sliced out until a prefix is reused
     assert store.longest_prefix([1, 2, 3, 9]) == (3, 0)
     assert store.longest_prefix([1, 2, 3, 4, 5]) == (4, 0)  # the 5th token's were never run
     assert store.longest_prefix([7]) == (0, -1)
     assert store.get(0, 3).shape == (2, 2, 1, 3, 1) and torch.equal(store.get(0, 3), kv[:, :, :, :3])
-    store.insert([1, 2, 3], kv[:, :, :, :3])  # held already: nothing new
+    store.insert([1, 2, 3], 3, fetch)  # held already: nothing new
     assert len(store) == 1 and store.tokens == 4
-    store.insert([1, 2, 7, 8], kv)  # a branch: stored whole, found through the shared trie
+    store.insert([1, 2, 7, 8], 4, fetch)  # a branch: stored whole, found through the shared trie
     assert store.longest_prefix([1, 2, 7, 8]) == (4, 1) and store.tokens == 8
-    store.insert([5, 6, 7, 8], kv)  # 12 > 10 tokens: cleared first, then stored
+    store.insert([5, 6, 7, 8], 4, fetch)  # 12 > 10 tokens: cleared first, then stored
     assert len(store) == 1 and store.tokens == 4 and store.longest_prefix([1, 2]) == (0, -1)
     with pytest.raises(ValueError, match="4 positions of keys/values for 3 tokens"):
-        store.insert([1, 2, 3], kv)
+        store.insert([1, 2, 3], 4, fetch)
 
 
 def test_prefix_reuse_across_calls_keeps_the_logprobs_exact(random_policy, char_tokenizer):

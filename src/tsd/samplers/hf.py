@@ -45,6 +45,7 @@ is advanced by every call), but not across different batchings of the same rows.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -126,6 +127,15 @@ def exclusion_trie(excluded: Sequence[Any]) -> ExclusionTrie:
             node[tok] = node.get(tok, 0.0) + mass
             prefix = (*prefix, tok)
     return trie
+
+
+def _row_kv(
+    keys: list[torch.Tensor], values: list[torch.Tensor], b: int, mask_row: torch.Tensor, length: int
+):
+    """Keys and values of the first ``length`` real positions of batch row ``b`` (``mask_row``: its
+    attention mask), every layer (``keys``/``values``: (B, H, W, D) each): (layers, 2, H, length, D)."""
+    where = mask_row.nonzero().squeeze(-1)[:length]  # (length,) the row's real positions, in order
+    return torch.stack([torch.stack([k[b][:, where], v[b][:, where]]) for k, v in zip(keys, values)])
 
 
 def _plain_dynamic_cache(cache: Any) -> bool:
@@ -529,18 +539,19 @@ class HFSampler(Sampler):
 
     def _store_rows(self, cache: Any, mask: torch.Tensor, rows: Sequence[tuple[int, list[int]]]) -> None:
         """Keep the keys and values of batch rows about to leave the batch: ``(batch position,
-        state + generated tokens)``; the last generated token was never run, so all but it."""
+        state + generated tokens)``; the last generated token was never run, so all but it. What
+        is kept is a view of the batch cache as it is now (no later step writes to these tensors:
+        the cache grows by concatenation and shrinks by indexing); a row's positions are sliced out
+        only if a later state reuses them."""
         if self.prefix_store is None or not rows:
             return
+        keys = [layer.keys for layer in cache.layers]  # (b, H, W, D) each
+        values = [layer.values for layer in cache.layers]
         for b, seq in rows:
-            n = len(seq) - 1
-            if n < 1:
-                continue
-            where = mask[b].nonzero().squeeze(-1)[:n]  # (n,) the row's real positions, in order
-            kv = torch.stack(
-                [torch.stack([layer.keys[b][:, where], layer.values[b][:, where]]) for layer in cache.layers]
-            )  # (layers, 2, H, n, D)
-            self.prefix_store.insert(seq, kv)
+            if len(seq) > 1:
+                self.prefix_store.insert(
+                    seq, len(seq) - 1, functools.partial(_row_kv, keys, values, b, mask[b])
+                )
 
     def _ends_with(self, tokens: list[int], texts: list[str]) -> bool:
         """Whether the row's newest tokens complete a multi-token stop string (general path)."""

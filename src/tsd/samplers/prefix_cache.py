@@ -14,13 +14,13 @@ and a rollout's working set is far smaller: see ``HFSampler``). Lookups walk a t
 step per token of the state; an entry keeps the whole sequence it was inserted with, so a prefix is
 one slice of one entry.
 
-Layout: an entry's keys and values are ``(layers, 2, heads, length, head_dim)`` (``[:, 0]`` keys,
-``[:, 1]`` values), in the model's dtype, on its device.
+Layout: what :meth:`PrefixKVStore.get` returns is ``(layers, 2, heads, length, head_dim)``
+(``[:, 0]`` keys, ``[:, 1]`` values), in the model's dtype, on its device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,6 +30,11 @@ from tsd.config import check_int
 class PrefixKVStore:
     """Token sequences and their per-layer keys/values, found by longest stored prefix.
 
+    An entry keeps a way to fetch its keys and values (``fetch(length)``), not a copy: the HF
+    sampler hands in a view of the batch cache the row left, which no later step writes to (the
+    cache grows by concatenation and shrinks by indexing, both new tensors). Only prefixes that are
+    looked up again are ever sliced out, so storing every row a search runs costs a trie walk.
+
     Args:
         max_tokens: most tokens held (summed over entries); inserting past it clears the store
             first. ``>= 1``.
@@ -37,7 +42,8 @@ class PrefixKVStore:
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = check_int(max_tokens, "PrefixKVStore.max_tokens", low=1)
-        self._entries: list[torch.Tensor] = []  # (layers, 2, heads, length, head_dim) each
+        #: per entry: fetch(length) -> (layers, 2, heads, length, head_dim)
+        self._entries: list[Callable[[int], torch.Tensor]] = []
         # token -> [entry index, children]; a node at depth d names an entry holding >= d tokens
         self._trie: dict[int, list] = {}
         self.tokens = 0
@@ -53,10 +59,10 @@ class PrefixKVStore:
         self._trie.clear()
         self.tokens = 0
 
-    def insert(self, token_ids: Sequence[int], kv: torch.Tensor) -> None:
-        """Store ``kv`` (layers, 2, heads, L, head_dim), the keys and values of ``token_ids[:L]``.
-        Nothing is stored when those tokens are all held already."""
-        n = int(kv.shape[3])
+    def insert(self, token_ids: Sequence[int], n: int, fetch: Callable[[int], torch.Tensor]) -> None:
+        """Hold ``token_ids[:n]``, whose keys and values ``fetch(length)`` returns for any
+        ``length <= n`` as (layers, 2, heads, length, head_dim). Nothing is held when those tokens
+        are all held already."""
         if n < 1 or n > len(token_ids):
             raise ValueError(
                 f"PrefixKVStore.insert: {n} positions of keys/values for {len(token_ids)} tokens"
@@ -66,7 +72,7 @@ class PrefixKVStore:
         if self.tokens + n > self.max_tokens:
             self.clear()
         idx = len(self._entries)
-        self._entries.append(kv)
+        self._entries.append(fetch)
         self.tokens += n
         level = self._trie
         for tok in token_ids[:n]:
@@ -92,4 +98,4 @@ class PrefixKVStore:
 
     def get(self, entry: int, length: int) -> torch.Tensor:
         """Keys and values of the first ``length`` tokens of ``entry``: (layers, 2, heads, length, head_dim)."""
-        return self._entries[entry][:, :, :, :length]
+        return self._entries[entry](length)
