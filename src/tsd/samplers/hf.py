@@ -540,13 +540,17 @@ class HFSampler(Sampler):
     def _store_rows(self, cache: Any, mask: torch.Tensor, rows: Sequence[tuple[int, list[int]]]) -> None:
         """Keep the keys and values of batch rows about to leave the batch: ``(batch position,
         state + generated tokens)``; the last generated token was never run, so all but it. What
-        is kept is a view of the batch cache as it is now (no later step writes to these tensors:
-        the cache grows by concatenation and shrinks by indexing); a row's positions are sliced out
-        only if a later state reuses them."""
+        is kept is those rows of the batch cache as it is now (one index per layer; no later step
+        writes to these tensors: the cache grows by concatenation and shrinks by indexing); a row's
+        own positions are sliced out only if a later state reuses them."""
         if self.prefix_store is None or not rows:
             return
         keys = [layer.keys for layer in cache.layers]  # (b, H, W, D) each
         values = [layer.values for layer in cache.layers]
+        if len(rows) < mask.shape[0]:  # only the leaving rows are kept alive: one index per layer
+            idx = torch.tensor([b for b, _ in rows], dtype=torch.long, device=mask.device)
+            keys, values = [k.index_select(0, idx) for k in keys], [v.index_select(0, idx) for v in values]
+            mask, rows = mask.index_select(0, idx), [(j, seq) for j, (_, seq) in enumerate(rows)]
         for b, seq in rows:
             if len(seq) > 1:
                 self.prefix_store.insert(

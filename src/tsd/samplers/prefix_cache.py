@@ -30,10 +30,10 @@ from tsd.config import check_int
 class PrefixKVStore:
     """Token sequences and their per-layer keys/values, found by longest stored prefix.
 
-    An entry keeps a way to fetch its keys and values (``fetch(length)``), not a copy: the HF
-    sampler hands in a view of the batch cache the row left, which no later step writes to (the
-    cache grows by concatenation and shrinks by indexing, both new tensors). Only prefixes that are
-    looked up again are ever sliced out, so storing every row a search runs costs a trie walk.
+    An entry keeps a way to fetch its keys and values (``fetch(length)``), not a slice of its own:
+    the HF sampler hands in the leaving rows of the batch cache (one index per layer, padding
+    included), which no later step writes to. Only prefixes that are looked up again are sliced out
+    per row, so storing every row a search runs costs one index per layer and a trie walk.
 
     Args:
         max_tokens: most tokens held (summed over entries); inserting past it clears the store
