@@ -207,18 +207,11 @@ def _base(policy_dir: str, redis_url: str, stream: str, rec: Path) -> list[str]:
     ]
 
 
-def _stream_counts(redis_url: str, stream: str) -> tuple[int, int]:
-    """(trajectories ever added, trajectories still in the stream: undelivered or pending)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        info = client.xinfo_stream(_key(stream))
-        return int(info["entries-added"]), int(client.xlen(_key(stream)))
-    finally:
-        client.close()
-
-
-def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int, policy_dir: str) -> list[dict]:
-    """The properties every run must have; returns both ranks' accounts."""
+def _check_run(
+    rec: Path, run: Path, redis_url: str, stream: str, max_lag: int, policy_dir: str
+) -> list[dict]:
+    """The properties every run (finished, in directory ``run``) must have; returns both ranks'
+    accounts."""
     accts = [json.loads((rec / f"acct_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(a["world_size"] == 2 for a in accts)  # Lightning sees the trainers only
 
@@ -247,9 +240,13 @@ def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int, policy_dir:
     last = torch.load(rec / f"trainer_v{synced[-1]}.pt")
     assert any(not torch.equal(last[k], initial[k]) for k in last if k.startswith("lm."))
 
-    # every trajectory produced is trained, dropped as stale, or still in the stream (pending);
-    # none of this run's own is invalid
-    produced, remaining = _stream_counts(redis_url, stream)
+    # every trajectory produced is trained, dropped as stale, or was still in the stream (pending)
+    # when the run finished and deleted it; none of this run's own is invalid
+    res = json.loads((run / "results.json").read_text())
+    produced, remaining = res["buffer/produced"], res["buffer/left"]
+    client = redis.Redis.from_url(redis_url)
+    assert not client.exists(_key(stream)), "a finished run deletes its stream"
+    client.close()
     dropped = sum(a["dropped_stale"] for a in accts)
     assert all(a["dropped_invalid"] == 0 for a in accts)
     assert produced == len(trained) + dropped + remaining, (produced, len(trained), dropped, remaining)
@@ -304,7 +301,7 @@ def test_group_sampling_two_fsdp_trainers_one_generator(policy_dir, redis_url, s
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=1, policy_dir=policy_dir)
+    accts = _check_run(rec, tmp_path / "run", redis_url, stream, max_lag=1, policy_dir=policy_dir)
 
     _check_ratios(accts, rec, policy_dir)
 
@@ -343,13 +340,13 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=3, policy_dir=policy_dir)
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
+    accts = _check_run(rec, jobs[0], redis_url, stream, max_lag=3, policy_dir=policy_dir)
     _check_ratios(accts, rec, policy_dir, require_stale=False)
     assert all(
         v % 2 == 0 for a in accts for s in a["steps"] for v in s["versions"]
     )  # published every 2 steps
-    jobs = [p for p in sweep.iterdir() if p.is_dir()]
-    assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
     res = json.loads((jobs[0] / "results.json").read_text())
     assert res["global_step"] == 4
     # the search ran on the generator rank; its statistics reach the trainers' logs with the batches
