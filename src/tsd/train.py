@@ -208,7 +208,10 @@ def train(cfg: DictConfig) -> dict:
                 ", ".join(f"{k.split('/')[-1]} {v}" for k, v in left.items()),
             )
         result.update(left)
-    result.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    # ("step" is the CSV rows' step, logged with the metrics; global_step says it already)
+    result.update(
+        {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"}
+    )
     ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
     if ev is not None and ev.history:
         result["eval_history"] = ev.history
