@@ -81,6 +81,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import nn
 
+from tsd.checkpoint_io import AtomicCheckpointDefault
 from tsd.config import ConfigError, check_choice, check_int, check_number
 from tsd.distributed.gather import gather_full_state
 from tsd.distributed.launcher import GeneratorTrainerLauncher
@@ -94,7 +95,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*FSDP2-wrapped module .* returned a view tensor.*")
 
 
-class GeneratorTrainerStrategy(ParallelStrategy):
+class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # type: ignore[misc]
     def __init__(
         self,
         num_generators: int = 1,
