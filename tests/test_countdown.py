@@ -820,3 +820,21 @@ def test_solutions_round_trip_through_the_env(small):
 def test_module_does_not_import_torch():
     code = "import sys, tsd.envs.countdown; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@given(
+    st.one_of(st.text(alphabet=EXPR_CHARS, max_size=120), expression_trees().map(lambda t: t[0])),
+    st.lists(st.integers(0, 13), min_size=1, max_size=6),
+    st.integers(1, 100),
+    st.integers(1, 100),
+    st.booleans(),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_validity_never_reads_the_target(text, numbers, t1, t2, use_all, int_steps):
+    """Whether an answer is well-formed (grammar, numbers, bounds, integer steps) is the same for any
+    target: the search harness that must not know the answers (``search.graded: false``,
+    :class:`tsd.eval.search_harness.TargetBlindEnv`) values reached answers by validity alone."""
+    kw = {"use_all_numbers": use_all, "integer_steps": int_steps}
+    a, b = score(ans(text), numbers, t1, **kw), score(ans(text), numbers, t2, **kw)
+    assert (a.valid, a.reason, a.value) == (b.valid, b.reason, b.value)

@@ -64,6 +64,7 @@ BAD_COMMANDS = [
     ("eval.py", ["search=mcts", "sampler=vllm"], "search.rollout.without_replacement"),
     ("eval.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
     ("eval.py", ["+eval.kk=4"], "eval.kk"),
+    ("eval.py", ["search=mcts", "search.graded=maybe"], "search.graded"),
 ]
 
 
@@ -125,7 +126,7 @@ def test_every_experiment_passes_the_unknown_key_checks(overrides):
     cfg = _compose("train", overrides)
     check_known_keys(cfg, KNOWN_KEYS, containers=("callbacks", "logger"))
     check_target_keys(cfg)
-    for search in ([], ["search=mcts"]):
+    for search in ([], ["search=mcts"], ["search=mcts_value"]):
         ev = _compose("eval", search)
         check_known_keys(ev, EVAL_KEYS)
         check_target_keys(ev)
