@@ -753,3 +753,84 @@ def test_bucketed_gather_of_fsdp2_shards_equals_the_per_tensor_gather(tmp_path):
     # once hung for the whole 600 s timeout; a spawned rank starts from a clean interpreter
     mp.start_processes(_gather_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="spawn")
     assert json.loads(out.read_text())["tensors"] > 20
+
+
+# ---------------------------------------------------------------------------- multi-node liveness, in process
+def _watches(port: int, world: int, fails: list[str], timeout_s: float = 1.0):
+    from tsd.distributed.peers import PeerWatch
+
+    return [
+        PeerWatch(
+            "127.0.0.1", port, r, world, lambda i: f"rank {i}", timeout_s, interval_s=0.05, fail=fails.append
+        )
+        for r in range(world)
+    ]
+
+
+def test_peer_watch_names_a_rank_that_falls_silent_but_not_one_that_finished():
+    """Three ranks beat on a real TCPStore: rank 1 finishes (says so, then stops), rank 2 stops
+    beating without a word (its node died); rank 0 names rank 2, and only rank 2."""
+    master = torch.distributed.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    fails: list[str] = []
+    w0, w1, w2 = (w.start() for w in _watches(master.port, 3, fails))
+    try:
+        w1.stop()  # finished: marks itself done
+        w2._stop.set()  # silent: as if its node were gone
+        t0 = time.monotonic()
+        while not fails and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert fails == [
+            "rank 0: rank 2 gave no sign of life for 1 s (strategy.peer_timeout_s): its node is gone or hung; stopping"
+        ]
+        assert 0.9 < time.monotonic() - t0 < 5
+    finally:
+        w0.stop()
+
+
+def test_peer_watch_says_when_the_jobs_store_is_gone():
+    """The store's host (node 0 of a cluster) dies: the watch says so within a few beats."""
+    port = free_port()
+    code = (
+        "import sys, time, torch.distributed as d\n"
+        f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)\n"
+        "print('up', flush=True); time.sleep(60)\n"
+    )
+    host = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "up"
+        fails: list[str] = []
+        (w,) = _watches(port, 1, fails, timeout_s=5.0)
+        w.start()
+        host.kill()
+        host.wait(timeout=10)
+        t0 = time.monotonic()
+        while not fails and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert len(fails) == 1 and f"the job's store at 127.0.0.1:{port} cannot be reached" in fails[0], fails
+        assert time.monotonic() - t0 < 5
+        w.stop()
+    finally:
+        host.kill()
+        host.stdout.close()
+
+
+def test_a_rank_with_another_run_id_is_refused_by_name():
+    """A node started in another directory derives another run id, so another stream: refused at
+    the rendezvous with one line naming run_id, instead of a trainer waiting data.max_wait."""
+    from tsd.config import ConfigError
+    from tsd.distributed.strategy import GeneratorTrainerStrategy
+
+    class Rank1(GeneratorTrainerStrategy):
+        global_rank = 1  # type: ignore[assignment]
+        num_trainers = 1  # type: ignore[assignment]
+
+    store = torch.distributed.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    store.set("tsd/identity", json.dumps({"buffer": "tsd:trajectories:aaaa"}))
+    s = Rank1()
+    s._store, s.job_identity = store, {"buffer": "tsd:trajectories:bbbb"}
+    with pytest.raises(
+        ConfigError, match=r"^run_id: rank 1 \(generator 0 of 1\) on .* has .*bbbb.*, rank 0 has .*aaaa"
+    ):
+        s._agree_on_identity()
+    s.job_identity = {"buffer": "tsd:trajectories:aaaa"}
+    s._agree_on_identity()  # the same: accepted

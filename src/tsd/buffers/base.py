@@ -156,6 +156,12 @@ class Buffer(ABC):
     def __init__(self) -> None:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
+    @property
+    def location(self) -> str:
+        """Where the records live, as every process that shares this buffer names it (Redis: the
+        stream's key, which names the run); an in-process buffer has no name outside it."""
+        return f"{type(self).__name__} in process {id(self):x}"
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """The constructor arguments that open another handle on this buffer."""

@@ -275,6 +275,10 @@ class RedisBuffer(Buffer):
         self._create_group("0")  # the key was deleted: whatever is in it now was written since
         return self._call(fn, *args, **kwargs)
 
+    @property
+    def location(self) -> str:
+        return self.stream
+
     def for_this_process(self) -> RedisBuffer:
         """This handle in the process that opened it; a new one (its own connection and consumer
         name) in any other, e.g. a forked rank."""
