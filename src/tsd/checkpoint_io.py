@@ -85,7 +85,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     loading and removing are Lightning's. A remote path (``s3://...``) keeps Lightning's own save."""
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None or _URL.match(str(path)):
             return super().save_checkpoint(checkpoint, path, storage_options)
