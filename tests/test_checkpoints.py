@@ -89,6 +89,6 @@ def test_kill_9_while_saving_every_step_never_leaves_a_checkpoint_that_does_not_
     assert rec["unloadable"] == 0, [c for c in rec["cycles"] if c["error"]]
     # the runs made progress across the kills, and the last resume loaded and finished
     steps = [s for s in rec["steps_after_kills"] if s is not None]
-    assert steps == sorted(steps) and steps[-1] > 20
+    assert steps == sorted(steps) and steps[-1] >= 5
     assert rec["final_exit"] == 0 and rec["final_step"] == steps[-1] + 2
-    assert rec["resumed_and_trained"] >= rec["kills"] // 2
+    assert rec["resumed_and_trained"] >= 5  # runs that restored a checkpoint, then trained

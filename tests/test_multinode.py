@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,7 +106,15 @@ def _start(tmp_path: Path, redis_url: str, policy_dir: str, overrides: list[str]
         "hydra.run.dir=outputs/rehearsal", *overrides,
     ]  # fmt: skip
     first = Node("a", tmp_path / "node_a.log", cmd, tmp_path)
-    time.sleep(1.0)  # a starts first: it hosts the rendezvous store, as node 0 of a cluster would
+    # b starts once a listens on the rendezvous port: a hosts the rendezvous and the job's store, as
+    # the --rdzv-endpoint node of a cluster does
+    deadline = time.monotonic() + 120
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert first.proc.poll() is None and time.monotonic() < deadline, first.text()[-3000:]
+        time.sleep(0.1)
     return [first, Node("b", tmp_path / "node_b.log", cmd, tmp_path)], prefix
 
 
