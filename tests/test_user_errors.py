@@ -57,6 +57,7 @@ BAD_COMMANDS = [
     ("train.py", ["+data.batchsize=4"], "data.batchsize"),  # a typo of data.batch_size
     ("train.py", ["+sampler.topp=0.9"], "sampler.topp"),  # a typo of a _target_'s argument
     ("train.py", ["run_id=has/slash"], "run_id"),
+    ("train.py", ["buffer=redis", "buffer.ttl_s=0"], "buffer"),  # refused before any connection
     # one process would run identical copies of one generation on each device
     ("train.py", ["trainer.devices=2"], "trainer.devices"),
     # the default search samples without replacement, which only the HF sampler can
