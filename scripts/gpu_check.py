@@ -9,14 +9,15 @@ No download: the model is ``Qwen2ForCausalLM`` with random weights, built from t
 config the project ships (``src/tsd/assets/qwen2_5_1_5b_config.json``: 28 layers, hidden 1536,
 12 heads of 128, 2 KV heads, vocabulary 151,936, tied embeddings), in bf16; ``--shape tiny`` is the
 same architecture at hidden 128, 2 layers (head_dim 32, what the CPU attention takes). The tokenizer
-is the bundled character tokenizer padded with filler tokens to the model's vocabulary, so every id
-a random model samples decodes. Random weights rarely stop early: the timings are of full-length
+is the bundled character tokenizer padded with filler tokens to the model's vocabulary
+(``build_char_tokenizer(vocab_size=...)``), so every id a random model samples decodes. Random weights rarely stop early: the timings are of full-length
 continuations, an upper bound for a trained policy's.
 
 Parts (in this order: the vLLM ones first, the FSDP one last; an in-process vLLM engine starts its
 own one-rank process group, which the trainer step then reuses):
-- ``sample``: :class:`VLLMSampler` (fp32 LM head, ``processed_logprobs``), ``--states`` prompts x
-  ``--n`` continuations of ``--tokens`` tokens; tokens/s of generated tokens, log-probs recorded.
+- ``sample``: :class:`VLLMSampler` (fp32 LM head, behaviour log-probs from its logits processor, on
+  vLLM's V1 model runner), ``--states`` prompts x ``--n`` continuations of ``--tokens`` tokens;
+  tokens/s of generated tokens, log-probs recorded.
 - ``mcts``: :class:`MCTSRollout` with the article's N=16 workers and K=4, one wave (``iterations=1``)
   over ``--problems`` Countdown problems sharing the wave's one sampler call, then the emitted
   paths completed and graded (the rollout's full cost at M=1).
@@ -45,41 +46,12 @@ from pathlib import Path
 import torch
 
 from tsd import ASSETS_DIR
-from tsd.models.char_tokenizer import ALPHABET, BOS, EOS, PAD, SPECIAL_TOKENS, TAGS, UNK
+from tsd.models.char_tokenizer import build_char_tokenizer
 from tsd.models.policy_value import PolicyValueModel
 from tsd.rl.trajectory import Trajectory
 
 QWEN_CONFIG = ASSETS_DIR / "qwen2_5_1_5b_config.json"
 PARTS = ("sample", "mcts", "sync", "fsdp")
-
-
-def filler_tokenizer(vocab_size: int):
-    """The char tokenizer's vocabulary, then ``<t{i}>`` filler tokens up to ``vocab_size``: prompts
-    encode as with the bundled tokenizer and any id a random model samples decodes."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in ALPHABET:
-        vocab.setdefault(ch, len(vocab))
-    if vocab_size < len(vocab):
-        raise ValueError(f"filler_tokenizer: vocab_size {vocab_size} < {len(vocab)} base tokens")
-    for i in range(len(vocab), vocab_size):
-        vocab[f"<t{i}>"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        additional_special_tokens=list(TAGS),
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
 
 
 def build_policy(shape: str, tokenizer, dtype: torch.dtype, device: str, seed: int) -> PolicyValueModel:
@@ -282,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     dtype = torch.bfloat16 if on_gpu else torch.float32
     vocab = json.loads(QWEN_CONFIG.read_text())["vocab_size"] if big else 1024
-    tokenizer = filler_tokenizer(vocab)
+    tokenizer = build_char_tokenizer(vocab_size=vocab)
     env = CountdownEnv(n_train=max(64, args.problems), n_test=max(64, args.states), seed=args.seed)
     rows: list[tuple[str, dict]] = []
     trajs: list[Trajectory] = []

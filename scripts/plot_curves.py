@@ -1,83 +1,44 @@
-"""Plot eval mean@k against optimiser steps and against generated tokens for several runs.
+"""Plot eval mean@k against optimiser steps, generated tokens and trained tokens for several runs.
 
     python scripts/plot_curves.py outputs/mcts_countdown/<run> outputs/cispo_countdown/<run> --out curves.png
+    python scripts/plot_curves.py multirun/mcts_countdown/<stamp> --metric eval/mean@16   # every job of a sweep
 
-Each run directory holds ``csv/metrics.csv`` (the CSV logger) and ``results.json``. The second
-panel puts methods on the same compute axis (tokens sampled by the rollouts, search included).
+Each argument is a run directory or a multirun directory of them, read by :mod:`tsd.viz.runs`. The
+compute panels put methods on the same axis (tokens sampled by the rollouts, search included; tokens
+trained on). Prints each run's first and last value and its generated tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def read_eval_curve(run: Path, key: str) -> tuple[list[float], list[float], list[float]]:
-    """(steps, generated tokens, metric) at every logged evaluation of ``run``."""
-    res = run / "results.json"
-    if res.exists():
-        hist = json.loads(res.read_text()).get("eval_history") or []
-        if hist and key in hist[0]:
-            return (
-                [h["step"] for h in hist],
-                [h.get("compute/generated_tokens", float("nan")) for h in hist],
-                [h[key] for h in hist],
-            )
-    steps, toks, vals = [], [], []
-    with open(run / "csv" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get(key):
-                steps.append(float(row["step"]))
-                toks.append(float(row.get("compute/generated_tokens") or "nan"))
-                vals.append(float(row[key]))
-    return steps, toks, vals
-
-
-def label_of(run: Path) -> str:
-    cfg = run / ".hydra" / "overrides.yaml"
-    if cfg.exists():
-        text = ",".join(line.strip("- \n") for line in cfg.read_text().splitlines() if line.strip())
-        if text:
-            return text
-    return run.parent.name + "/" + run.name
+from tsd.viz.plots import curves_figure
+from tsd.viz.runs import GENERATED, STEP, expand_runs, read_run
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with csv/metrics.csv)")
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories, or multirun directories of them")
     ap.add_argument("--metric", default="eval/mean@16")
     ap.add_argument("--out", type=Path, default=Path("curves.png"))
     ap.add_argument("--labels", nargs="*", default=None, help="one legend label per run (default: overrides)")
     args = ap.parse_args(argv)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    try:
+        runs = [read_run(p) for p in expand_runs(args.runs)]
+    except FileNotFoundError as e:
+        ap.error(str(e))
+    if args.labels and len(args.labels) != len(runs):
+        ap.error(f"--labels: {len(args.labels)} labels for {len(runs)} runs")
+    labels = args.labels or [r.label for r in runs]
     print(f"{'run':<60} {'base':>8} {'final':>8} {'gen tokens':>12}")
-    if args.labels and len(args.labels) != len(args.runs):
-        ap.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
-    for i, run in enumerate(args.runs):
-        steps, toks, vals = read_eval_curve(run, args.metric)
-        if not vals:
-            print(f"{str(run):<60} (no {args.metric})")
+    for run, lab in zip(runs, labels):
+        if not run.curve(args.metric, STEP)[1]:
+            print(f"{lab[:60]:<60} (no {args.metric})")
             continue
-        lab = args.labels[i] if args.labels else label_of(run)
-        a1.plot(steps, vals, marker="o", label=lab)
-        a2.plot(toks, vals, marker="o", label=lab)
-        print(f"{lab[:60]:<60} {vals[0]:>8.4f} {vals[-1]:>8.4f} {int(toks[-1]) if toks else 0:>12,d}")
-    a1.set_xlabel("optimiser step")
-    a2.set_xlabel("generated tokens (rollouts, search included)")
-    for a in (a1, a2):
-        a.set_ylabel(args.metric)
-        a.grid(alpha=0.3)
-    a1.legend(fontsize=7)
-    fig.suptitle(f"{args.metric} (sparse reward, no search harness)")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+        gen = run.total(GENERATED)
+        print(f"{lab[:60]:<60} {run.base(args.metric):>8.4f} {run.final(args.metric):>8.4f} {gen:>12,.0f}")
+    curves_figure(runs, args.metric, labels).savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 
 

@@ -24,77 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tsd.viz.runs import GENERATED, STEP, TRAINED, RunRecord, expand_runs, read_run  # noqa: E402
-
-AXES = (
-    (STEP, "optimiser step"),
-    (GENERATED, "generated tokens (search included)"),
-    (TRAINED, "trained tokens"),
-)
+from tsd.viz.plots import curves_figure, sweep_heatmaps
+from tsd.viz.runs import GENERATED, TRAINED, RunRecord, eval_metric, expand_runs, read_run
 
 
 def png_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def curves_figure(runs: list[RunRecord], metric: str, labels: list[str]) -> str:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for run, lab in zip(runs, labels):
-        for ax, (x, _) in zip(axes, AXES):
-            xs, ys = run.curve(metric, x)
-            if ys:
-                ax.plot(xs, ys, marker="o", lw=1.8, label=lab)
-    for ax, (_, name) in zip(axes, AXES):
-        ax.set_xlabel(name)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{metric} (sparse reward, no search harness)")
-    fig.tight_layout()
-    return png_data_uri(fig)
-
-
-def _num(v: str) -> float:
-    try:
-        return float(v)
-    except ValueError:
-        return math.nan
-
-
-def heatmap_figure(runs: list[RunRecord], metric: str, sx: str, sy: str) -> str | None:
-    """Final metric and generated tokens over the two swept knobs; None unless >= 2 runs set both."""
-    jobs = [r for r in runs if sx in r.overrides and sy in r.overrides]
-    xs = sorted({_num(r.overrides[sx]) for r in jobs})
-    ys = sorted({_num(r.overrides[sy]) for r in jobs})
-    if len(jobs) < 2 or any(math.isnan(v) for v in xs + ys):
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (key, title, fmt) in zip(
-        axes, ((metric, f"final {metric}", ".3f"), (GENERATED, "generated tokens", ".3g"))
-    ):
-        grid = [[math.nan] * len(xs) for _ in ys]
-        for r in jobs:
-            grid[ys.index(_num(r.overrides[sy]))][xs.index(_num(r.overrides[sx]))] = r.final(key)
-        im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
-        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
-        ax.set_xlabel(sx)
-        ax.set_ylabel(sy)
-        ax.set_title(title)
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                ax.text(j, i, "-" if math.isnan(v) else format(v, fmt), ha="center", va="center", color="w")
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return png_data_uri(fig)
 
 
 def _cell(v, fmt: str = "") -> str:
@@ -155,14 +92,14 @@ def build_html(runs: list[RunRecord], metric: str, sx: str, sy: str, labels: lis
         f"<div class='meta'>generated {time.strftime('%Y-%m-%d %H:%M:%S')} by scripts/report.py from "
         + ", ".join(html.escape(str(r.path)) for r in runs) + "</div>",
         "<h2>Curves: against steps and against compute</h2>",
-        f"<img class='plot' id='curves' alt='{html.escape(metric)} curves' src='{curves_figure(runs, metric, labels)}'>",
+        f"<img class='plot' id='curves' alt='{html.escape(metric)} curves' src='{png_data_uri(curves_figure(runs, metric, labels))}'>",
         "<h2>Final table</h2>",
         final_table(runs, metric, labels),
     ]  # fmt: skip
-    heat = heatmap_figure(runs, metric, sx, sy)
+    heat = sweep_heatmaps(runs, metric, sx, sy)
     if heat is not None:
         parts += [f"<h2>Sweep: {html.escape(sx)} x {html.escape(sy)}</h2>",
-                  f"<img class='plot' id='heatmap' alt='sweep heatmap' src='{heat}'>"]  # fmt: skip
+                  f"<img class='plot' id='heatmap' alt='sweep heatmap' src='{png_data_uri(heat)}'>"]  # fmt: skip
     tree = last_tree(runs)
     if tree is not None:
         run, png = tree
@@ -172,17 +109,6 @@ def build_html(runs: list[RunRecord], metric: str, sx: str, sy: str, labels: lis
                   f"<img id='tree' alt='search tree' src='{uri}'></div>"]  # fmt: skip
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def detect_metric(runs: list[RunRecord], wanted: str) -> str:
-    """``wanted`` if some run has it, else the first ``eval/mean@k`` any run has."""
-    keys = {k for r in runs for row in r.evals for k in row}
-    if wanted in keys:
-        return wanted
-    found = sorted(k for k in keys if k.startswith("eval/mean@"))
-    if not found:
-        raise SystemExit(f"no {wanted} (nor any eval/mean@k) in the runs' logs")
-    return found[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, p in enumerate(paths):
         runs.append(read_run(p))
         print(f"[{i + 1}/{len(paths)}] read {p}: {len(runs[-1].evals)} evaluations", flush=True)
-    metric = detect_metric(runs, args.metric)
+    metric = eval_metric(runs, args.metric)
+    if metric is None:
+        raise SystemExit(f"no {args.metric} (nor any eval/mean@k) in the runs' logs")
     args.out.write_text(build_html(runs, metric, args.sweep_x, args.sweep_y, args.labels))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB, {len(runs)} runs, metric {metric})")
     return 0

@@ -14,12 +14,14 @@ train split, so a 200-step run sees about 16% of them). Each method gets a fresh
 same seed over the same policy, and the problems are searched ``--batch`` at a time, as in
 training (MCTS shares each wave across a batch's trees).
 
-Printed: one row per method (tokens per problem, correct share with its 95% interval, mean dense
+Printed: one row per method (tokens per problem generated, prefilled and both together: the
+compute axis proportional to FLOPs, correct share with its 95% interval, mean dense
 reward, share of problems where a correct answer was generated anywhere, distinct complete
 trajectories per problem, the share of the search's new samples drawn below the root (a search
-that branches only at the root is best-of-N under another name), wall time), then every MCTS point against the best-of-N point nearest
-in tokens: the paired per-problem difference with its 95% interval (a difference whose interval
-holds 0 is "no difference"). Written: ``--out``/search_efficiency.json and .png (correct share
+that branches only at the root is best-of-N under another name), wall and CPU time), then every
+MCTS point against the best-of-N point nearest in tokens: the paired per-problem difference with
+its 95% interval (a difference whose interval holds 0 is "no difference"), and the ratios of
+processed tokens, wall time and CPU time. Written: ``--out``/search_efficiency.json and .png (correct share
 and found share against tokens per problem, one curve per method).
 """
 
@@ -44,6 +46,10 @@ from tsd.eval.search_efficiency import (
     nearest_in_tokens,
 )
 from tsd.models.loading import load_policy
+
+#: the experiment every method starts from: the search emitting one path per problem (train.py's
+#: default experiment distils the whole tree instead)
+ONE_PATH = ["experiment=mcts_countdown"]
 
 #: the MCTS variants measured by default: name -> (their own budgets or None for --budgets, overrides).
 #: "default" is configs/rollout/mcts.yaml; "article" the article's search at the laptop's sizes
@@ -73,7 +79,10 @@ def parse_budget(text: str) -> tuple[int, int]:
 
 
 def methods_from(args) -> list[Method]:
-    out = [Method("best-of-N", f"bon{n}", ["rollout=best_of_n", f"rollout.n={n}"]) for n in args.bon]
+    # the one-path search (experiment=mcts_countdown: what its emitted trajectory is worth), and best-of-N
+    out = [
+        Method("best-of-N", f"bon{n}", [*ONE_PATH, "rollout=best_of_n", f"rollout.n={n}"]) for n in args.bon
+    ]
     variants = dict(VARIANTS) if not args.only_variants else {}
     variants.update(dict(args.variant))
     for name, (own_budgets, overrides) in variants.items():
@@ -82,7 +91,13 @@ def methods_from(args) -> list[Method]:
                 Method(
                     f"MCTS {name}",
                     f"{name} {w}x{m}",
-                    ["rollout=mcts", f"rollout.workers={w}", f"rollout.iterations={m}", *overrides],
+                    [
+                        *ONE_PATH,
+                        "rollout=mcts",
+                        f"rollout.workers={w}",
+                        f"rollout.iterations={m}",
+                        *overrides,
+                    ],
                 )
             )
     return out
@@ -99,26 +114,29 @@ def plot(results: list[MethodResult], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    families = list(dict.fromkeys(r.method.family for r in results))
-    for fam in families:
-        pts = sorted((r for r in results if r.method.family == fam), key=lambda r: r.mean("tokens"))
-        x = [r.mean("tokens") for r in pts]
-        style = dict(marker="o", linestyle="--" if fam == "best-of-N" else "-", label=fam)
-        axes[0].plot(x, [r.mean("correct") for r in pts], **style)
-        axes[1].plot(x, [r.mean("found") for r in pts], **style)
-        for r in pts:
-            axes[0].annotate(r.method.label.split()[-1], (r.mean("tokens"), r.mean("correct")), fontsize=7,
-                             textcoords="offset points", xytext=(3, 3))  # fmt: skip
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    for ax, what in zip(axes, ("emitted trajectory correct", "a correct answer found anywhere")):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    panels = (  # (x of a result, y of a result, what y is, what x is)
+        (lambda r: r.mean("tokens"), lambda r: r.mean("correct"), "emitted trajectory correct", "generated"),
+        (lambda r: r.mean("tokens"), lambda r: r.mean("found"), "a correct answer found anywhere", "generated"),
+        (lambda r: r.summary()["processed_tokens_per_problem"], lambda r: r.mean("correct"),
+         "emitted trajectory correct", "processed (prefill + generated, ~FLOPs)"),
+    )  # fmt: skip
+    families = list(dict.fromkeys(r.method.family for r in results))
+    for ax, (fx, fy, what, xwhat) in zip(axes, panels):
+        for fam in families:
+            pts = sorted((r for r in results if r.method.family == fam), key=fx)
+            style = dict(marker="o", linestyle="--" if fam == "best-of-N" else "-", label=fam)
+            ax.plot([fx(r) for r in pts], [fy(r) for r in pts], **style)
+            for r in pts:
+                ax.annotate(r.method.label.split()[-1], (fx(r), fy(r)), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))  # fmt: skip
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("generated tokens per problem (log scale)")
+        ax.set_xlabel(f"{xwhat} tokens per problem (log scale)")
         ax.set_title(f"share of problems: {what}", fontsize=9)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -206,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, m in enumerate(methods, 1):
         key = json.dumps([m.label, m.overrides])
         if key in done:
-            r = MethodResult(m, done[key]["per_problem"], done[key]["wall_s"], done[key]["stats"])
+            row = done[key]
+            r = MethodResult(m, row["per_problem"], row["wall_s"], row["stats"], row.get("prefill_tokens", 0.0),
+                             row.get("cpu_s", float("nan")))  # fmt: skip
             results.append(r)
             print(f"[{i}/{len(methods)}] {m.label:<24} (measured before: {journal})", flush=True)
             continue
@@ -214,21 +234,25 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         with journal.open("a") as f:
             f.write(json.dumps({"setup": setup, "key": key, "per_problem": r.per_problem,
-                                "wall_s": r.wall_s, "stats": r.stats}) + "\n")  # fmt: skip
+                                "wall_s": r.wall_s, "stats": r.stats, "prefill_tokens": r.prefill_tokens,
+                                "cpu_s": r.cpu_s}) + "\n")  # fmt: skip
         print(f"[{i}/{len(methods)}] {m.label:<24} {r.mean('tokens'):7.0f} tok/problem  correct {r.mean('correct'):.3f}  "
               f"found {r.mean('found'):.3f}  {r.wall_s:6.1f}s", flush=True)  # fmt: skip
 
     summaries = [r.summary() for r in results]
     head = (
-        f"{'method':<26} {'tok/prob':>8} {'correct':>7} {'95% CI':>15} {'reward':>7} {'found':>6} "
-        f"{'distinct':>8} {'below root':>10} {'wall s':>7}"
+        f"{'method':<26} {'tok/prob':>8} {'prefill':>8} {'processed':>9} {'correct':>7} {'95% CI':>15} "
+        f"{'reward':>7} {'found':>6} {'distinct':>8} {'below root':>10} {'wall s':>7} {'cpu s':>7}"
     )
     print("\n" + head + "\n" + "-" * len(head))
     for s in summaries:
         lo, hi = s["correct_ci95"]
-        print(f"{s['label']:<26} {s['tokens_per_problem']:>8.0f} {s['correct_share']:>7.3f} "
+        print(f"{s['label']:<26} {s['tokens_per_problem']:>8.0f} {s['prefill_tokens_per_problem']:>8.0f} "
+              f"{s['processed_tokens_per_problem']:>9.0f} {s['correct_share']:>7.3f} "
               f"[{lo:>+.3f},{hi:>+.3f}] {s['reward_mean']:>+7.3f} {s['found_share']:>6.3f} "
-              f"{s['distinct_per_problem']:>8.1f} {below(s):>10} {s['wall_s']:>7.1f}")  # fmt: skip
+              f"{s['distinct_per_problem']:>8.1f} {below(s):>10} {s['wall_s']:>7.1f} {s['cpu_s']:>7.1f}")  # fmt: skip
+    print("(tok/prob: generated tokens per problem; prefill: state tokens run to start sampling; processed: "
+          "their sum, proportional to FLOPs)")  # fmt: skip
 
     bons = [r for r in results if r.method.family == "best-of-N"]
     comparisons = []
@@ -237,12 +261,19 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             if r.method.family == "best-of-N":
                 continue
-            c = compare(r, nearest_in_tokens(r, bons))
+            base = nearest_in_tokens(r, bons)
+            c = compare(r, base)
+            c["wall_ratio"] = r.wall_s / max(base.wall_s, 1e-9)
+            c["cpu_ratio"] = r.cpu_s / max(base.cpu_s, 1e-9)
+            c["processed_ratio"] = r.summary()["processed_tokens_per_problem"] / max(
+                base.summary()["processed_tokens_per_problem"], 1e-9
+            )
             comparisons.append(c)
             lo, hi = c["ci95"]
             eq = "equal tokens" if c["equal_compute"] else "tokens differ >10%"
             print(f"  {c['run']:<24} vs {c['base']:<6} tokens x{c['token_ratio']:.2f} ({eq}): "
-                  f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] -> {c['verdict']}")  # fmt: skip
+                  f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] -> {c['verdict']}; processed tokens "
+                  f"x{c['processed_ratio']:.2f}, wall x{c['wall_ratio']:.2f}, cpu x{c['cpu_ratio']:.2f}")  # fmt: skip
 
     payload = {
         "policy": args.policy,

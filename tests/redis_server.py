@@ -1,4 +1,4 @@
-"""A throwaway real ``redis-server`` for tests (and ``scripts/bench_buffer.py``).
+"""A throwaway real ``redis-server`` for tests (and ``benchmarks/bench_buffer.py``).
 
 ``redis_server()`` starts one on a free loopback port, in a temp dir, with persistence off,
 waits until PING answers, yields its URL and kills it. ``redis_for_tests()`` yields

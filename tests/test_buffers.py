@@ -122,6 +122,17 @@ def test_round_trip_preserves_every_field(make_buffer):
     assert buf.stats["acked"] == 1
 
 
+def test_per_token_advantages_cross_the_buffer_bit_for_bit(make_buffer):
+    # a whole-tree trajectory: one advantage per completion token (values that JSON must not round)
+    adv = [1 / 3, 1 / 3, -0.1 - 0.2, 2.5e-17, -1e6]
+    buf = make_buffer()
+    t = traj(5, n_tokens=5, token_advantages=adv)
+    buf.put([t])
+    (item,) = buf.get(1)
+    assert item.trajectory == t and item.trajectory.token_advantages == adv
+    assert [x.hex() for x in item.trajectory.token_advantages] == [x.hex() for x in adv]
+
+
 def test_fifo_order_across_puts_and_gets(make_buffer):
     buf = make_buffer()
     ids = buf.put([traj(i) for i in range(6)]) + buf.put([traj(i) for i in range(6, 10)])

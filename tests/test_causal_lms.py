@@ -271,7 +271,7 @@ def test_bundled_tiny_policy_logits_are_unchanged_in_fp32():
 
 def test_lm_head_runs_in_fp32_on_bf16_weights():
     """The tiny policy cast to bf16 against its fp32 self, on completions the fp32 policy samples
-    (scripts/logit_precision.py measures the same on more)."""
+    (benchmarks/logit_precision.py measures the same on more)."""
     from tsd.envs.countdown import CountdownEnv
     from tsd.rollouts.base import encode_prompt
     from tsd.samplers.hf import left_pad

@@ -74,7 +74,9 @@ def test_experiment_composes_and_matches_signatures(experiment):
     "group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts], ids=lambda x: str(x)
 )
 def test_every_group_option_composes(group, option):
-    cfg = _compose("train", [f"{group}={option}"])
+    # on the groups' bare defaults: the default experiment (tree_countdown) pins the MCTS rollout's
+    # emission, so another rollout goes with its own experiment (train.py says so: test_user_errors)
+    cfg = _compose("train", ["~experiment", f"{group}={option}"])
     _check_signature(cfg)
 
 
@@ -120,6 +122,7 @@ ARTICLE_BY_EXPERIMENT = {
         "rollout.prior_temperature": 1.0,
         "rollout.rollout_mix": 0.0,  # leaves valued by the value head alone
         "rollout.selection._target_": "tsd.rollouts.selection.MaxVisit",
+        "rollout.emission": None,  # one path per search, the max-visit one (not the whole tree)
         "data.sync_every": 8,
         "data.batch_size": 16,  # x 2 trainers (trainer.devices=8, 6 generators) = 32
         "strategy.num_generators": 6,
@@ -185,10 +188,7 @@ def test_every_paper_value_says_where_it_comes_from(experiment):
 def test_every_study_run_composes_and_matches_signatures():
     """scripts/study.py's training commands are ordinary train.py overrides: each must compose
     and give every ``_target_`` only keys it accepts (a renamed key would fail hours into a study)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import study
+    from tsd.eval import study
 
     for method, overrides in study.METHODS.items():
         cfg = _compose("train", [*overrides, *study.COMMON, "module.optimizer.lr=1e-4", "seed=1"])
@@ -203,7 +203,7 @@ def test_the_article_search_overrides_match_the_paper_experiment():
     sizes (workers, waves, token caps) that the laptop chooses."""
     from tsd.eval.search_efficiency import ARTICLE_SEARCH
 
-    article = _compose("train", ["rollout=mcts", *ARTICLE_SEARCH]).rollout
+    article = _compose("train", ["experiment=mcts_countdown", *ARTICLE_SEARCH]).rollout
     paper = _compose("train", ["experiment=mcts_countdown_paper"]).rollout
     sizes = {"workers", "iterations", "max_step_tokens", "max_new_tokens", "max_depth", "seed"}
     for key in paper:

@@ -697,13 +697,14 @@ def test_env_data_dir_writes_then_reads(tmp_path):
         CountdownEnv(data_dir=tmp_path).train  # noqa: B018
 
 
-def test_validation_split_is_the_end_of_train_and_train_excludes_it(tmp_path):
+def test_validation_split_is_drawn_after_train_and_leaves_train_unchanged(tmp_path):
     full = CountdownEnv(seed=5, n_train=30, n_test=10)
     assert full.val == [] and len(full.train) == 30  # n_val = 0: nothing changes
     env = CountdownEnv(seed=5, n_train=30, n_test=10, n_val=4)
-    assert env.val == full.train[26:] and env.train == full.train[:26]  # the last 4, held out
-    assert [p.id for p in env.val] == [26, 27, 28, 29]  # their ids in the generated train split
-    assert env.test == full.test
+    assert env.train == full.train and env.test == full.test  # train is not cut: val comes after it
+    longer = CountdownEnv(seed=5, n_train=34, n_test=10)
+    assert [(p.numbers, p.target) for p in env.val] == [(p.numbers, p.target) for p in longer.train[30:]]
+    assert [p.id for p in env.val] == [0, 1, 2, 3]  # their index in the validation split
     keys = {
         "train": {p.key for p in env.train},
         "val": {p.key for p in env.val},
@@ -716,14 +717,15 @@ def test_validation_split_is_the_end_of_train_and_train_excludes_it(tmp_path):
     )
     again = CountdownEnv(seed=5, n_train=30, n_test=10, n_val=4)
     assert again.val == env.val and again.train == env.train  # deterministic from the seed
-    # with files: the whole training split is written, the same problems are held out on reading
+    # with files: train, test and val are written; reading gives them back
     written = CountdownEnv(data_dir=tmp_path, seed=5, n_train=30, n_test=10, n_val=4)
     assert written.val == env.val and len(read_jsonl(tmp_path / "train.jsonl")) == 30
-    read = CountdownEnv(data_dir=tmp_path, n_val=4)
-    assert read.val == env.val and read.train == env.train
-    with pytest.raises(ValueError, match=r"n_val: 30 is out of range"):
-        CountdownEnv(data_dir=tmp_path, n_val=30).train  # noqa: B018
-    for bad in (-1, 30, 1.5):
+    assert read_jsonl(tmp_path / "val.jsonl") == env.val
+    read = CountdownEnv(data_dir=tmp_path, n_val=3)
+    assert read.val == env.val[:3] and read.train == env.train
+    with pytest.raises(ValueError, match=r"n_val: 5 is out of range \(accepted: at most the 4 problems"):
+        CountdownEnv(data_dir=tmp_path, n_val=5).train  # noqa: B018
+    for bad in (-1, 1.5):
         with pytest.raises(ValueError, match="n_val"):
             CountdownEnv(seed=5, n_train=30, n_test=10, n_val=bad)
 

@@ -17,6 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
+#: a log record as Hydra's handlers print it ("[time][logger][LEVEL] message"), or as a library's
+#: own console handler does ("INFO: message"), anywhere in a line (a progress bar may precede it)
+LOG_RECORD = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+\]\[[\w.]+\]\[[A-Z]+\] (.*)|^(?:INFO|WARNING): (.*)")
+
+
+def log_messages(text: str) -> list[str]:
+    """The messages of the log records in ``text``, in order."""
+    out = []
+    for line in re.split(r"[\r\n]", text):
+        m = LOG_RECORD.search(line)
+        if m:
+            out.append(m.group(1) or m.group(2))
+    return out
+
+
 def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     p = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
@@ -33,12 +48,24 @@ def test_train_smoke_then_eval_the_export_with_and_without_search(policy_dir, tm
             "train.py",
             "experiment=mcts_countdown",
             "debug=smoke",
+            "trainer.enable_progress_bar=true",
             f"model.name_or_path={policy_dir}",
             f"hydra.run.dir={out}",
         ]
     )
     # the line test_user_errors.py looks for to tell that a bad command failed before the model loaded
     assert "loading policy" in p.stdout + p.stderr
+    # every log line once: Hydra's handlers print Lightning's too, Lightning's own handler no more
+    # (it printed each again on stderr as "INFO: ..."); and none of Lightning's advertising
+    messages = log_messages(p.stdout) + log_messages(p.stderr)
+    assert messages.count("GPU available: False, used: False") == 1
+    assert any("`Trainer.fit` stopped" in m for m in messages)
+    assert len(messages) == len(set(messages)), [m for m in messages if messages.count(m) > 1]
+    assert "Tip:" not in p.stdout + p.stderr and "\N{ELECTRIC LIGHT BULB}" not in p.stdout + p.stderr
+    # the progress bar counts optimiser steps (Lightning's own read "Epoch 0/-2")
+    bar = [f for f in re.split(r"[\r\n]", p.stdout) if f.startswith("step: ")]
+    assert bar and bar[-1].startswith("step: 100%") and " 3/3 " in bar[-1], bar[-3:]
+    assert "Epoch" not in p.stdout + p.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["global_step"] == 3 and "search/tree_size" in res
     ev = tmp_path / "eval"
@@ -118,7 +145,7 @@ def test_bad_override_exits_2_naming_the_field(tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    run(
+    p = run(
         [
             "train.py",
             "-m",
@@ -134,12 +161,28 @@ def test_multirun_sweep_gets_one_directory_per_job_and_collects(policy_dir, tmp_
     )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]  # exactly one directory per job, nothing else
+    # the sweep ends with its table (tsd.viz.sweep_summary): one row per job, the sweeper's knobs,
+    # the jobs' own final eval and compute, and nothing printed after it
+    out = p.stdout.rstrip().splitlines()
+    table = out[out.index(f"sweep {sweep}: 2 jobs, eval/mean@2") + 2 :]
+    assert table[0].startswith(
+        "| job | rollout.workers | rollout.iterations | base eval/mean@2 | final eval/mean@2"
+    )
+    assert len(table) == 4 and (sweep / "summary.md").read_text().endswith("\n".join(table) + "\n")
+    for job, line in zip(jobs, table[2:]):
+        res = json.loads((sweep / job / "results.json").read_text())
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == [job, str(int(job) + 1), "2"]
+        assert float(cells[4]) == pytest.approx(res["final/eval/mean@2"], abs=5e-5)
+        assert int(cells[5].replace(",", "")) == res["compute/generated_tokens"] > 0
+        assert int(cells[6].replace(",", "")) == res["compute/trained_tokens"] > 0
+        assert float(cells[7].replace(",", "")) == pytest.approx(res["wall_seconds"], abs=0.5)
     # W&B: one finished run per job (not the first job's run reused), grouped as one sweep
     from wandb_offline import offline_runs
 
     runs = [r for job in jobs for r in offline_runs(sweep / job)]
     assert len(runs) == 2 and runs[0].run.run_id != runs[1].run.run_id
-    assert {r.run.run_group for r in runs} == {"mcts_countdown-sweep-sweep"}
+    assert {r.run.run_group for r in runs} == {"tree_countdown-sweep-sweep"}
     assert {r.run.job_type for r in runs} == {"sweep"} and all("sweep" in r.run.tags for r in runs)
     assert [r.config["rollout"]["workers"] for r in runs] == [1, 2]
     assert [r.config["run"]["job_num"] for r in runs] == [0, 1]

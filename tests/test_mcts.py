@@ -18,7 +18,7 @@ from tsd.envs.countdown import CountdownEnv, Problem
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.mcts import MCTSRollout
 from tsd.rollouts.selection import BestTerminal, MaxQ, MaxVisit
-from tsd.rollouts.tree import Node, SearchTree, merge_continuations, puct_score, select_child
+from tsd.rollouts.tree import SPENT_MASS, Node, SearchTree, merge_continuations, puct_score, select_child
 from tsd.samplers.base import Continuation, Sampler
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +77,7 @@ class ScriptedSampler(Sampler):
         self, tokenizer, script=SCRIPT, values: dict[str, float] | None = None, cycle: bool = False
     ) -> None:
         self.tokenizer = tokenizer
+        self._step_ids = {tokenizer.convert_tokens_to_ids("</step>")}  # how split_steps cuts a path
         self.script = script
         self.values = values or {}
         #: ``cycle``: the j-th sample ever drawn at a state is option j % len (across calls), so that
@@ -98,25 +99,32 @@ class ScriptedSampler(Sampler):
         self.exclude_calls.append([len(e) for e in exclude] if exclude is not None else None)
         out = []
         for i, s in enumerate(states):
-            key = self._completion(s)
-            options = self.script.get(key, [("<eos>", "eos", -0.5)])
-            if exclude is not None and exclude[i]:  # without replacement: skip the excluded options
-                seen = {tuple(e.token_ids) for e in exclude[i]}
-                left = [
-                    o
-                    for o in options
-                    if tuple(self.tokenizer.encode(o[0], add_special_tokens=False)) not in seen
-                ]
-                options = left or options
             conts = []
             for j in range(n):
-                if self.cycle:
-                    j, self.drawn[key] = self.drawn.get(key, 0), self.drawn.get(key, 0) + 1
-                text, fin, total = options[j % len(options)]
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                conts.append(Continuation(ids, [total / len(ids)] * len(ids), fin))
+                # stop="answer": scripted steps one after the other until one that is not a step
+                # (only the first is drawn without replacement: below it every node is new)
+                key, ids, lps, fin = self._completion(s), [], [], "step"
+                while fin == "step" and (stop == "answer" or not ids):
+                    text, fin, total = self._draw(
+                        key, j, exclude[i] if exclude is not None and not ids else None
+                    )
+                    step = self.tokenizer.encode(text, add_special_tokens=False)
+                    ids, lps, key = ids + step, lps + [total / len(step)] * len(step), key + text
+                conts.append(Continuation(ids, lps, fin))
             out.append(conts)
         return out
+
+    def _draw(self, key: str, j: int, excluded) -> tuple[str, str, float]:
+        options = self.script.get(key, [("<eos>", "eos", -0.5)])
+        if excluded:  # without replacement: skip the excluded options
+            seen = {tuple(e.token_ids) for e in excluded}
+            left = [
+                o for o in options if tuple(self.tokenizer.encode(o[0], add_special_tokens=False)) not in seen
+            ]
+            options = left or options
+        if self.cycle:
+            j, self.drawn[key] = self.drawn.get(key, 0), self.drawn.get(key, 0) + 1
+        return options[j % len(options)]
 
     def value(self, states):
         self.value_calls.append(len(states))
@@ -297,6 +305,82 @@ def test_unseen_mass_is_exact_and_stops_widening():
     assert not t.can_widen(t.root) and t.widen_count(t.root) == 0  # 0.2 < 0.25: a new draw would repeat
     t.min_unseen_mass = 0.0
     assert t.widen_count(t.root) == 1  # the cap alone: 3 - 2
+
+
+def test_unseen_as_child_hand_computed():
+    # root children A (p 0.5) and B (p 0.2): 0.3 of the step distribution is unseen. With
+    # unseen_as_child the priors are the probabilities themselves and "a step not sampled yet" is
+    # one more pUCT action: prior 0.3, no visits, Q = Q(root)
+    t = _tree(unseen_as_child=True, c_puct=1.0)
+    a, b = t.add_samples(
+        t.root,
+        [Continuation([5, 6], [math.log(0.5) / 2] * 2, "step"), Continuation([7], [math.log(0.2)], "step")],
+    )
+    assert (a.prior, b.prior, t._unseen_prior(t.root)) == pytest.approx((0.5, 0.2, 0.3))
+    t.root.visits, t.root.value_sum = 4.0, 0.0
+    a.visits, a.value_sum, b.visits, b.value_sum = 2.0, 1.0, 1.0, -1.0
+    # A: 0.5 + 0.5 * sqrt(4) / 3 = 0.833 beats the unseen step 0 + 0.3 * sqrt(4) = 0.6 (B: -0.8)
+    assert t.unseen_score(t.root) == pytest.approx(0.6)
+    assert t.select_leaf() == [t.root, a]
+    t.undo_virtual_loss([t.root, a])
+    a.value_sum = 0.0  # A: 0 + 1/3 < 0.6: selection stops at the root to sample a new step
+    assert t.select_leaf() == [t.root]
+    t.undo_virtual_loss([t.root])
+    # prior temperature 2: p^(1/2) renormalised over the children and the unseen mass
+    t2 = _tree(unseen_as_child=True, prior_temperature=2.0)
+    a2, b2 = t2.add_samples(
+        t2.root, [Continuation([5], [math.log(0.5)], "step"), Continuation([7], [math.log(0.2)], "step")]
+    )
+    z = math.sqrt(0.5) + math.sqrt(0.2) + math.sqrt(0.3)
+    assert (a2.prior, b2.prior, t2._unseen_prior(t2.root)) == pytest.approx(
+        (math.sqrt(0.5) / z, math.sqrt(0.2) / z, math.sqrt(0.3) / z)
+    )
+
+
+def test_a_spent_node_stops_widening_even_without_min_unseen_mass():
+    # min_unseen_mass 0: a node whose children hold all but rounding of its step distribution used to
+    # ask for new steps for ever (each a paid repeat of a child); below SPENT_MASS it cannot widen
+    t = _tree(unseen_as_child=True, skip_exhausted=True, min_unseen_mass=0.0)
+    (a,) = t.add_samples(t.root, [Continuation([5], [math.log(1 - 1e-7)], "answer")])
+    assert t.unseen_mass(t.root) < SPENT_MASS and not t.can_widen(t.root)
+    a.reward = 0.5
+    t.backup(t.select_leaf(), 0.5)
+    assert a.exhausted and t.root.exhausted  # the search stops here instead of re-drawing
+    t3 = _tree(unseen_as_child=True, min_unseen_mass=0.0)
+    t3.add_samples(t3.root, [Continuation([5], [math.log(0.9)], "step")])
+    assert t3.can_widen(t3.root)  # 10% unseen: room
+
+
+def test_fixed_k_exhausts_a_node_whatever_mass_is_left_unsampled():
+    # the article's fixed K (alpha 0): two samples of probability 0.1 each, 80% of the step
+    # distribution never drawn, and the node is spent once its two answers are graded: the
+    # search's rule (K children, never more), documented in tsd.rollouts.tree
+    t = _tree(completions_per_node=2, skip_exhausted=True)
+    a, b = t.add_samples(
+        t.root, [Continuation([5], [math.log(0.1)], "answer"), Continuation([6], [math.log(0.1)], "answer")]
+    )
+    assert t.unseen_mass(t.root) == pytest.approx(0.8)
+    for node in (a, b):
+        node.reward = 0.0
+        t.backup([t.root, node], 0.0, virtual_loss_applied=False)
+    assert t.root.exhausted and not t.can_widen(t.root)
+
+
+def test_exhausted_draws_are_counted_in_the_search_statistics(char_tokenizer):
+    class Exhausting(ScriptedSampler):  # every call reports one draw with everything excluded
+        exhausted_draws = 0
+
+        def sample(self, *args, **kwargs):
+            self.exhausted_draws += 1
+            return super().sample(*args, **kwargs)
+
+    sampler = Exhausting(char_tokenizer, cycle=True)
+    out = _small(workers=1, iterations=3, rollout_mix=1.0).run([PROBLEM], sampler, CountingEnv())
+    assert (
+        out.stats["search/exhausted_draws_per_problem"]
+        == sampler.exhausted_draws
+        == len(sampler.sample_calls)
+    )
 
 
 def test_exhausted_subtrees_are_skipped_and_propagate_up():
@@ -508,8 +592,34 @@ def test_rollout_values_hand_traced(char_tokenizer):
     assert traj.correct and traj.reward == 1.0
     assert traj.stats["rollout/correct_found"] == 1.0 and traj.stats["rollout/distinct_completions"] == 3
     assert out.stats["search/cached_terminal_fraction"] == 0.0
-    # one step per sampler call, n = 1 per simulation
-    assert all(n == 1 and stop == "step" for _, n, stop in sampler.sample_calls)
+    # one sampler call per wave, a whole path (stop="answer") per simulation
+    assert sampler.sample_calls == [(1, 1, "answer")] * 3
+
+
+def test_one_call_paths_are_cut_where_a_step_by_step_search_would_stop(char_tokenizer):
+    # one wave, one worker: the path is sampled whole, then cut into nodes. A step over
+    # max_step_tokens ends the branch there ("length"); steps below max_depth are not kept. The
+    # tokens past the cut were generated (paid) and are counted as discarded.
+    long = "<step>" + "1+" * 10 + "1=11</step>"  # 27 tokens
+    script = {"": [(long, "step", -1.0)], long: [("<answer>1</answer>", "answer", -1.0)]}
+    out_tokens = len(char_tokenizer.encode(long + "<answer>1</answer>", add_special_tokens=False))
+    rollout = _small(workers=1, iterations=1, rollout_mix=1.0, max_step_tokens=10, record_trees=True)
+    out = rollout.run([PROBLEM], ScriptedSampler(char_tokenizer, script), CountingEnv())
+    (tree,) = rollout.trees
+    (child,) = tree.root.children
+    assert len(child.token_ids) == 10 and child.terminal and child.terminal_reason == "length"
+    assert out.generated_tokens == out_tokens  # every sampled token is paid for ...
+    assert out.stats["search/discarded_tokens_per_problem"] == out_tokens - 10  # ... the rest kept in no node
+
+    s1, s2, s3 = "<step>1+1=2</step>", "<step>2+2=4</step>", "<step>4+4=8</step>"
+    script = {"": [(s1, "step", -1.0)], s1: [(s2, "step", -1.0)], s1 + s2: [(s3, "step", -1.0)],
+              s1 + s2 + s3: [("<answer>8</answer>", "answer", -1.0)]}  # fmt: skip
+    rollout = _small(workers=1, iterations=1, rollout_mix=1.0, max_depth=2, record_trees=True)
+    out = rollout.run([PROBLEM], ScriptedSampler(char_tokenizer, script), CountingEnv())
+    (tree,) = rollout.trees
+    assert [n.depth for n in tree.nodes] == [0, 1, 2] and tree.nodes[2].terminal_reason == "max_depth"
+    kept = sum(len(n.token_ids) for n in tree.nodes)
+    assert out.stats["search/discarded_tokens_per_problem"] == tree.generated_tokens - kept > 0
 
 
 def test_rollout_mix_blends_the_value_head_of_the_first_new_node(char_tokenizer):
@@ -534,8 +644,9 @@ def test_rollout_simulations_back_up_once_and_share_waves(char_tokenizer):
         for n in tree.nodes:  # no virtual loss or reservation left behind
             assert n.in_flight == 0 and n.scheduled == 0 and float(n.visits).is_integer()
             assert n.visits >= sum(c.visits for c in n.children)
-    # every step call serves every live simulation of both trees (at most depth 3 calls a wave here)
-    assert max(states for states, _, _ in sampler.sample_calls) <= 2 * 3
+    # one call per wave serves every live simulation of both trees, a whole path each
+    assert len(sampler.sample_calls) == 4
+    assert all(states <= 2 * 3 and stop == "answer" for states, _, stop in sampler.sample_calls)
     assert len(out.trajectories) == 2 and out.stats["search/simulations_per_problem"] == 12
 
 

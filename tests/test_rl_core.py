@@ -264,6 +264,23 @@ def test_local_generation_refills_the_buffer_and_its_problem_stream_is_resumable
     assert [p.id for p in w2.next_problems()] == nxt
 
 
+def test_whole_rollouts_batches_never_split_a_rollout(policy, env):
+    """A rollout of 3 problems x group 2 = 6 trajectories: with batch_size 4 and whole_rollouts a
+    batch is the whole rollout (6, nothing held over), with batch_size 8 two whole rollouts."""
+    model, tok = policy
+    buf = MemoryBuffer()
+    gen = LocalGeneration(GroupRollout(group_size=2, max_new_tokens=8), env, HFSampler, tok, buf, 3, seed=1)
+    gen.start(model)
+    dm = TrajectoryDataModule(buf, gen, batch_size=4, pad_id=0, whole_rollouts=True)
+    assert len(dm.next_batch()) == 6 and len(buf) == 0 and gen.worker.rollouts == 1
+    dm.batch_size = 8
+    assert len(dm.next_batch()) == 12 and len(buf) == 0 and gen.worker.rollouts == 3
+    split = TrajectoryDataModule(buf, gen, batch_size=4, pad_id=0)  # without: 4, and 2 held in the buffer
+    assert len(split.next_batch()) == 4 and len(buf) == 2
+    with pytest.raises(ConfigError, match="data.whole_rollouts: .* generation=remote"):
+        TrajectoryDataModule(buf, _elsewhere(buf, env), batch_size=4, whole_rollouts=True)
+
+
 def _run(overrides, tmp_path):
     from tsd.train import train
 
@@ -343,6 +360,26 @@ def test_resume_restores_step_optimizer_and_problem_stream(policy_dir, tmp_path,
     # problem stream and buffer contents all came back
     c = tmp_path / "c"
     _run([*common, f"trainer.max_steps={stop_at + 2}"], c)
+    resumed, straight = load_policy(b / "policy")[0].state_dict(), load_policy(c / "policy")[0].state_dict()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+@pytest.mark.slow
+def test_tree_records_held_in_a_checkpoint_resume_bit_for_bit(policy_dir, tmp_path):
+    """The whole-tree emission with batches smaller than a rollout: the checkpoint holds records
+    with per-token advantages in its buffer snapshot; a resume trains on them and ends with the
+    very weights of an uninterrupted run (one bit of an advantage off would move them)."""
+    common = ["experiment=tree_countdown", f"model.name_or_path={policy_dir}", *SMALL,
+              "data.whole_rollouts=false", "data.batch_size=3", "data.max_lag=4",
+              "rollout.workers=2", "rollout.iterations=2"]  # fmt: skip
+    a = tmp_path / "a"
+    _run([*common, "trainer.max_steps=2"], a)
+    state = torch.load(a / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    held = [Trajectory.from_json(r) for r in state["TrajectoryDataModule"]["buffer"]]
+    assert held and all(t.token_advantages and len(t.token_advantages) == t.num_tokens for t in held)
+    b, c = tmp_path / "b", tmp_path / "c"
+    _run([*common, "trainer.max_steps=4", f"ckpt_path={a / 'checkpoints' / 'last.ckpt'}"], b)
+    _run([*common, "trainer.max_steps=4"], c)
     resumed, straight = load_policy(b / "policy")[0].state_dict(), load_policy(c / "policy")[0].state_dict()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 

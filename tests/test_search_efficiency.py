@@ -74,11 +74,17 @@ def test_measure_best_of_n_and_mcts_on_the_tiny_policy():
 
     env.method = "bon4"
     bon = measure(
-        Method("best-of-N", "bon4", ["rollout=best_of_n", "rollout.n=4"]), problems, env, make_sampler, 3
+        Method("best-of-N", "bon4", ["experiment=bon_countdown", "rollout.n=4"]),
+        problems,
+        env,
+        make_sampler,
+        3,
     )
     env.method = "default 2x2"
     mcts = measure(
-        Method("MCTS", "default 2x2", ["rollout=mcts", "rollout.workers=2", "rollout.iterations=2"]),
+        Method(
+            "MCTS", "default 2x2", ["experiment=mcts_countdown", "rollout.workers=2", "rollout.iterations=2"]
+        ),
         problems,
         env,
         make_sampler,

@@ -149,6 +149,21 @@ def test_char_tokenizer_round_trips_prompts_and_completions():
         assert tok.convert_tokens_to_ids(special) != unk or special == tok.unk_token
 
 
+def test_char_tokenizer_padded_to_a_vocabulary_encodes_alike_and_decodes_every_id():
+    """``vocab_size`` (scripts/gpu_check.py: a random model of Qwen2.5's vocabulary) adds filler
+    tokens after the base vocabulary: text keeps its ids, and every id up to the size decodes."""
+    base, tok = build_char_tokenizer(), build_char_tokenizer(vocab_size=1024)
+    assert len(base) < 1024 and len(tok) == 1024
+    text = "<step>12+3=15</step>\n<answer>(12+3)*1</answer>"
+    assert tok.encode(text, add_special_tokens=False) == base.encode(text, add_special_tokens=False)
+    assert (tok.pad_token_id, tok.eos_token_id) == (base.pad_token_id, base.eos_token_id)
+    assert tok.decode([len(base), 1023]) == f"<t{len(base)}><t1023>"
+    assert tok.unk_token_id not in tok.convert_tokens_to_ids([f"<t{i}>" for i in range(len(base), 1024)])
+    assert len(build_char_tokenizer(vocab_size=len(base))) == len(base)
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_char_tokenizer(vocab_size=len(base) - 1)
+
+
 # ---------------------------------------------------------------------------------------------- traces
 
 

@@ -60,9 +60,6 @@ BAD_COMMANDS = [
     ("train.py", ["buffer=redis", "buffer.ttl_s=0"], "buffer"),  # refused before any connection
     # one process would run identical copies of one generation on each device
     ("train.py", ["trainer.devices=2"], "trainer.devices"),
-    # the default search samples without replacement, which only the HF sampler can
-    ("train.py", ["rollout=mcts", "sampler=vllm"], "rollout.without_replacement"),
-    ("eval.py", ["search=mcts", "sampler=vllm"], "search.rollout.without_replacement"),
     ("eval.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
     ("eval.py", ["+eval.kk=4"], "eval.kk"),
     ("eval.py", ["search=mcts", "search.graded=maybe"], "search.graded"),
@@ -104,6 +101,23 @@ def test_bad_command_exits_2_with_one_line_before_the_model_loads(
     assert {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "evaluate.log"}
 
 
+@pytest.mark.slow
+def test_another_rollout_on_the_default_experiment_is_told_to_pick_its_experiment(tmp_path):
+    """The default experiment distils an MCTS tree (it pins the rollout's emission subgroup):
+    ``rollout=best_of_n`` on top of it gets one line naming the experiments, not Hydra's
+    "Could not override 'rollout/emission'"."""
+    p = subprocess.run(
+        [sys.executable, "train.py", "rollout=best_of_n", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "config error: rollout=best_of_n:" in errors[0], out[-3000:]
+    assert "experiment=bon_countdown" in errors[0] and "~experiment" in errors[0]
+    assert not (tmp_path / "run").exists()  # refused before Hydra made anything
+
+
 def _compose(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
@@ -111,6 +125,20 @@ def _compose(name: str, overrides: list[str]):
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
+
+
+def test_the_default_search_with_sampler_vllm_is_not_refused():
+    """Both samplers sample without replacement now: the laptop default search composes and
+    validates with sampler=vllm (it was refused while only HFSampler could)."""
+    from tsd.evaluate import _validate as validate_eval
+    from tsd.train import _validate as validate_train
+
+    cfg = _compose("train", ["rollout=mcts", "sampler=vllm"])
+    assert cfg.rollout.without_replacement is True
+    validate_train(cfg)
+    ev = _compose("eval", ["search=mcts", "sampler=vllm"])
+    assert ev.search.rollout.without_replacement is True
+    validate_eval(ev)
 
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))

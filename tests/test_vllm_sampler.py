@@ -7,10 +7,14 @@ Two kinds of test:
   ...), states longer than one 32-token KV-cache block: behaviour log-probs equal HF teacher forcing
   at several temperatures, top-p and stop modes, stops are right, the text is the states'
   tokenizer's, a weight reload gives the new weights' log-probs, and without the prefix-cache reset
-  it would not (so the test can fail);
+  it would not (so the test can fail); sampling without replacement on the bundled policy: the
+  conditional frequencies against the exact conditional distribution and HFSampler's (chi-square),
+  no repeats, the policy's log-probs, exhausted prefixes, preemption; the training entry point
+  runs the default search and its evaluations through vLLM;
 - against a stand-in ``vllm`` module (always run): the glue this repo owns, i.e. the arguments
-  given to ``LLM`` / ``SamplingParams``, how outputs become Continuations (finish reasons,
-  log-probs), weight packing + prefix-cache reset, and the HF value copy. The stand-in mimics
+  given to ``LLM`` / ``SamplingParams`` (the processor's per-request arguments and excluded
+  tries), how outputs become Continuations (finish reasons, log-probs, restored where excluded),
+  weight packing + prefix-cache reset, and the HF value copy. The stand-in mimics
   vLLM's public objects (``RequestOutput.outputs[i].token_ids / logprobs / finish_reason /
   stop_reason``); it cannot check vLLM itself.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,9 +40,13 @@ from conftest import make_random_policy
 from test_sampler import states_of, teacher_forced_logprobs
 
 from tsd.config import ConfigError
+from tsd.samplers.base import Continuation
+from tsd.samplers.exclusion import EXTRA_ARGS_KEY, trie_payload
 from tsd.samplers.hf import HFSampler
 from tsd.samplers.vllm import (
     BAN_BIAS,
+    LOGITS_PROCESSOR,
+    V2_RUNNER_ENV,
     VLLMSampler,
     WeightSyncWorkerExtension,
     pack_weights,
@@ -71,6 +80,7 @@ class CompletionOutput:
 @dataclass
 class RequestOutput:
     outputs: list[CompletionOutput]
+    num_cached_tokens: int | None = None  # vLLM: the prompt tokens its prefix cache served
 
 
 class SamplingParams:
@@ -89,18 +99,21 @@ class FakeLLM:
         self.rpc: list[tuple[str, tuple]] = []
         self.resets = 0
         self.script = lambda prompt, i: ([7 + i], "length", None)
+        self.cached = lambda prompt: None  # num_cached_tokens of a request
         FakeLLM.last = self
 
     def generate(self, prompts, params, use_tqdm=True):
-        self.calls.append((prompts, params))
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        assert len(per_prompt) == len(prompts)  # vLLM pairs them one by one
+        self.calls.append((prompts, per_prompt))
         out = []
-        for p in prompts:
+        for p, par in zip(prompts, per_prompt):
             conts = []
-            for i in reversed(range(params.kwargs["n"])):  # out of order: the sampler sorts by index
+            for i in reversed(range(par.kwargs["n"])):  # out of order: the sampler sorts by index
                 toks, finish, stop = self.script(p["prompt_token_ids"], i)
                 lps = [{t: Logprob(-0.1 * (k + 1))} for k, t in enumerate(toks)]
                 conts.append(CompletionOutput(i, toks, lps, finish, stop))
-            out.append(RequestOutput(conts))
+            out.append(RequestOutput(conts, self.cached(p["prompt_token_ids"])))
         return out
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
@@ -126,6 +139,9 @@ def fake_vllm(monkeypatch, request):
     vllm.on_cpu = request.param == "cpu"
     for name, mod in (("vllm", vllm), ("vllm.inputs", inputs), ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, mod)
+    # unset, as the sampler finds it in a fresh process; what it sets is undone after the test
+    monkeypatch.setenv(V2_RUNNER_ENV, "0")
+    monkeypatch.delenv(V2_RUNNER_ENV)
     return vllm
 
 
@@ -164,7 +180,14 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
     sampler = make(random_policy, tok, temperature=0.7, top_p=0.9, seed=3, llm_kwargs={"enforce_eager": True})
     llm = FakeLLM.last
     assert llm.kwargs["model"] == "/models/policy"
-    assert llm.kwargs["logprobs_mode"] == "processed_logprobs"  # temperature/top-p applied
+    # the processor's output (the policy's log-probs) is reported as it is
+    assert llm.kwargs["logprobs_mode"] == "processed_logits"
+    assert llm.kwargs["logits_processors"] == [LOGITS_PROCESSOR]
+    module, cls = LOGITS_PROCESSOR.split(":")
+    assert (Path(__file__).parents[1] / "src" / (module.replace(".", "/") + ".py")).read_text().count(
+        f"class {cls}("
+    ) == 1  # (the module imports vLLM: the real tests load it)
+    assert os.environ[V2_RUNNER_ENV] == "0"  # the runner whose processor interface it implements
     assert llm.kwargs["seed"] == 3 and llm.kwargs["enable_prefix_caching"] and llm.kwargs["enforce_eager"]
     assert llm.kwargs["dtype"] == "float32"  # the given policy's
     assert llm.kwargs["hf_overrides"] == {"head_dtype": "float32"}  # the LM head in fp32
@@ -179,14 +202,19 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
     assert getattr(importlib.import_module(module), cls) is WeightSyncWorkerExtension
 
     states = states_of(tok)
+    llm.cached = lambda prompt: 1 if len(prompt) > 2 else None  # the prefix cache served one token
     sampler.sample(states, n=3, max_new_tokens=5, stop="step")
     prompts, params = llm.calls[-1]
     assert [p["prompt_token_ids"] for p in prompts] == states
+    # the state tokens vLLM ran: each state once (its n rows share it), less what its cache served
+    assert sampler.prefill_tokens == sum(len(x) - (1 if len(x) > 2 else 0) for x in states)
     step, answer = tok.convert_tokens_to_ids("</step>"), tok.convert_tokens_to_ids("</answer>")
-    assert params.kwargs == {
+    assert len(params) == len(states)
+    assert params[0].kwargs == {
         "n": 3,
-        "temperature": 0.7,
-        "top_p": 0.9,
+        # the processor applies the policy's temperature and top-p; vLLM samples its output as it is
+        "temperature": 1.0,
+        "top_p": 1.0,
         "max_tokens": 5,
         "logprobs": 0,
         "stop": [],  # both tags are single tokens of the char tokenizer: stopped by id
@@ -194,9 +222,16 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
         "include_stop_str_in_output": True,
         "skip_special_tokens": False,
         "logit_bias": {tok.pad_token_id: BAN_BIAS, tok.bos_token_id: BAN_BIAS},
+        "extra_args": {EXTRA_ARGS_KEY: {"temperature": 0.7, "top_p": 0.9}},
     }
     sampler.sample(states, n=1, max_new_tokens=5, stop="answer")
-    assert llm.calls[-1][1].kwargs["stop_token_ids"] == [answer]  # a step end does not stop an answer
+    assert llm.calls[-1][1][0].kwargs["stop_token_ids"] == [answer]  # a step end does not stop an answer
+    sampler.temperature = 0.0  # greedy: vLLM takes the argmax of the processor's output (T = 1 inside)
+    sampler.sample(states, n=2, max_new_tokens=5)
+    kw = llm.calls[-1][1][0].kwargs
+    assert (
+        kw["n"] == 1 and kw["temperature"] == 0.0 and kw["extra_args"][EXTRA_ARGS_KEY]["temperature"] == 0.0
+    )
 
 
 def test_a_model_without_checkpoint_is_written_for_vllm(fake_vllm, random_policy, char_tokenizer):
@@ -236,10 +271,10 @@ def test_a_checkpoint_path_loads_both_copies(fake_vllm, tmp_path, char_tokenizer
 def test_multi_token_stop_strings_go_to_vllm_as_text(fake_vllm, random_policy, char_tokenizer):
     sampler = make(random_policy, char_tokenizer, stop_strings=("ab",), answer_stop_strings=("cd",))
     sampler.sample([[1, 9]], n=1, max_new_tokens=4, stop="step")
-    params = FakeLLM.last.calls[-1][1].kwargs
+    params = FakeLLM.last.calls[-1][1][0].kwargs
     assert params["stop"] == ["ab", "cd"] and params["stop_token_ids"] == []
     sampler.sample([[1, 9]], n=1, max_new_tokens=4, stop="answer")
-    assert FakeLLM.last.calls[-1][1].kwargs["stop"] == ["cd"]
+    assert FakeLLM.last.calls[-1][1][0].kwargs["stop"] == ["cd"]
 
 
 def test_outputs_become_continuations(fake_vllm, random_policy, char_tokenizer):
@@ -269,6 +304,49 @@ def test_outputs_become_continuations(fake_vllm, random_policy, char_tokenizer):
     # in "answer" mode a step token at the end is a length stop
     FakeLLM.last.script = lambda prompt, i: ([a, step], "length", None)
     assert sampler.sample([[1, 9]], n=1, max_new_tokens=2, stop="answer")[0][0].finish_reason == "length"
+
+
+def test_excluded_continuations_travel_per_state_and_log_probs_are_restored(
+    fake_vllm, random_policy, char_tokenizer
+):
+    import math
+
+    tok = char_tokenizer
+    sampler = make(random_policy, tok, temperature=0.8)
+    a, b, c = tok.encode("abc", add_special_tokens=False)
+    step = tok.convert_tokens_to_ids("</step>")
+    # state 0 excludes the step "a b </step>" (P = 0.5 * 0.2 * 0.9) and "c </step>"; state 1 nothing
+    excl = [
+        Continuation([a, b, step], [math.log(0.5), math.log(0.2), math.log(0.9)], "step"),
+        Continuation([c, step], [math.log(0.1), math.log(0.7)], "step"),
+    ]
+    FakeLLM.last.script = lambda prompt, i: ([a, c, step], "stop", step)
+    out = sampler.sample([[1, 9], [1, 8]], n=2, max_new_tokens=4, exclude=[excl, []])
+    _, params = FakeLLM.last.calls[-1]
+    ours = params[0].kwargs["extra_args"][EXTRA_ARGS_KEY]
+    assert ours == {"temperature": 0.8, "top_p": 1.0, "exclude": trie_payload(excl)}
+    assert "exclude" not in params[1].kwargs["extra_args"][EXTRA_ARGS_KEY]
+    # the stand-in reports -0.1, -0.2, -0.3: the first token, a, is on the excluded prefix (mass
+    # 0.5 * 0.2 * 0.9), so what was reported is log(p(a) - m(a)); then c leaves the trie
+    m_a = 0.5 * 0.2 * 0.9
+    want = [math.log(math.exp(-0.1) + m_a), -0.2, -0.3]
+    assert out[0][0].logprobs == pytest.approx(want, abs=1e-12) and out[0][1].logprobs == pytest.approx(want)
+    assert out[1][0].logprobs == pytest.approx([-0.1, -0.2, -0.3])  # nothing excluded: as reported
+    assert sampler.exhausted_draws == 0
+    # every token of the prefix excluded: drawn from the policy, counted, log-probs as reported
+    full = [Continuation([a], [math.log(0.6)], "length"), Continuation([b], [math.log(0.4)], "length")]
+    out = sampler.sample([[1, 9]], n=3, max_new_tokens=4, exclude=[full])
+    assert sampler.exhausted_draws == 3 and out[0][0].logprobs == pytest.approx([-0.1, -0.2, -0.3])
+    with pytest.raises(ValueError, match="exclude has 1 entries for 2 states"):
+        sampler.sample([[1, 9], [1, 8]], n=1, max_new_tokens=2, exclude=[excl])
+
+
+def test_the_v2_model_runner_is_refused_when_asked_for(fake_vllm, monkeypatch, random_policy, char_tokenizer):
+    monkeypatch.setenv(V2_RUNNER_ENV, "1")
+    with pytest.raises(ValueError, match="V2 model runner.*unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"):
+        make(random_policy, char_tokenizer)
+    monkeypatch.setenv(V2_RUNNER_ENV, "0")
+    make(random_policy, char_tokenizer)  # asked for V1: fine
 
 
 def test_load_weights_renames_syncs_and_resets_the_prefix_cache(fake_vllm, random_policy, char_tokenizer):
@@ -468,6 +546,232 @@ def test_real_vllm_weight_reload_resets_the_prefix_cache(real, monkeypatch):
     assert max_logprob_error(fresh, states, real.first, tok, 1.0) < 1e-4
 
 
+# ---------------------------------------------------------------------------- real vLLM: without replacement
+# The bundled tiny policy (trained: its steps are peaked, so excluding the likeliest ones moves a
+# lot of mass) at one Countdown state; its engine lives beside the random policies' one above.
+COUNTDOWN_STATE = "[3,5,7,2]->23\n"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    if not HAS_VLLM:
+        pytest.skip(requires_vllm.kwargs["reason"])
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from tsd import TINY_POLICY_DIR
+    from tsd.models.loading import load_policy
+
+    policy, tok = load_policy(str(TINY_POLICY_DIR))
+    sampler = VLLMSampler(
+        str(TINY_POLICY_DIR),
+        tok,
+        seed=0,
+        dtype="float32",
+        kv_cache_gib=0.0625,
+        max_model_len=256,
+        block_size=BLOCK,
+        value_device="cpu",
+        llm_kwargs={"enforce_eager": True},
+    )
+    state = [tok.bos_token_id, *tok.encode(COUNTDOWN_STATE, add_special_tokens=False)]
+    return types.SimpleNamespace(sampler=sampler, policy=policy, tok=tok, state=state)
+
+
+def policy_probs(model, tok, ids, temperature=1.0) -> torch.Tensor:
+    """p(. | ids) as the samplers draw it (pad/BOS banned, logits / T), from one transformers forward."""
+    with torch.no_grad():
+        logits, _, _ = model(torch.tensor([ids]))
+    last = logits[0, -1].double()
+    last[[tok.pad_token_id, tok.bos_token_id]] = float("-inf")
+    return torch.softmax(last / temperature, -1)
+
+
+def likeliest_steps(sampler, state, k, n=64, temperature=1.0, top_p=1.0):
+    """The ``k`` most frequent distinct steps among ``n`` plain samples (as recorded: the policy's
+    log-probs at this temperature and top-p)."""
+    from collections import Counter
+
+    with sampling(sampler, temperature, top_p):
+        (rows,) = sampler.sample([state], n=n, max_new_tokens=32, stop="step")
+    first = {}
+    for r in rows:
+        first.setdefault(tuple(r.token_ids), r)
+    counts = Counter(tuple(r.token_ids) for r in rows if r.finish_reason == "step")
+    return [first[c] for c, _ in counts.most_common(k)]
+
+
+def stop_ids(tok, stop):
+    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("</answer>")}
+    return ids | ({tok.convert_tokens_to_ids("</step>")} if stop == "step" else set())
+
+
+def prefix_class(token_ids, trie, depth, stops) -> tuple[int, ...]:
+    """A draw's class: its tokens up to where it leaves the trie (after that the policy draws
+    unconditioned), stops, or reaches ``depth``."""
+    prefix: tuple[int, ...] = ()
+    for x in token_ids[:depth]:
+        prefix = (*prefix, x)
+        if x in stops or len(prefix) == depth or prefix not in trie:
+            break
+    return prefix
+
+
+def conditional_classes(model, tok, state, excluded, depth, stops) -> dict[tuple[int, ...], float]:
+    """The exact probability of each :func:`prefix_class` under the policy conditioned on not
+    repeating ``excluded``: at a trie prefix, q(x) = (p(x) - m(x))^+ / sum (one forward per prefix)."""
+    from tsd.samplers.hf import exclusion_trie
+
+    trie = exclusion_trie(excluded)
+    out: dict[tuple[int, ...], float] = {}
+
+    def expand(prefix: tuple[int, ...], prob: float) -> None:
+        q = policy_probs(model, tok, state + list(prefix))
+        for t, m in trie[prefix].items():
+            q[t] = max(float(q[t]) - m, 0.0)
+        q /= q.sum()
+        for x in torch.nonzero(q).squeeze(-1).tolist():
+            nxt = (*prefix, x)
+            if x in stops or len(nxt) == depth or nxt not in trie:
+                out[nxt] = out.get(nxt, 0.0) + prob * float(q[x])
+            else:
+                expand(nxt, prob * float(q[x]))
+
+    expand((), 1.0)
+    return out
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.parametrize(("stop", "done"), [("step", ""), ("answer", "<step>7*2=14</step>")])
+def test_real_vllm_samples_without_replacement_from_the_conditional_distribution(bundled, stop, done):
+    from collections import Counter
+
+    from test_exclusion import chi2_critical, chi_square, chi_square_two_samples
+
+    from tsd.samplers.hf import exclusion_trie
+
+    tok, model = bundled.tok, bundled.policy
+    state = bundled.state + tok.encode(done, add_special_tokens=False)  # the root, or after one step
+    # excluded: the 3 likeliest steps (single steps in both modes: in "answer" mode a completion
+    # must not start with one of them)
+    excl = likeliest_steps(bundled.sampler, state, 3)
+    trie, stops, depth, n = exclusion_trie(excl), stop_ids(tok, stop), 4, 4000
+    expected = conditional_classes(model, tok, state, excl, depth, stops)
+    assert abs(sum(expected.values()) - 1) < 1e-9
+
+    def classes(rows):
+        return Counter(prefix_class(r.token_ids, trie, depth, stops) for r in rows)
+
+    (rows,) = bundled.sampler.sample([state], n=n, max_new_tokens=depth, stop=stop, exclude=[excl])
+    got = classes(rows)
+    hf = HFSampler(model, tok, seed=0, max_batch_size=n)
+    (hf_rows,) = hf.sample([state], n=n, max_new_tokens=depth, stop=stop, exclude=[excl])
+    hf_got = classes(hf_rows)
+    stat, df = chi_square(got, expected, n)
+    hf_stat, hf_df = chi_square(hf_got, expected, n)
+    two, two_df = chi_square_two_samples(got, hf_got)
+    (plain,) = bundled.sampler.sample([state], n=n, max_new_tokens=depth, stop=stop)
+    power, _ = chi_square(classes(plain), expected, n)
+    print(
+        f"\nwithout replacement, stop={stop} after {done or 'the prompt'!r}, n={n} per sampler, classes = "
+        f"first {depth} tokens on the trie: "
+        f"vLLM chi2 {stat:.1f} (df {df}), HF chi2 {hf_stat:.1f} (df {hf_df}), vLLM vs HF {two:.1f} "
+        f"(df {two_df}); critical (alpha 1e-3) {chi2_critical(df):.1f}; vLLM without exclusion {power:.1f}"
+    )
+    assert stat < chi2_critical(df), (stat, df)  # vLLM draws the conditional distribution
+    assert hf_stat < chi2_critical(hf_df), (hf_stat, hf_df)  # as the HF sampler does
+    assert two < chi2_critical(two_df), (two, two_df)  # and the two agree with each other
+    assert df >= 5 and power > 10 * chi2_critical(df)  # the test can fail: unconditioned draws do
+    m_root = sum(exclusion_trie(excl)[()].values())
+    assert m_root > 0.1  # the excluded steps carry real mass (else the test would say little)
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.parametrize(("temperature", "top_p", "stop"), [(1.0, 1.0, "step"), (0.7, 0.9, "answer")])
+def test_real_vllm_without_replacement_never_repeats_and_records_the_policys_log_probs(
+    bundled, temperature, top_p, stop
+):
+    tok, state, sampler = bundled.tok, bundled.state, bundled.sampler
+    excl = likeliest_steps(sampler, state, 4, temperature=temperature, top_p=top_p)
+    n, max_new = 64, 48 if stop == "answer" else 32
+    with sampling(sampler, temperature, top_p):
+        before = sampler.exhausted_draws
+        (rows,) = sampler.sample([state], n=n, max_new_tokens=max_new, stop=stop, exclude=[excl])
+        (plain,) = sampler.sample([state], n=n, max_new_tokens=max_new, stop=stop)
+    assert sampler.exhausted_draws == before  # mass was left everywhere
+
+    def repeats(rs):  # rows that are (step) or start with (answer) an excluded step
+        return sum(any(r.token_ids[: len(e.token_ids)] == e.token_ids for e in excl) for r in rs)
+
+    assert repeats(rows) == 0
+    assert repeats(plain) >= n // 8  # without the exclusion they do come back (the test can fail)
+    # the recorded log-probs are the policy's own, unconditioned ones, also on the excluded prefix
+    # (rows starting with <step>, which the excluded steps share, were restored there)
+    err = max_logprob_error([rows], [state], bundled.policy, tok, temperature, top_p)
+    assert err < 1e-4, err
+    assert sum(r.token_ids[0] == excl[0].token_ids[0] for r in rows) >= n // 2
+    assert_stops([rows], tok, stop, max_new)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_draws_from_the_policy_where_everything_is_excluded(bundled):
+    tok, state, sampler = bundled.tok, bundled.state, bundled.sampler
+    p = policy_probs(bundled.policy, tok, state)
+    # every possible first token excluded as a one-token continuation: no mass left at the root
+    everything = [
+        Continuation([t], [math.log(float(p[t]))], "length") for t in torch.nonzero(p).squeeze(-1).tolist()
+    ]
+    before = sampler.exhausted_draws
+    (rows,) = sampler.sample([state], n=32, max_new_tokens=3, stop="step", exclude=[everything])
+    assert sampler.exhausted_draws - before == 32  # each row's first token, then off the trie
+    assert max_logprob_error([rows], [state], bundled.policy, tok, 1.0) < 1e-4
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_without_replacement_survives_preemption(bundled):
+    # a KV cache of 64 blocks for 1,024 completions: vLLM preempts running requests and adds them
+    # back later with the tokens they had; the processor's state for them is rebuilt from those
+    from tsd import TINY_POLICY_DIR
+
+    tok, state = bundled.tok, bundled.state
+    small = VLLMSampler(
+        str(TINY_POLICY_DIR),
+        tok,
+        seed=1,
+        dtype="float32",
+        kv_cache_gib=0.004,
+        max_model_len=256,
+        block_size=BLOCK,
+        value_device="cpu",
+        llm_kwargs={"enforce_eager": True},
+    )
+    # count the preemptions (vLLM's in-process engine, VLLM_ENABLE_V1_MULTIPROCESSING=0: a test hook)
+    scheduler = small.llm.llm_engine.engine_core.engine_core.scheduler
+    preempt, preempted = scheduler._preempt_request, []
+    scheduler._preempt_request = lambda *a, **k: preempted.append(1) or preempt(*a, **k)
+    excl = likeliest_steps(bundled.sampler, state, 4)
+    (rows,) = small.sample([state], n=1024, max_new_tokens=64, stop="answer", exclude=[excl])
+    assert len(preempted) > 100  # it happened, many times
+    assert not any(any(r.token_ids[: len(e.token_ids)] == e.token_ids for e in excl) for r in rows)
+    assert max_logprob_error([rows[:256]], [state], bundled.policy, tok, 1.0) < 1e-4
+    del small, scheduler
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_refuses_malformed_processor_arguments(bundled):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs import TokensPrompt
+
+    bad = SamplingParams(max_tokens=2, extra_args={EXTRA_ARGS_KEY: {"temperature": 1.0, "top_p": 1.0,
+                                                                    "exclude": {"parent": [3], "token": [1], "mass": [0.5]}}})  # fmt: skip
+    with pytest.raises(VLLMValidationError, match="edge 0 has parent 3"):  # refused before it runs
+        bundled.sampler.llm.generate([TokensPrompt(prompt_token_ids=bundled.state)], bad, use_tqdm=False)
+
+
 # ---------------------------------------------------------------------------- entry points with sampler=vllm
 def run_entry(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
@@ -491,14 +795,19 @@ def test_eval_py_runs_with_sampler_vllm_on_cpu(tmp_path):
 @pytest.mark.slow
 @requires_vllm
 def test_single_process_training_with_sampler_vllm_is_on_policy(tmp_path):
-    # sync_every=1: vLLM samples with the weights just synced, so the trainer's ratio is 1
-    res = run_entry(
-        "train.py", "debug=smoke", "data.sync_every=1", "rollout.without_replacement=false", tmp_path=tmp_path
-    )
+    # the default search as it is (sampling without replacement) through vLLM; sync_every=1: vLLM
+    # samples with the weights just synced, so the trainer's ratio is 1
+    res = run_entry("train.py", "debug=smoke", "data.sync_every=1", tmp_path=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["global_step"] == 3 and out["rollout/version"] >= 2
     assert out["train/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+    cfg = (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert "without_replacement: true" in cfg and "tsd.rollouts.mcts.MCTSRollout" in cfg
+    # the evaluations (start and end) sampled through vLLM too
+    logs = res.stdout + res.stderr
+    assert "eval sampler: VLLMSampler" in logs, logs[-3000:]
+    assert [h["step"] for h in out["eval_history"]] == [0, 3]
 
 
 @pytest.mark.vllm

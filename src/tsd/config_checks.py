@@ -123,16 +123,3 @@ def check_policy_source(name_or_path: object, field: str = "model.name_or_path")
             f"{field}: {reason} (accepted: 'tiny', a directory with config.json and safetensors "
             "weights, or a hub id such as Qwen/Qwen2.5-1.5B-Instruct)"
         )
-
-
-def check_sampler_serves_rollout(sampler: Any, rollout: Any, field: str = "rollout") -> None:
-    """The rollout asks nothing of the sampler that it cannot do, refused before the engine starts:
-    sampling without replacement (``rollout.without_replacement``, the laptop MCTS default) is the
-    HF sampler's only (vLLM has no exact conditional exclusion of whole steps)."""
-    target = str(sampler.get("_target_", "")) if isinstance(sampler, Mapping) else ""  # DictConfig is one
-    wants = rollout.get("without_replacement", False) if isinstance(rollout, Mapping) else False
-    if target.endswith("VLLMSampler") and wants is True:
-        raise ConfigError(
-            f"{field}.without_replacement: true needs sampler=hf (the vLLM sampler cannot sample without "
-            f"replacement); with sampler=vllm set {field}.without_replacement=false, as the *_paper experiments do"
-        )

@@ -28,7 +28,6 @@ from tsd.config import DTYPES, ConfigError, apply_threads, build, config_dir, dt
 from tsd.config_checks import (
     check_known_keys,
     check_policy_source,
-    check_sampler_serves_rollout,
     check_target_keys,
 )
 
@@ -105,8 +104,6 @@ def _validate(cfg: DictConfig) -> None:
     )
     require(cfg.model.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", cfg.model.dtype)
     check_policy_source(cfg.model.name_or_path)
-    if cfg.get("search"):
-        check_sampler_serves_rollout(cfg.sampler, cfg.search.rollout, "search.rollout")
     check_target_keys(cfg)
 
 

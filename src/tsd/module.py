@@ -3,8 +3,9 @@
 It holds the policy with its value head, a frozen copy of the initial policy for the KL term,
 the loss (:class:`~tsd.rl.losses.RLObjective`, chosen in config) and the optimiser. It does not
 know which rollout produced a batch: a batch carries the behaviour log-probs recorded by the
-sampler, the rewards, and either a sequence-level advantage (group sampling) or NaN, meaning the
-value baseline ``A_t = r - sg(V_old(s_t))`` (best-of-N, MCTS).
+sampler, the rewards, and the rollout's advantage of every token (group sampling's sequence-level
+one repeated over the tokens, or a search tree's step-level ones) or NaN, meaning the value
+baseline ``A_t = r - sg(V_old(s_t))`` (best-of-N, one-path MCTS).
 
 One optimiser step per batch (the article's single PPO inner step), so ``V_old`` is the value of
 the current weights, detached. Steps whose loss or gradient is not finite are skipped and
@@ -136,8 +137,8 @@ class PolicyValueModule(L.LightningModule):
 
     def compute_loss(self, batch: TrajectoryBatch):
         fwd = self.forward_batch(batch)
-        adv = batch.advantages  # (B,), NaN -> value baseline
-        nan = torch.isnan(adv)
+        adv = batch.advantages  # (B, T); a row of NaN -> value baseline
+        nan = torch.isnan(adv).any(dim=-1)  # (B,)
         if bool(nan.any()) and not bool(nan.all()):
             raise ValueError("a batch mixes trajectories with and without rollout advantages")
         return self.objective(

@@ -37,7 +37,6 @@ from tsd.config import (
 from tsd.config_checks import (
     check_known_keys,
     check_policy_source,
-    check_sampler_serves_rollout,
     check_target_keys,
 )
 from tsd.resume import read_checkpoint, resolve_run_id
@@ -91,7 +90,6 @@ def _validate(cfg: DictConfig) -> None:
     check_number(cfg.sampler.get("top_p", 1.0), "sampler.top_p", low=0, high=1, low_open=True)
     check_choice(cfg.model.dtype, "model.dtype", DTYPES)
     check_policy_source(cfg.model.name_or_path)
-    check_sampler_serves_rollout(cfg.sampler, cfg.rollout)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -104,15 +102,25 @@ def train(cfg: DictConfig) -> dict:
 
     # the heavy imports only now: a bad command above fails before paying for them
     import lightning as L
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from tsd.callbacks import AckAfterStep, ExportPolicy, LogRunConfig, MeanAtKEval, WeightSync
+    from tsd.callbacks import (
+        AckAfterStep,
+        ExportPolicy,
+        LogRunConfig,
+        MeanAtKEval,
+        StepProgressBar,
+        WeightSync,
+    )
     from tsd.data.record_check import RecordCheck
+    from tsd.lightning_logs import route_lightning_logs
     from tsd.loggers.run_info import logged_config
     from tsd.models.loading import load_policy
     from tsd.rollouts.mcts import MCTSRollout
     from tsd.samplers.hf import banned_token_ids, eos_token_ids
 
+    route_lightning_logs()  # each Lightning line once, through Hydra's handlers; no advertising
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
 
@@ -134,6 +142,12 @@ def train(cfg: DictConfig) -> dict:
     # the data flow's own callbacks first (ack, then clock and weight sync), then the configured
     # ones; every logger gets the resolved config + the run's identity
     run_callbacks = [AckAfterStep(), WeightSync(), *callbacks.values()]
+    # the bar counts optimiser steps (Lightning's own read "Epoch 0/-2"), unless off or configured;
+    # first, so that it closes before the final evaluation logs
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(cb, ProgressBar) for cb in callbacks.values()
+    ):
+        run_callbacks.insert(0, StepProgressBar())
     if loggers:
         run_callbacks.append(LogRunConfig(logged_config(cfg)))
     strategy = build(cfg.strategy, "strategy")  # refuses a world it cannot run, with the trainer
@@ -172,7 +186,9 @@ def train(cfg: DictConfig) -> dict:
     )
     for cb in callbacks.values():
         if isinstance(cb, MeanAtKEval):  # an MCTS run also draws one search tree per evaluation
-            cb.setup_eval(env, tokenizer, search=rollout if isinstance(rollout, MCTSRollout) else None)
+            # it samples with the run's sampler (vLLM at paper scale)
+            search = rollout if isinstance(rollout, MCTSRollout) else None
+            cb.setup_eval(env, tokenizer, make_sampler, search=search)
         if isinstance(cb, ExportPolicy):
             cb.tokenizer = tokenizer
 
@@ -250,5 +266,38 @@ def main(cfg: DictConfig) -> float | None:
     return result.get(metric) if metric else None
 
 
-if __name__ == "__main__":
+#: what the default experiment (configs/train.yaml: tree_countdown) fixes of the rollout group
+DEFAULT_EXPERIMENT_ROLLOUT = "mcts"
+
+
+def refuse_rollout_without_experiment(argv: list[str]) -> None:
+    """``rollout=X`` (X not ``mcts``) on top of the default experiment: the default experiment sets
+    the MCTS rollout's ``emission`` subgroup, which another rollout has not, and Hydra's error
+    ("Could not override 'rollout/emission'") does not say what to do. One line that does, exit 2."""
+    if any(a.startswith(("experiment=", "~experiment", "+experiment=")) for a in argv):
+        return
+    for a in argv:
+        name, eq, value = a.partition("=")
+        if eq and name.lstrip("+") == "rollout" and value != DEFAULT_EXPERIMENT_ROLLOUT:
+            log.error(
+                "config error: rollout=%s: the default experiment (tree_countdown) searches with "
+                "rollout=mcts and distils its tree; choose a method by its experiment (accepted: "
+                "experiment=bon_countdown | cispo_countdown | mcts_countdown | ..., or ~experiment "
+                "for the groups' bare defaults, then rollout=%s)",
+                value,
+                value,
+            )
+            raise SystemExit(2)
+
+
+def cli() -> None:
+    """``python train.py``'s entry point: the argument checks Hydra cannot phrase, then :func:`main`."""
+    import sys
+
+    logging.basicConfig(format="[%(name)s][%(levelname)s] %(message)s")
+    refuse_rollout_without_experiment(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,14 +5,23 @@ The data flow's own (``train.py`` always adds them): :class:`~tsd.callbacks.ack.
 (the policy clock and the weight publication). Configured in ``configs/callbacks/``:
 :class:`~tsd.callbacks.mean_at_k.MeanAtKEval`, :class:`~tsd.callbacks.export.ExportPolicy`,
 :class:`~tsd.callbacks.log_line.LogLine`; :class:`~tsd.callbacks.run_config.LogRunConfig` when a
-logger is on.
+logger is on, :class:`~tsd.callbacks.progress.StepProgressBar` when the progress bar is.
 """
 
 from tsd.callbacks.ack import AckAfterStep
 from tsd.callbacks.export import ExportPolicy
 from tsd.callbacks.log_line import LogLine
 from tsd.callbacks.mean_at_k import MeanAtKEval
+from tsd.callbacks.progress import StepProgressBar
 from tsd.callbacks.run_config import LogRunConfig
 from tsd.callbacks.weight_sync import WeightSync
 
-__all__ = ["AckAfterStep", "ExportPolicy", "LogLine", "LogRunConfig", "MeanAtKEval", "WeightSync"]
+__all__ = [
+    "AckAfterStep",
+    "ExportPolicy",
+    "LogLine",
+    "LogRunConfig",
+    "MeanAtKEval",
+    "StepProgressBar",
+    "WeightSync",
+]

@@ -10,25 +10,38 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tsd.config import check_int
+
 log = logging.getLogger(__name__)
 
 
 class ExportPolicy(L.Callback):
-    def __init__(self, dirpath: str, tokenizer=None) -> None:
+    def __init__(self, dirpath: str, tokenizer=None, every_n_steps: int = 0) -> None:
         """Writes ``dirpath`` (transformers ``save_pretrained`` + ``value_head/`` +
-        tokenizer) at the end of training, loadable by ``eval.py model.name_or_path=DIR``."""
+        tokenizer) at the end of training, loadable by ``eval.py model.name_or_path=DIR``; with
+        ``every_n_steps`` > 0 also ``<dirpath>_step<N>`` every N optimiser steps (a curve of
+        policies to evaluate later: e.g. a baseline at the generated tokens of another run)."""
         self.dirpath = Path(dirpath)
         self.tokenizer = tokenizer
+        self.every_n_steps = check_int(every_n_steps, "callbacks.export.every_n_steps", low=0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._export(trainer, pl_module, self.dirpath.with_name(f"{self.dirpath.name}_step{step}"))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._export(trainer, pl_module, self.dirpath)
+
+    def _export(self, trainer, pl_module, dirpath: Path) -> None:
         # sharded: every trainer rank takes part in gathering; rank 0 gets the full policy
         policy = trainer.strategy.full_policy(pl_module)
         if policy is None or not trainer.is_global_zero:
             return
-        policy.save_pretrained(self.dirpath)
+        policy.save_pretrained(dirpath)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(self.dirpath)
-        (self.dirpath / "tsd_export.json").write_text(
+            self.tokenizer.save_pretrained(dirpath)
+        (dirpath / "tsd_export.json").write_text(
             json.dumps({"global_step": trainer.global_step, "torch": torch.__version__}, indent=1)
         )
-        log.info("exported policy to %s", self.dirpath)
+        log.info("exported policy to %s", dirpath)

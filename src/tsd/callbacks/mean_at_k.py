@@ -1,10 +1,19 @@
 """MeanAtKEval: eval mean@k of the current policy at step 0, every n steps and at the end; W&B
-loggers also get a table of sampled completions and (MCTS runs) a picture of a search tree."""
+loggers also get a table of sampled completions and (MCTS runs) a picture of a search tree.
+
+It samples with the run's own sampler (``configs/sampler``: the factory the generation uses), so a
+paper-scale run evaluates through vLLM. The eval sampler is made once, on the first evaluation,
+from the policy as it is then, with this callback's temperature, top-p and seed; each later
+evaluation loads the current weights into it (``Sampler.load_weights``) and, when the sampler keeps
+its own random generator (HFSampler), reseeds it, so the same weights give the same samples. vLLM
+seeds its engine once: its evaluations draw fresh samples each time (mean@k stays unbiased).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +24,7 @@ from tsd.config import check_int, check_number
 from tsd.envs.base import Env
 from tsd.eval.runner import evaluate_mean_at_k
 from tsd.rollouts.mcts import MCTSRollout
+from tsd.samplers.base import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,7 @@ class MeanAtKEval(L.Callback):
         table_rows: int = 64,
         draw_tree: bool = True,
         dirpath: str | None = None,
+        sampler_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -52,6 +63,9 @@ class MeanAtKEval(L.Callback):
                 MCTS settings and the current policy, and log the tree's picture (``eval/search_tree``
                 on W&B; PNG, SVG and JSON in ``dirpath``).
             dirpath: where the tree pictures go (``tree_step<N>.png``); None: not kept on disk.
+            sampler_kwargs: arguments of the eval sampler over the run's sampler config (which
+                also gives it temperature, top_p and seed from above), e.g. a vLLM engine beside
+                a trainer on one GPU: ``{gpu_memory_utilization: 0.2}``; None: none.
         """
         check_int(every_n_steps, "callbacks.eval.every_n_steps", low=0)
         check_int(k, "callbacks.eval.k", low=1)
@@ -67,9 +81,13 @@ class MeanAtKEval(L.Callback):
         self.temperature, self.top_p, self.seed, self.at_start = temperature, top_p, seed, at_start
         self.table_rows, self.draw_tree = table_rows, bool(draw_tree)
         self.dirpath = Path(dirpath) if dirpath else None
+        self.sampler_kwargs = dict(sampler_kwargs or {})
         self.env: Env | None = None
         self.tokenizer = None
         self.search: MCTSRollout | None = None
+        self.make_sampler: Callable[..., Sampler] | None = None
+        #: the eval sampler, made at the first evaluation and reused (vLLM: one engine per run)
+        self.sampler: Sampler | None = None
         self.history: list[dict] = []
         self._last_step = -1
         #: when this process started fitting (the eval rows' perf/elapsed_s counts from here)
@@ -78,31 +96,47 @@ class MeanAtKEval(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_t0 = time.monotonic()
 
-    def setup_eval(self, env: Env, tokenizer, search: MCTSRollout | None = None) -> None:
-        """The env and tokenizer to evaluate with; ``search``: the run's MCTS rollout, whose settings
-        draw the tree pictures (None: no tree)."""
-        self.env, self.tokenizer = env, tokenizer
+    def setup_eval(
+        self, env: Env, tokenizer, make_sampler: Callable[..., Sampler], search: MCTSRollout | None = None
+    ) -> None:
+        """The env and tokenizer to evaluate with; ``make_sampler``: the run's sampler factory
+        (``configs/sampler``, called as ``make_sampler(policy, tokenizer, device=..., seed=...,
+        temperature=..., top_p=..., **sampler_kwargs)``); ``search``: the run's MCTS rollout, whose
+        settings draw the tree pictures (None: no tree)."""
+        self.env, self.tokenizer, self.make_sampler = env, tokenizer, make_sampler
         self.search = search if self.draw_tree else None
+
+    def _sampler(self, policy, device, step: int) -> Sampler:
+        """The eval sampler holding ``policy``'s current weights, its generator reseeded."""
+        if self.make_sampler is None:
+            raise RuntimeError("MeanAtKEval: setup_eval() was not called (train.py does it)")
+        if self.sampler is None:
+            self.sampler = self.make_sampler(
+                policy,
+                self.tokenizer,
+                device=device,
+                seed=self.seed,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                **self.sampler_kwargs,
+            )
+            log.info("eval sampler: %s", type(self.sampler).__name__)
+        else:
+            self.sampler.load_weights(policy.state_dict(), version=step)
+        if self.sampler.generator is not None:
+            self.sampler.generator.manual_seed(self.seed)
+        return self.sampler
 
     def _run(self, trainer, pl_module) -> None:
         if self.env is None or trainer.global_step == self._last_step:
             return
-        from tsd.samplers.hf import HFSampler
-
         self._last_step = trainer.global_step
         # sharded (GeneratorTrainerStrategy): every trainer rank helps gather the full policy
         policy = trainer.strategy.full_policy(pl_module)
         if policy is None or not trainer.is_global_zero:
             return
         was_training = policy.training
-        sampler = HFSampler(
-            policy,
-            self.tokenizer,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            device=pl_module.device,
-            seed=self.seed,
-        )
+        sampler = self._sampler(policy, pl_module.device, trainer.global_step)
         problems = self.env.test if self.num_problems is None else self.env.test[: self.num_problems]
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         res = evaluate_mean_at_k(
@@ -118,13 +152,15 @@ class MeanAtKEval(L.Callback):
         tree = self._draw_tree(sampler, trainer.global_step) if self.search is not None else None
         media = self._wandb_media(res.pop("samples", None), tree) if wandb_loggers else {}
         policy.train(was_training)
-        gen = float(trainer.datamodule.generation.generated_tokens())
+        generation = trainer.datamodule.generation
+        gen = float(generation.generated_tokens())
         row = {
             "step": trainer.global_step,
             f"eval/mean@{self.k}": res[f"mean@{self.k}"],
             f"eval/pass@{self.k}": res[f"pass@{self.k}"],
             "eval/dense_mean": res["dense_mean"],
             "compute/generated_tokens": gen,
+            "compute/prefill_tokens": float(generation.prefill_tokens()),
             "compute/trained_tokens": float(getattr(pl_module, "trained_tokens", 0)),
             "perf/eval_seconds": res["seconds"],
             # wall seconds since this process started fitting (a resumed run counts from its resume)
@@ -132,7 +168,7 @@ class MeanAtKEval(L.Callback):
         }
         self.history.append(row)
         log.info(
-            "eval step %d: mean@%d=%.4f pass@%d=%.4f (%d problems, %.1fs)",
+            "eval step %d: mean@%d=%.4f pass@%d=%.4f (%d problems, %.1fs, %s)",
             trainer.global_step,
             self.k,
             res[f"mean@{self.k}"],
@@ -140,6 +176,7 @@ class MeanAtKEval(L.Callback):
             res[f"pass@{self.k}"],
             len(problems),
             res["seconds"],
+            type(sampler).__name__,
         )
         scalars = {k: v for k, v in row.items() if k != "step"}
         for lg in trainer.loggers:

@@ -26,7 +26,9 @@ class TrajectoryBatch:
     rewards: torch.Tensor
     #: (B,) 1.0 where the answer is exactly right
     correct: torch.Tensor
-    #: (B,) the rollout's sequence-level advantage; NaN: the trainer's value baseline
+    #: (B, T) the rollout's advantage of each completion target (a sequence-level advantage repeated
+    #: over the row's tokens, or per-token ones), 0 off the mask; a row of NaN: the trainer's value
+    #: baseline ``r - sg(V_old(s_t))``
     advantages: torch.Tensor
     #: (B,) long: the optimiser step whose weights generated each trajectory (its policy version)
     versions: torch.Tensor

@@ -37,7 +37,17 @@ def collate_trajectories(
         attention_mask[i, : p + c] = 1
         mask[i, p - 1 : p - 1 + c] = 1.0
         behaviour[i, p - 1 : p - 1 + c] = torch.tensor(t.behaviour_logprobs, dtype=torch.float32)
-    adv = [float("nan") if t.advantage is None else float(t.advantage) for t in trajs]
+    # the rollout's advantage of every target token: a sequence-level one broadcast over the
+    # completion, per-token ones in place, NaN over the whole row of one left to the value baseline
+    adv = torch.zeros((B, L - 1), dtype=torch.float32)  # (B, T)
+    for i, t in enumerate(trajs):
+        p, c = len(t.prompt_ids), len(t.completion_ids)
+        if t.token_advantages is not None:
+            adv[i, p - 1 : p - 1 + c] = torch.tensor(t.token_advantages, dtype=torch.float32)
+        elif t.advantage is not None:
+            adv[i, p - 1 : p - 1 + c] = float(t.advantage)
+        else:
+            adv[i] = float("nan")
     return TrajectoryBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -45,8 +55,7 @@ def collate_trajectories(
         behaviour_logp=behaviour,
         rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),  # (B,)
         correct=torch.tensor([t.correct for t in trajs], dtype=torch.float32),  # (B,)
-        # NaN where the rollout left the advantage to the value baseline
-        advantages=torch.tensor(adv, dtype=torch.float32),  # (B,)
+        advantages=adv,  # (B, T)
         versions=torch.tensor([t.policy_version for t in trajs], dtype=torch.long),  # (B,)
         lags=torch.tensor(list(lags) if lags is not None else [0] * B, dtype=torch.long),  # (B,)
     )

@@ -33,7 +33,7 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from tsd.buffers.base import Buffer, BufferItem
-from tsd.config import check_int, check_number
+from tsd.config import check_bool, check_int, check_number, require
 from tsd.data.batch import TrajectoryBatch
 from tsd.data.collate import collate_trajectories
 from tsd.data.policy_clock import PolicyClock
@@ -65,6 +65,9 @@ class TrajectoryStream(IterableDataset):
 
 
 class TrajectoryDataModule(L.LightningDataModule):
+    #: items read at a time when a batch takes the rest of a rollout (``whole_rollouts``)
+    WHOLE_ROLLOUT_READ = 1024
+
     def __init__(
         self,
         buffer: Buffer,
@@ -77,6 +80,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         get_timeout: float = 1.0,
         record_check: RecordCheck | None = None,
         run_id: str | None = None,
+        whole_rollouts: bool = False,
     ) -> None:
         """
         Args:
@@ -95,9 +99,21 @@ class TrajectoryDataModule(L.LightningDataModule):
             record_check: the model-dependent checks every record passes before a batch (None: the
                 schema and the clock only).
             run_id: the run's id, kept in checkpoints so that a resume reads the same Redis stream.
+            whole_rollouts: a batch also takes the rest of the rollout that filled it, so one
+                rollout's trajectories are never split over two steps (``batch_size`` is then a
+                minimum). For rollouts that emit a varying number of trajectories (the whole tree:
+                ``rollout/emission=tree``) with ``batch_size: 1``, each step trains one rollout;
+                an in-process generation only (it knows where a rollout ends).
         """
         super().__init__()
         self.batch_size = check_int(batch_size, "data.batch_size", low=1)
+        self.whole_rollouts = check_bool(whole_rollouts, "data.whole_rollouts")
+        require(
+            not (self.whole_rollouts and generation.reads_ahead),
+            "data.whole_rollouts",
+            "false with generation=remote (the generator ranks' rollouts interleave in the buffer)",
+            whole_rollouts,
+        )
         self.max_wait = check_number(max_wait, "data.max_wait", low=0, low_open=True)
         self.get_timeout = check_number(get_timeout, "data.get_timeout", low=0)
         self.buffer, self.generation = buffer, generation
@@ -190,6 +206,12 @@ class TrajectoryDataModule(L.LightningDataModule):
                     f"no trajectory arrived for {self.max_wait:.0f}s (data.max_wait): "
                     "are the generators alive?"
                 )
+        if self.whole_rollouts:  # the rest of the last rollout: everything the buffer holds now
+            while True:
+                more = self.buffer.get(self.WHOLE_ROLLOUT_READ, timeout=0)
+                if not more:
+                    return items
+                items += self._admit(more)
         items, self._held = items[: self.batch_size], items[self.batch_size :]
         return items
 
@@ -211,6 +233,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             "train/dropped_stale": float(self.clock.dropped_stale),
             "buffer/dropped_invalid": float(self.dropped_invalid),
             "compute/generated_tokens": float(self.generation.generated_tokens()),
+            "compute/prefill_tokens": float(self.generation.prefill_tokens()),
         }
 
     # ------------------------------------------------------------------ checkpointing

@@ -135,7 +135,7 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
             gather_bucket_mb: the full weights are gathered onto rank 0 in flat buckets of at most
                 this many MB, one collective each (:func:`~tsd.distributed.gather.gather_full_state`);
                 0: one collective per tensor (``get_model_state_dict``, the slower path it replaced,
-                kept to measure against: ``scripts/bench_distributed.py``).
+                kept to measure against: ``benchmarks/bench_distributed.py``).
             peer_timeout_s: under torchrun or SLURM (one launcher per node), a rank that gives no
                 sign of life for this long, or a job store that cannot be reached, stops every
                 other rank with one line naming it (:mod:`tsd.distributed.peers`); 0 turns the

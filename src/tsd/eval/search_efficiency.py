@@ -3,7 +3,8 @@
     python scripts/search_efficiency.py            # the CLI, the table and the picture
 
 A *method* is a rollout config written as Hydra overrides of ``configs/train.yaml`` (so it is
-exactly what ``python train.py <overrides>`` would search with), run on held problems with a
+exactly what ``python train.py <overrides>`` would search with; ``scripts/search_efficiency.py``
+starts every method from ``experiment=mcts_countdown``, the search emitting one path per problem), run on held problems with a
 freshly seeded sampler over one policy. For every problem it records what the trainer would be
 sent and what it cost:
 
@@ -12,6 +13,12 @@ sent and what it cost:
   the tree, the completion of the chosen path);
 - ``distinct``: distinct complete trajectories generated;
 - ``tokens``: every token the sampler generated for the problem (search, rollouts, completion).
+
+and for the method as a whole, the tokens it ran through the model to start sampling
+(``prefill_tokens``: prompts and paths, :attr:`~tsd.samplers.base.Sampler.prefill_tokens`), so
+that a search that re-reads long paths is not flattered by counting only what it generated:
+``prefill + generated`` tokens is the compute axis proportional to FLOPs (every token run through
+the model costs about the same there), and wall and CPU seconds are kept beside it.
 
 The comparison is at equal compute: each method's point is (tokens per problem, share correct),
 and two methods are compared with the paired per-problem difference on the same problems
@@ -33,6 +40,7 @@ from tsd.config import build, config_dir
 from tsd.envs.base import Env, Problem
 from tsd.eval.paired import paired_difference
 from tsd.rollouts.base import PROBLEM_STAT_KEYS
+from tsd.samplers.base import Sampler
 
 PER_PROBLEM = ("correct", "reward", "found", "distinct", "tokens")
 
@@ -71,6 +79,10 @@ class MethodResult:
     wall_s: float
     #: the rollout's own statistics, averaged over its calls (``search/*`` for MCTS)
     stats: dict[str, float] = field(default_factory=dict)
+    #: state tokens the sampler ran through the model to start sampling, all problems together
+    prefill_tokens: float = 0.0
+    #: CPU seconds of the measuring process (what a loaded machine distorts least)
+    cpu_s: float = float("nan")
 
     def mean(self, key: str) -> float:
         return statistics.fmean(self.per_problem[key])
@@ -90,7 +102,11 @@ class MethodResult:
             "reward_mean": self.mean("reward"),
             "found_share": self.mean("found"),
             "distinct_per_problem": self.mean("distinct"),
+            "prefill_tokens_per_problem": self.prefill_tokens / n,
+            # every token run through the model (prefill + generated): proportional to FLOPs
+            "processed_tokens_per_problem": self.prefill_tokens / n + self.mean("tokens"),
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
             "stats": self.stats,
         }
 
@@ -105,7 +121,7 @@ def measure(
     method: Method,
     problems: Sequence[Problem],
     env: Env,
-    make_sampler: Callable[[DictConfig], object],
+    make_sampler: Callable[[DictConfig], Sampler],
     batch: int,
     progress: Callable[[str], None] | None = None,
 ) -> MethodResult:
@@ -117,7 +133,8 @@ def measure(
     per: dict[str, list[float]] = {k: [] for k in PER_PROBLEM}
     sums: dict[str, float] = {}
     calls = 0
-    t0 = time.perf_counter()
+    prefill0 = sampler.prefill_tokens
+    t0, c0 = time.perf_counter(), time.process_time()
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
         out = rollout.run(chunk, sampler, env)
@@ -140,8 +157,10 @@ def measure(
         calls += 1
         if progress is not None:
             progress(f"{method.label}: {min(start + batch, len(problems))}/{len(problems)} problems")
-    wall = time.perf_counter() - t0
-    return MethodResult(method, per, wall, {k: v / calls for k, v in sums.items()})
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return MethodResult(
+        method, per, wall, {k: v / calls for k, v in sums.items()}, sampler.prefill_tokens - prefill0, cpu
+    )
 
 
 def nearest_in_tokens(result: MethodResult, candidates: Sequence[MethodResult]) -> MethodResult:

@@ -107,6 +107,12 @@ class Generation(ABC):
         """Every token the generators have sampled in this run (the compute axis), as far as
         this process knows."""
 
+    @abstractmethod
+    def prefill_tokens(self) -> int:
+        """Every state token (prompts, search paths) the generators have run through the model to
+        start sampling, as far as this process knows: with :meth:`generated_tokens`, the tokens
+        processed (``compute/prefill_tokens``)."""
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {}

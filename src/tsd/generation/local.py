@@ -99,11 +99,15 @@ class LocalGeneration(Generation):
         return {
             **w.last_stats,
             "compute/generated_tokens": float(w.generated_tokens),
+            "compute/prefill_tokens": float(w.prefill_tokens),
             "rollout/version": float(w.version),
         }
 
     def generated_tokens(self) -> int:
         return self.worker.generated_tokens if self.worker is not None else 0
+
+    def prefill_tokens(self) -> int:
+        return self.worker.prefill_tokens if self.worker is not None else 0
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

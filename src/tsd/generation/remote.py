@@ -16,7 +16,7 @@ article's 6 generators + 2 trainers):
   rank 0 announces the version on the control channel and broadcasts the weights on the sync group
   (:class:`~tsd.distributed.weight_sync.WeightSender`);
 - **every trainer rank**: it only reads the buffer (a batch may be read ahead), and tallies what
-  the generators report on their trajectories (``gen_id``, cumulative ``gen_tokens``, the rollout's
+  the generators report on their trajectories (``gen_id``, cumulative ``gen_tokens`` and ``gen_prefill_tokens``, the rollout's
   ``rollout/``, ``search/`` and ``perf/`` statistics), logged as the mean over each batch.
 
 A generator that dies stops the job (the launcher names the rank); the trainers also stop after
@@ -112,8 +112,10 @@ class RemoteGeneration(Generation):
         #: process started (a generator's trajectories are spread over the trainers: the max is what
         #: this rank has seen of it)
         self._seen: dict[int, float] = {}
-        #: the generated tokens a checkpoint counted (the generators restart their counts at 0)
+        self._seen_prefill: dict[int, float] = {}  # the same, of the prefill tokens
+        #: the generated (and prefill) tokens a checkpoint counted (the generators restart at 0)
         self._restored_tokens = 0
+        self._restored_prefill = 0
 
     # ------------------------------------------------------------------ before fit
     def attach(self, trainer: Any) -> None:
@@ -209,12 +211,17 @@ class RemoteGeneration(Generation):
 
     def observe(self, trajectory: Trajectory) -> None:
         st = trajectory.stats
+        gid = int(st.get("gen_id", 0))
         if "gen_tokens" in st:
-            gid = int(st.get("gen_id", 0))
             self._seen[gid] = max(self._seen.get(gid, 0.0), float(st["gen_tokens"]))
+        if "gen_prefill_tokens" in st:
+            self._seen_prefill[gid] = max(self._seen_prefill.get(gid, 0.0), float(st["gen_prefill_tokens"]))
 
     def generated_tokens(self) -> int:
         return int(self._restored_tokens + sum(self._seen.values()))
+
+    def prefill_tokens(self) -> int:
+        return int(self._restored_prefill + sum(self._seen_prefill.values()))
 
     def batch_stats(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
         """The mean over the batch of what the generators attached to its trajectories."""
@@ -228,13 +235,15 @@ class RemoteGeneration(Generation):
         return {
             **{k: sums[k] / counts[k] for k in sums},
             "compute/generated_tokens": float(self.generated_tokens()),
+            "compute/prefill_tokens": float(self.prefill_tokens()),
         }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"generated_tokens": self.generated_tokens()}
+        return {"generated_tokens": self.generated_tokens(), "prefill_tokens": self.prefill_tokens()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # a resumed run's generators count from 0 again: their counts add to the checkpoint's
         self._restored_tokens = int(state.get("generated_tokens", 0))
-        self._seen = {}
+        self._restored_prefill = int(state.get("prefill_tokens", 0))
+        self._seen, self._seen_prefill = {}, {}

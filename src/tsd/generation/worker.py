@@ -54,6 +54,8 @@ class RolloutWorker:
         self.epoch, self.cursor = 0, 0
         self._order = self._shuffled(0)
         self.generated_tokens = 0
+        #: state tokens the sampler ran to start sampling (prompts and paths; compute/prefill_tokens)
+        self.prefill_tokens = 0
         self.trajectories = 0
         self.rollouts = 0
         self.last_stats: dict[str, float] = {}
@@ -76,10 +78,13 @@ class RolloutWorker:
     def produce(self) -> int:
         """One rollout on the next problems; returns how many trajectories went to the buffer."""
         problems = self.next_problems()
+        self.sampler.drop_cache()  # a rollout reuses only what its own calls ran (exact resumes)
+        prefill0 = self.sampler.prefill_tokens
         t0 = time.perf_counter()
         out = self.rollout.run(problems, self.sampler, self.env)
         dt = time.perf_counter() - t0
         self.generated_tokens += out.generated_tokens
+        self.prefill_tokens += self.sampler.prefill_tokens - prefill0
         self.last_stats = {
             **out.stats,
             "perf/rollout_seconds": dt,
@@ -90,6 +95,7 @@ class RolloutWorker:
             # statistics (a trajectory's own value of a key, e.g. its tree's size, is kept)
             t.stats["gen_id"] = float(self.worker_id)
             t.stats["gen_tokens"] = float(self.generated_tokens)
+            t.stats["gen_prefill_tokens"] = float(self.prefill_tokens)
             for k, v in self.last_stats.items():
                 t.stats.setdefault(k, float(v))
         if out.trajectories:
@@ -117,6 +123,7 @@ class RolloutWorker:
             "epoch": self.epoch,
             "cursor": self.cursor,
             "generated_tokens": self.generated_tokens,
+            "prefill_tokens": self.prefill_tokens,
             "trajectories": self.trajectories,
             "rollouts": self.rollouts,
         }
@@ -125,6 +132,7 @@ class RolloutWorker:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._shuffled(self.epoch)
         self.generated_tokens = int(state["generated_tokens"])
+        self.prefill_tokens = int(state.get("prefill_tokens", 0))  # (checkpoints before it was counted)
         self.trajectories = int(state["trajectories"])
         self.rollouts = int(state["rollouts"])
         gen = self.sampler.generator

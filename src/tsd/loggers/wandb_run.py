@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import WandbLogger
 from tsd.loggers.run_info import hydra_job
 
 #: the compute axes, cumulative over the run (DESIGN.md: compare methods at equal compute)
-COMPUTE_AXES = ("compute/generated_tokens", "compute/trained_tokens")
+COMPUTE_AXES = ("compute/generated_tokens", "compute/prefill_tokens", "compute/trained_tokens")
 
 
 class WandbRunLogger(WandbLogger):

@@ -23,10 +23,18 @@ CHAR_TOKENIZER_MARKER = "tsd_char_tokenizer"
 ALPHABET = "0123456789+-*/()=,[]:<> \n" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.?!'"
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
+def build_char_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """The special tokens, then one token per character of :data:`ALPHABET`. ``vocab_size`` pads
+    the vocabulary with ``<t{i}>`` filler tokens up to that size, so that every id a model of that
+    vocabulary samples decodes (a random model of a real LM's shape: ``scripts/gpu_check.py``);
+    text encodes to the same ids either way."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in ALPHABET:
         vocab.setdefault(ch, len(vocab))
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size: {vocab_size} < the {len(vocab)} tokens of the char tokenizer")
+        vocab.update({f"<t{i}>": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # every character is its own pre-token ([\s\S] so that "\n" is one too); tags are added tokens
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")

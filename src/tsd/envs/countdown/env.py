@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from tsd.envs.base import Env, Score
 from tsd.envs.countdown import prompts
 from tsd.envs.countdown.parser import score
 from tsd.envs.countdown.problem import Problem
-from tsd.envs.countdown.splits import cached_splits, check_generation_args, hold_out, read_jsonl, write_jsonl
+from tsd.envs.countdown.splits import cached_splits, check_generation_args, read_jsonl, write_jsonl
 
 
 class CountdownEnv(Env[Problem]):
@@ -33,8 +34,10 @@ class CountdownEnv(Env[Problem]):
     Splits are built lazily on first access of :attr:`train` / :attr:`val` / :attr:`test`: read
     from ``data_dir/{train,test}.jsonl`` when both exist (then the generation arguments are not
     used), else generated from the arguments, cached in memory for the process, and written to
-    ``data_dir`` when one is given. The last ``n_val`` problems of the training split are held out
-    as :attr:`val` and are not in :attr:`train`.
+    ``data_dir`` when one is given. :attr:`val` holds ``n_val`` problems drawn *after* the
+    training split from the same generator: disjoint from train and test, and never seen by a policy
+    trained on the training split (the bundled tiny policy saw all of it), so a choice made on
+    :attr:`val` is not made on problems the policy learnt.
     """
 
     TEMPLATES = ("plain", "chat")
@@ -59,7 +62,7 @@ class CountdownEnv(Env[Problem]):
         Args:
             data_dir: folder with ``train.jsonl`` / ``test.jsonl`` to read (or to write once generated).
             seed: seed of the generated splits.
-            n_train: number of generated training problems (>= 0), ``n_val`` of them held out.
+            n_train: number of generated training problems (>= 0).
             n_test: number of test problems (>= 0), disjoint from train.
             count: integers per problem, in [1, 6].
             low: smallest input integer, in [1, 1000].
@@ -70,9 +73,9 @@ class CountdownEnv(Env[Problem]):
             use_all_numbers: the answer must use every input exactly once (default: at most once).
             integer_steps: every intermediate result must be a positive integer.
             system_prompt: the chat system message (default: :func:`~tsd.envs.countdown.prompts.default_system_prompt`).
-            n_val: the last ``n_val`` problems of the training split are the validation split
-                (:attr:`val`), which :attr:`train` then excludes; >= 0 and fewer than the training
-                problems (0: no validation split).
+            n_val: size of the validation split (:attr:`val`, >= 0; 0: none): the problems the
+                generator draws after the ``n_train`` training ones (train itself is unchanged),
+                or the first ``n_val`` of ``data_dir/val.jsonl``.
         """
         require(
             data_dir is None or isinstance(data_dir, str | os.PathLike),
@@ -84,12 +87,6 @@ class CountdownEnv(Env[Problem]):
             seed=seed, n_train=n_train, n_test=n_test, count=count, low=low, high=high, max_target=max_target
         )
         check_int(n_val, "n_val", low=0)
-        require(
-            data_dir is not None or n_val == 0 or n_val < n_train,
-            "n_val",
-            f"an integer < n_train ({n_train})",
-            n_val,
-        )
         check_choice(template, "template", self.TEMPLATES)
         check_bool(use_all_numbers, "use_all_numbers")
         check_bool(integer_steps, "integer_steps")
@@ -122,6 +119,7 @@ class CountdownEnv(Env[Problem]):
         files = (self.data_dir / "train.jsonl", self.data_dir / "test.jsonl") if self.data_dir else None
         if files and all(f.exists() for f in files):
             train, test = read_jsonl(files[0]), read_jsonl(files[1])
+            val = self._read_val() if self.n_val else []
             overlap = {p.key for p in train} & {p.key for p in test}
             if overlap:
                 warnings.warn(
@@ -131,16 +129,31 @@ class CountdownEnv(Env[Problem]):
         else:
             if files and any(f.exists() for f in files):
                 raise ValueError(f"data_dir {self.data_dir} has only one of train.jsonl / test.jsonl")
-            train_t, test_t = cached_splits(**self.gen_kwargs)
-            train, test = list(train_t), list(test_t)
+            # the training split is a prefix of a longer draw: val continues it, train is unchanged
+            n_train = self.gen_kwargs["n_train"]
+            train_t, test_t = cached_splits(**{**self.gen_kwargs, "n_train": n_train + self.n_val})
+            train, test = list(train_t[:n_train]), list(test_t)
+            val = [replace(p, id=i) for i, p in enumerate(train_t[n_train:])]
             if files:
-                try:  # the whole training split: the held-out part is carved again on reading
+                try:
                     write_jsonl(files[0], train)
                     write_jsonl(files[1], test)
+                    if val:
+                        write_jsonl(self.data_dir / "val.jsonl", val)  # type: ignore[operator]
                 except OSError as e:
                     warnings.warn(f"could not write the splits to {self.data_dir}: {e}", stacklevel=3)
-        self._train, self._val = hold_out(train, self.n_val)
-        self._test = test
+        self._train, self._val, self._test = train, val, test
+
+    def _read_val(self) -> list[Problem]:
+        """The first ``n_val`` problems of ``data_dir/val.jsonl``; a missing or short file is refused
+        naming ``n_val`` (a validation split cannot be drawn after a training split read from a file)."""
+        path = self.data_dir / "val.jsonl"  # type: ignore[operator]
+        val = read_jsonl(path) if path.exists() else []
+        if len(val) < self.n_val:
+            raise ValueError(
+                f"n_val: {self.n_val} is out of range (accepted: at most the {len(val)} problems of {path})"
+            )
+        return val[: self.n_val]
 
     @property
     def train(self) -> list[Problem]:

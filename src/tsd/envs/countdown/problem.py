@@ -12,8 +12,8 @@ Step = tuple[Number, str, Number, Number]
 
 @dataclass(frozen=True)
 class Problem:
-    """One Countdown problem. ``id`` is its index in the split it was generated in (``-1`` when
-    unknown); held-out validation problems keep their index in the generated training split."""
+    """One Countdown problem. ``id`` is its index in its split (train, val or test; ``-1`` when
+    unknown)."""
 
     numbers: tuple[int, ...]
     target: int

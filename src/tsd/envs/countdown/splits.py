@@ -1,5 +1,6 @@
 """Countdown's splits: generated deterministically from a seed (test first, train disjoint from it
-by ``(sorted numbers, target)``), the held-out validation part of train, and JSONL files.
+by ``(sorted numbers, target)``; a validation split is what the same generator draws after
+train: :class:`~tsd.envs.countdown.env.CountdownEnv`), and JSONL files.
 
     python -m tsd.envs.countdown generate --out data/countdown --seed 0
 """
@@ -151,17 +152,3 @@ def cached_splits(**kwargs: int) -> tuple[tuple[Problem, ...], tuple[Problem, ..
         train, test = generate_splits(**kwargs)
         _CACHE[key] = (tuple(train), tuple(test))
     return _CACHE[key]
-
-
-def hold_out(train: list[Problem], n_val: int) -> tuple[list[Problem], list[Problem]]:
-    """``(train without its last n_val problems, those n_val problems)``: the validation split is
-    the end of the generated (or read) training split, so it is deterministic from the seed,
-    disjoint from test (as train is) and from what trains. Raises ``ValueError`` when ``n_val``
-    would leave no training problem."""
-    if n_val == 0:
-        return train, []
-    if n_val >= len(train):
-        raise ValueError(
-            f"n_val: {n_val} is out of range (accepted: fewer than the {len(train)} training problems)"
-        )
-    return train[: len(train) - n_val], train[len(train) - n_val :]

@@ -1,7 +1,7 @@
 """The trainer-vs-vLLM importance ratio left at bf16, with vLLM's LM head in fp32 or in bf16.
 
-    .venv-vllm/bin/python scripts/logprob_gap.py                 # the bundled tiny policy in bf16, CPU
-    .venv-vllm/bin/python scripts/logprob_gap.py --policy DIR --prompts 32
+    .venv-vllm/bin/python benchmarks/logprob_gap.py                 # the bundled tiny policy in bf16, CPU
+    .venv-vllm/bin/python benchmarks/logprob_gap.py --policy DIR --prompts 32
 
 CISPO's ratio is ``rho_t = pi_theta(a_t|s_t) / pi_behaviour(a_t|s_t)``: at unchanged weights it
 should be 1, and whatever it is not is numerics. The article computes logits "in float32 as per
@@ -15,8 +15,9 @@ three ways, and ``|rho - 1|`` against vLLM's recorded one is reported:
   path; its head in bf16, cast to fp32 afterwards, until the fp32-head change lands);
 - ``fp32 head``: the same bf16 trunk, the head's matmul in fp32 (what that change does);
 - ``fp32 all``: the same weights upcast to fp32, every op in fp32.
-Rerun it after the trainer's head moves to fp32: the ``trainer`` rows should then match the
-``fp32 head`` rows.
+The last column is each row's mean ``|rho - 1|`` over the simplest setup's (vLLM's default bf16
+head, log-probs recomputed as the trainer does). Rerun it after the trainer's head moves to fp32:
+the ``trainer`` rows should then match the ``fp32 head`` rows.
 """
 
 from __future__ import annotations
@@ -68,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"policy {args.policy} in bf16, {len(states)} prompts x n={args.n}, T={args.temperature}", flush=True
     )
-    print(
-        "\n| vLLM LM head | recomputed by | tokens | mean \\|rho - 1\\| | max \\|rho - 1\\| | mean \\|dlogp\\| (nats) |"
-    )
-    print("|---|---|---|---|---|---|")
+    rows = []  # (vLLM head, recomputed by, tokens, mean |rho - 1|, max |rho - 1|, mean |dlogp|)
     for head in ("float32", "model"):
         sampler = VLLMSampler(
             model, tok, temperature=args.temperature, seed=args.seed, dtype="bfloat16", head_dtype=head,
@@ -91,13 +89,20 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                     diffs.append(lp - torch.tensor(c.logprobs))  # (C,) log rho
             d = torch.cat(diffs)  # (tokens,)
-            rho = d.exp() - 1
-            print(
-                f"| {'fp32' if head == 'float32' else 'bf16 (vLLM default)'} | {mode} | {d.numel()} | "
-                f"{rho.abs().mean():.2e} | {rho.abs().max():.2e} | {d.abs().mean():.2e} |",
-                flush=True,
-            )
+            rho = (d.exp() - 1).abs()
+            label = "fp32" if head == "float32" else "bf16 (vLLM default)"
+            rows.append((label, mode, d.numel(), float(rho.mean()), float(rho.max()), float(d.abs().mean())))
+            print(f"  {label} head, {mode}: {d.numel()} tokens", flush=True)
         del sampler
+    # the simplest setup: vLLM's default head, log-probs recomputed as the trainer does
+    base = next(r[3] for r in rows if r[0].startswith("bf16") and r[1] == "trainer")
+    print(
+        "\n| vLLM LM head | recomputed by | tokens | mean \\|rho - 1\\| | max \\|rho - 1\\| "
+        "| mean \\|dlogp\\| (nats) | mean \\|rho - 1\\| vs bf16/trainer |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label, mode, n, mean, mx, dmean in rows:
+        print(f"| {label} | {mode} | {n} | {mean:.2e} | {mx:.2e} | {dmean:.2e} | {mean / base:.2f}x |")
     return 0
 
 

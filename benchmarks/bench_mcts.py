@@ -1,8 +1,8 @@
 """MCTS throughput: simulations/s for N = 1, 4, 16 workers at equal simulations per tree, and the
 search's sampler token throughput against the plain sampler.
 
-    python scripts/bench_mcts.py                       # 4 test problems, 64 simulations per tree
-    python scripts/bench_mcts.py --problems 8 --sims 128 --workers 1 4 16 32
+    python benchmarks/bench_mcts.py                       # 4 test problems, 64 simulations per tree
+    python benchmarks/bench_mcts.py --problems 8 --sims 128 --workers 1 4 16 32
 
 Every configuration searches the same problems with a freshly seeded HF sampler over the same
 policy (the bundled tiny one if it has been built, else a random tiny-sized one: the header says
@@ -37,7 +37,7 @@ from tsd.rollouts.mcts import MCTSRollout, SearchCounters
 from tsd.samplers.base import Sampler
 from tsd.samplers.hf import HFSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from draw_tree import load_policy_or_random  # noqa: E402
 
 

