@@ -84,3 +84,22 @@ def test_the_figure_is_named_by_what_the_search_read(name, setup):
         assert set(seen) <= {0.0, -1.0} and not any(t.correct for _, t in rollout.emitted)
         assert 0.0 in seen  # some reached answer was well-formed: graded, it would be worth more or less
     assert res["search/generated_tokens"] > 0
+
+
+def test_a_search_that_emits_several_paths_per_problem_is_refused_by_name(setup):
+    from tsd.config import ConfigError
+
+    env, make_sampler, _ = setup
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                "search=mcts",
+                "rollout/emission@search.rollout.emission=tree",
+                "search.rollout.workers=2",
+                "search.rollout.iterations=2",
+            ],
+        )
+    rollout = build(cfg.search.rollout, "search.rollout")
+    with pytest.raises(ConfigError, match=r"^search.rollout: \d+ trajectories for 2 problems.*emission=null"):
+        evaluate_search(rollout, make_sampler(), env, env.test[:2], progress=False)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tsd.config import ConfigError
 from tsd.envs.base import Env, Problem, Score
 from tsd.rollouts.base import Rollout, grade
 
@@ -121,6 +122,12 @@ def evaluate_search(
     ):
         batch = problems[i : i + problems_per_batch]
         out = rollout.run(batch, sampler, search_env)
+        if len(out.trajectories) != len(batch):  # e.g. rollout/emission=tree: every answer's path
+            raise ConfigError(
+                f"search.rollout: {len(out.trajectories)} trajectories for {len(batch)} problems; the "
+                "harness grades the one answer a search emits per problem (accepted: "
+                "search.rollout.emission=null, one path per problem)"
+            )
         for p, t in zip(batch, out.trajectories, strict=True):
             s = grade(env, p, tok, t.completion_ids)  # the real grade, after the search chose
             correct += s.correct
