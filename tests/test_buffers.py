@@ -345,7 +345,7 @@ def test_redis_malformed_entries_are_dropped_and_counted(make_redis, redis_url, 
         items = buf.get(10, timeout=1.0)
     assert [(it.id, it.trajectory.problem_id) for it in items] == [(good_id, 42)]
     assert buf.stats["dropped_invalid"] == len(bad)
-    assert sum("dropping invalid entry" in r.getMessage() for r in caplog.records) == len(bad)
+    assert sum("dropping invalid record" in r.getMessage() for r in caplog.records) == len(bad)
     assert buf.pending() == 1 and len(buf) == 0  # the bad ones are acked and deleted
     buf.ack([good_id])
     assert buf.get(10) == [] and buf.pending() == 0
@@ -419,3 +419,187 @@ def test_redis_password_url_works_and_wrong_password_is_clear(redis_password_url
     with pytest.raises(BufferConnectionError, match="authentication"):
         RedisBuffer(redis_password_url.replace(":s3cret-pw@", ""), stream=stream)
     assert not any("s3cret-pw" in r.getMessage() or "not-it" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------- rejected records: counted, rate-limited
+def _drop_lines(records) -> tuple[int, int]:
+    """(lines about dropped records, records those lines account for): a one-by-one line counts 1,
+    a summary line its "N more"."""
+    lines = counted = 0
+    for r in records:
+        msg = r.getMessage()
+        if "dropping invalid record" in msg:
+            lines, counted = lines + 1, counted + 1
+        elif "more invalid records dropped" in msg:
+            lines += 1
+            counted += int(msg.split(": ", 1)[1].split(" more")[0])
+    return lines, counted
+
+
+def test_drop_warnings_write_a_line_per_interval_and_count_every_drop(caplog):
+    from tsd.buffers.base import DropWarnings
+
+    now = [0.0]
+    log = logging.getLogger("tsd.test.drops")
+    warn = DropWarnings(log, "Buf", burst=3, interval_s=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="tsd.test.drops"):
+        for i in range(1000):  # one drop every 0.5 s for 500 s
+            now[0] = 0.5 * i
+            warn(str(i), "dead", f"reason {i}")
+        warn.flush()
+    lines, counted = _drop_lines(caplog.records)
+    assert counted == 1000 == warn.total
+    # 3 one by one, the note that the limit starts, then one line per 60 s of drops (500 s), the flush
+    assert lines == 3 + 9 and len(caplog.records) == lines + 1, [r.getMessage() for r in caplog.records]
+    assert "(1000 in all); the newest: 999 (kept in dead): reason 999" in caplog.records[-1].getMessage()
+
+
+def test_rejected_records_are_rate_limited_in_the_log_and_counted_exactly(make_buffer, caplog):
+    """A generator writing garbage: 600 rejected records give a dozen lines, and the counter, the
+    dead letters and the lines all say 600."""
+    buf = make_buffer()
+    buf.put([traj(i) for i in range(600)])
+    with caplog.at_level(logging.WARNING, logger="tsd.buffers"):
+        got = 0
+        while got < 600:
+            items = buf.get(100, timeout=1.0)
+            buf.reject(items, [f"bad record {it.trajectory.problem_id}" for it in items])
+            got += len(items)
+        buf.close()  # writes the line for what was not logged yet
+    lines, counted = _drop_lines(caplog.records)
+    assert buf.stats["dropped_invalid"] == 600 == counted
+    assert lines <= 12, [r.getMessage() for r in caplog.records]
+    assert "bad record 599" in caplog.records[-1].getMessage()
+    if isinstance(buf, RedisBuffer):
+        import redis
+
+        client = redis.Redis.from_url(buf.url)
+        assert client.xlen(buf.dead_stream) == 600
+        client.delete(buf.dead_stream)
+        client.close()
+    else:
+        assert len(buf.dead_letters(1000)) == 600
+
+
+# ---------------------------------------------------------------------------- nothing stays on the server for good
+@pytest.mark.redis
+def test_redis_every_key_of_a_run_expires_and_finish_deletes_the_stream(make_redis, redis_url, stream):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    buf = make_redis(ttl_s=30, dead_ttl_s=600)
+    assert 0 < client.pttl(stream) <= 30_000  # made by the group's creation: it expires already
+    client.pexpire(stream, 5_000)
+    buf.put([traj(i) for i in range(5)])
+    assert 25_000 < client.pttl(stream) <= 30_000  # pushed back by the put
+    items = buf.get(5)
+    client.pexpire(stream, 5_000)
+    buf.ack([items[0].id])
+    assert 25_000 < client.pttl(stream) <= 30_000  # and by an ack
+    buf.reject(items[1:2], ["bad"])
+    assert 590_000 < client.pttl(buf.dead_stream) <= 600_000
+    client.pexpire(stream, 5_000)
+    assert buf.clear() == 3 and 25_000 < client.pttl(stream) <= 30_000  # and by the run's (re)start
+    buf.put([traj(i) for i in range(4)])
+    assert buf.finish() == {"buffer/produced": 4, "buffer/left": 4, "buffer/dead_letters": 1}
+    assert not client.exists(stream)
+    assert client.xlen(buf.dead_stream) == 1 and 590_000 < client.pttl(buf.dead_stream) <= 600_000
+    client.delete(buf.dead_stream)
+    client.close()
+
+
+@pytest.mark.redis
+def test_redis_keys_of_a_killed_run_expire(redis_url, stream):
+    """A real process puts, reads and rejects, then is SIGKILLed (no finish, no close): its stream
+    and its dead letters are on the server, and gone once their expiry has passed."""
+    import redis
+
+    cfg = {"url": redis_url, "stream": stream, "ttl_s": 1.0, "dead_ttl_s": 1.5}
+    child_code = (
+        "import json, os, signal, sys\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from test_buffers import traj\n"
+        "from tsd.buffers.redis import RedisBuffer\n"
+        "buf = RedisBuffer(**json.loads(sys.argv[1]))\n"
+        "buf.put([traj(i) for i in range(6)])\n"
+        "items = buf.get(2, timeout=5)\n"
+        "buf.reject(items[:1], ['bad'])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    child = subprocess.run([sys.executable, "-c", child_code, json.dumps(cfg), tests_dir], timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.xlen(stream) == 5 and client.xlen(f"{stream}:dead") == 1
+        deadline = time.monotonic() + 10
+        while client.exists(stream, f"{stream}:dead") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not client.exists(stream, f"{stream}:dead")
+    finally:
+        client.delete(stream, f"{stream}:dead")
+        client.close()
+
+
+@pytest.mark.parametrize("field,value", [("ttl_s", 0), ("dead_ttl_s", -1), ("ttl_s", None)])
+def test_redis_expiries_are_checked(field, value):
+    from tsd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"RedisBuffer.{field}"):
+        RedisBuffer(f"redis://127.0.0.1:{free_port()}/0", **{field: value})
+
+
+@pytest.mark.redis
+def test_admin_command_lists_the_runs_on_a_server_and_cleans_them(redis_url, stream):
+    """``python -m tsd.buffers.admin`` as a user runs it: a live run (a stream with entries), a run
+    with dead letters, and a key an old version left without expiry, written long ago."""
+    import redis
+
+    def admin(*args: str) -> str:
+        p = subprocess.run(
+            [sys.executable, "-m", "tsd.buffers.admin", "--url", redis_url, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    live = RedisBuffer(redis_url, stream=stream, run_id="live")
+    live.put([traj(i) for i in range(3)])
+    live.get(1)
+    rejected = RedisBuffer(redis_url, stream=stream, run_id="rejected")
+    rejected.put([traj(0), traj(1)])
+    rejected.reject(rejected.get(2), ["bad", "worse"])
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(f"{stream}:old", {"t": "{}"}, id="1000-0")  # 1970: idle for decades, no expiry
+    client.set(f"{stream}:not-a-stream", "x")  # not a run's: never listed, never deleted
+    try:
+        out = admin("list", "--stream", stream)
+        assert "3 runs under" in out
+        lines = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+        assert set(lines) == {"live", "rejected", "old"}
+        assert lines["live"][1:4] == ["3", "1", "0"]  # entries, pending, dead letters
+        assert lines["rejected"][1:4] == ["0", "0", "2"]
+        assert "never" in out and f"{stream}:old" in out  # the key without expiry is named
+
+        out = admin("clean", "--stream", stream, "--idle", "86400")
+        assert "deleted 1 keys of 1 runs" in out and not client.exists(f"{stream}:old")
+        out = admin("clean", "--stream", stream, "rejected", "nope", "--dry-run")
+        assert "would delete 2 keys of 1 runs" in out and "nope: no keys" in out
+        assert client.exists(f"{stream}:rejected", f"{stream}:rejected:dead") == 2
+        out = admin("clean", "--stream", stream, "--all")
+        assert "deleted 3 keys of 2 runs" in out
+        assert [k.decode() for k in client.scan_iter(f"{stream}:*")] == [f"{stream}:not-a-stream"]
+        bad = subprocess.run(
+            [sys.executable, "-m", "tsd.buffers.admin", "--url", redis_url, "clean", "--idle", "0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 2 and "--idle: 0.0 is out of range" in bad.stderr
+    finally:
+        live.close()
+        rejected.close()
+        client.delete(*client.keys(f"{stream}:*") or ["-"])
+        client.close()

@@ -375,10 +375,30 @@ def expression_trees(draw, depth=0):
     return f"{lt}{ws}{op}{ws}{rt}", PREC[op], value, ll + rl
 
 
+def sympy_value(text: str) -> Fraction | None:
+    """``text`` evaluated by sympy (exact rationals; ``None`` when it divides by zero anywhere), the
+    independent oracle of the hand-written parser. sympy's parser runs ``eval`` on its input, so it
+    only ever sees the expressions these tests generate, never model output (which tsd never hands
+    to sympy or ``eval``)."""
+    pytest.importorskip("sympy")
+    from sympy import preorder_traversal
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations
+
+    # in parentheses: the generated whitespace includes newlines, which Python reads inside brackets;
+    # unevaluated, so that a division by zero is seen where it is (sympy's 0/(1/0) is 0: 0/zoo)
+    tree = parse_expr(f"({text})", transformations=standard_transformations, evaluate=False)
+    if any(s.is_Pow and s.exp == -1 and s.base.doit() == 0 for s in preorder_traversal(tree)):
+        return None
+    v = tree.doit()
+    assert v.is_Rational, (text, v)
+    return Fraction(int(v.p), int(v.q))
+
+
 @given(expression_trees(), st.integers(1, 100))
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_parser_agrees_with_tree_arithmetic(tree, target):
+def test_parser_agrees_with_tree_arithmetic_and_with_sympy(tree, target):
     text, _, value, literals = tree
+    assert sympy_value(text) == value  # the generator's own arithmetic, checked by sympy
     s = score(ans(text), literals, target, use_all_numbers=True)
     if len(text) > 200:
         assert not s.valid
@@ -386,7 +406,38 @@ def test_parser_agrees_with_tree_arithmetic(tree, target):
         assert s.reason == "division by zero"
     else:
         assert s.valid and s.value == value
+        assert isinstance(s.value, Fraction) and s.correct == (s.value == target)
     check_score_invariants(s, target)
+
+
+@given(st.text(alphabet="0123456789+-*/() ", min_size=1, max_size=40), st.integers(1, 100))
+@settings(max_examples=400, deadline=None)
+def test_every_expression_the_parser_accepts_has_sympys_exact_value(text, target):
+    """Random strings over the grammar's own characters: most are malformed, and whatever the parser
+    accepts must mean to sympy exactly what it means to the parser (same rational, and a division by
+    zero exactly where sympy finds no finite value)."""
+    literals = [int(x) for x in re.findall(r"[0-9]+", text)]
+    s = score(ans(text), literals, target)
+    check_score_invariants(s, target)
+    if s.valid or s.reason == "division by zero":
+        assert sympy_value(text) == s.value, (text, s)
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1/3+1/6", Fraction(1, 2)),
+        ("2*(3-7)/6", Fraction(-4, 3)),
+        ("12/3/2", 2),
+        ("10-3-2", 5),
+        ("1/(1-1)", None),
+    ],
+)
+def test_sympy_oracle_by_hand(text, value):
+    """The oracle itself, on values worked out by hand (so a broken oracle cannot pass the above)."""
+    assert sympy_value(text) == value
+    s = score(ans(text), [int(x) for x in re.findall(r"[0-9]+", text)], 1)
+    assert s.value == value and (s.reason == "division by zero") == (value is None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -771,3 +822,21 @@ def test_solutions_round_trip_through_the_env(small):
 def test_module_does_not_import_torch():
     code = "import sys, tsd.envs.countdown; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@given(
+    st.one_of(st.text(alphabet=EXPR_CHARS, max_size=120), expression_trees().map(lambda t: t[0])),
+    st.lists(st.integers(0, 13), min_size=1, max_size=6),
+    st.integers(1, 100),
+    st.integers(1, 100),
+    st.booleans(),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_validity_never_reads_the_target(text, numbers, t1, t2, use_all, int_steps):
+    """Whether an answer is well-formed (grammar, numbers, bounds, integer steps) is the same for any
+    target: the search harness that must not know the answers (``search.graded: false``,
+    :class:`tsd.eval.search_harness.TargetBlindEnv`) values reached answers by validity alone."""
+    kw = {"use_all_numbers": use_all, "integer_steps": int_steps}
+    a, b = score(ans(text), numbers, t1, **kw), score(ans(text), numbers, t2, **kw)
+    assert (a.valid, a.reason, a.value) == (b.valid, b.reason, b.value)

@@ -207,18 +207,11 @@ def _base(policy_dir: str, redis_url: str, stream: str, rec: Path) -> list[str]:
     ]
 
 
-def _stream_counts(redis_url: str, stream: str) -> tuple[int, int]:
-    """(trajectories ever added, trajectories still in the stream: undelivered or pending)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        info = client.xinfo_stream(_key(stream))
-        return int(info["entries-added"]), int(client.xlen(_key(stream)))
-    finally:
-        client.close()
-
-
-def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int, policy_dir: str) -> list[dict]:
-    """The properties every run must have; returns both ranks' accounts."""
+def _check_run(
+    rec: Path, run: Path, redis_url: str, stream: str, max_lag: int, policy_dir: str
+) -> list[dict]:
+    """The properties every run (finished, in directory ``run``) must have; returns both ranks'
+    accounts."""
     accts = [json.loads((rec / f"acct_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(a["world_size"] == 2 for a in accts)  # Lightning sees the trainers only
 
@@ -247,9 +240,13 @@ def _check_run(rec: Path, redis_url: str, stream: str, max_lag: int, policy_dir:
     last = torch.load(rec / f"trainer_v{synced[-1]}.pt")
     assert any(not torch.equal(last[k], initial[k]) for k in last if k.startswith("lm."))
 
-    # every trajectory produced is trained, dropped as stale, or still in the stream (pending);
-    # none of this run's own is invalid
-    produced, remaining = _stream_counts(redis_url, stream)
+    # every trajectory produced is trained, dropped as stale, or was still in the stream (pending)
+    # when the run finished and deleted it; none of this run's own is invalid
+    res = json.loads((run / "results.json").read_text())
+    produced, remaining = res["buffer/produced"], res["buffer/left"]
+    client = redis.Redis.from_url(redis_url)
+    assert not client.exists(_key(stream)), "a finished run deletes its stream"
+    client.close()
     dropped = sum(a["dropped_stale"] for a in accts)
     assert all(a["dropped_invalid"] == 0 for a in accts)
     assert produced == len(trained) + dropped + remaining, (produced, len(trained), dropped, remaining)
@@ -304,7 +301,7 @@ def test_group_sampling_two_fsdp_trainers_one_generator(policy_dir, redis_url, s
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=1, policy_dir=policy_dir)
+    accts = _check_run(rec, tmp_path / "run", redis_url, stream, max_lag=1, policy_dir=policy_dir)
 
     _check_ratios(accts, rec, policy_dir)
 
@@ -343,13 +340,13 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
         tmp_path,
     )
     assert code == 0, out[-6000:]
-    accts = _check_run(rec, redis_url, stream, max_lag=3, policy_dir=policy_dir)
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
+    accts = _check_run(rec, jobs[0], redis_url, stream, max_lag=3, policy_dir=policy_dir)
     _check_ratios(accts, rec, policy_dir, require_stale=False)
     assert all(
         v % 2 == 0 for a in accts for s in a["steps"] for v in s["versions"]
     )  # published every 2 steps
-    jobs = [p for p in sweep.iterdir() if p.is_dir()]
-    assert len(jobs) == 1, f"extra run directories: {sorted(p.name for p in sweep.iterdir())}"
     res = json.loads((jobs[0] / "results.json").read_text())
     assert res["global_step"] == 4
     # the search ran on the generator rank; its statistics reach the trainers' logs with the batches
@@ -756,3 +753,84 @@ def test_bucketed_gather_of_fsdp2_shards_equals_the_per_tensor_gather(tmp_path):
     # once hung for the whole 600 s timeout; a spawned rank starts from a clean interpreter
     mp.start_processes(_gather_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="spawn")
     assert json.loads(out.read_text())["tensors"] > 20
+
+
+# ---------------------------------------------------------------------------- multi-node liveness, in process
+def _watches(port: int, world: int, fails: list[str], timeout_s: float = 1.0):
+    from tsd.distributed.peers import PeerWatch
+
+    return [
+        PeerWatch(
+            "127.0.0.1", port, r, world, lambda i: f"rank {i}", timeout_s, interval_s=0.05, fail=fails.append
+        )
+        for r in range(world)
+    ]
+
+
+def test_peer_watch_names_a_rank_that_falls_silent_but_not_one_that_finished():
+    """Three ranks beat on a real TCPStore: rank 1 finishes (says so, then stops), rank 2 stops
+    beating without a word (its node died); rank 0 names rank 2, and only rank 2."""
+    master = torch.distributed.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    fails: list[str] = []
+    w0, w1, w2 = (w.start() for w in _watches(master.port, 3, fails))
+    try:
+        w1.stop()  # finished: marks itself done
+        w2._stop.set()  # silent: as if its node were gone
+        t0 = time.monotonic()
+        while not fails and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert fails == [
+            "rank 0: rank 2 gave no sign of life for 1 s (strategy.peer_timeout_s): its node is gone or hung; stopping"
+        ]
+        assert 0.9 < time.monotonic() - t0 < 5
+    finally:
+        w0.stop()
+
+
+def test_peer_watch_says_when_the_jobs_store_is_gone():
+    """The store's host (node 0 of a cluster) dies: the watch says so within a few beats."""
+    port = free_port()
+    code = (
+        "import sys, time, torch.distributed as d\n"
+        f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)\n"
+        "print('up', flush=True); time.sleep(60)\n"
+    )
+    host = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "up"
+        fails: list[str] = []
+        (w,) = _watches(port, 1, fails, timeout_s=5.0)
+        w.start()
+        host.kill()
+        host.wait(timeout=10)
+        t0 = time.monotonic()
+        while not fails and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert len(fails) == 1 and f"the job's store at 127.0.0.1:{port} cannot be reached" in fails[0], fails
+        assert time.monotonic() - t0 < 5
+        w.stop()
+    finally:
+        host.kill()
+        host.stdout.close()
+
+
+def test_a_rank_with_another_run_id_is_refused_by_name():
+    """A node started in another directory derives another run id, so another stream: refused at
+    the rendezvous with one line naming run_id, instead of a trainer waiting data.max_wait."""
+    from tsd.config import ConfigError
+    from tsd.distributed.strategy import GeneratorTrainerStrategy
+
+    class Rank1(GeneratorTrainerStrategy):
+        global_rank = 1  # type: ignore[assignment]
+        num_trainers = 1  # type: ignore[assignment]
+
+    store = torch.distributed.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    store.set("tsd/identity", json.dumps({"buffer": "tsd:trajectories:aaaa"}))
+    s = Rank1()
+    s._store, s.job_identity = store, {"buffer": "tsd:trajectories:bbbb"}
+    with pytest.raises(
+        ConfigError, match=r"^run_id: rank 1 \(generator 0 of 1\) on .* has .*bbbb.*, rank 0 has .*aaaa"
+    ):
+        s._agree_on_identity()
+    s.job_identity = {"buffer": "tsd:trajectories:aaaa"}
+    s._agree_on_identity()  # the same: accepted

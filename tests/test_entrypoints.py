@@ -85,13 +85,48 @@ def test_train_smoke_then_eval_the_export_with_and_without_search(policy_dir, tm
         ]
     )
     r = json.loads((ev / "results.json").read_text())
-    assert r["num_problems"] == 3 and 0.0 <= r["mean@2"] <= 1.0 and 0.0 <= r["search@1"] <= 1.0
-    assert "mean@2" in p.stdout and "search@1" in p.stdout  # the printed table
+    assert r["num_problems"] == 3 and 0.0 <= r["mean@2"] <= 1.0 and 0.0 <= r["search_oracle@1"] <= 1.0
+    # the training search read graded rewards: its figure is named an oracle's, and says how it chose
+    assert "search@1" not in r and "search_value@1" not in r
+    assert r["search/selection"] == "best_terminal" and r["search/graded"] is True
+    assert r["search/leaf_values"] == "rollout to an answer, valued by the graded reward"
+    table = p.stdout
+    assert "mean@2" in table and "search_oracle@1" in table  # the printed table
+    assert re.search(r"^search/selection +best_terminal$", table, re.M) and "search/leaf_values" in table
     assert "loading policy" in p.stdout + p.stderr
     per = r["per_problem_correct"]  # what scripts/compare_evals.py pairs on
     assert len(per) == 3 and all(0 <= c <= 2 for c in per.values())
     assert r["mean@2"] == pytest.approx(sum(per.values()) / (3 * 2))
     assert "per_problem_correct" not in p.stdout
+
+    # the harness that reads no grade, under its own name
+    ev2 = tmp_path / "eval_value"
+    p = run(
+        [
+            "eval.py",
+            f"model.name_or_path={out / 'policy'}",
+            *(
+                "eval.num_problems=3",
+                "eval.k=2",
+                "eval.max_new_tokens=48",
+                "env.n_train=200",
+                "env.n_test=20",
+            ),
+            "search=mcts_value",
+            "search.rollout.workers=2",
+            "search.rollout.iterations=2",
+            f"hydra.run.dir={ev2}",
+        ]
+    )
+    r = json.loads((ev2 / "results.json").read_text())
+    assert 0.0 <= r["search_value@1"] <= 1.0 and "search_oracle@1" not in r
+    assert (r["search/selection"], r["search/leaf_values"], r["search/graded"]) == (
+        "max_visit",
+        "value head",
+        False,
+    )
+    assert r["search/terminal_values"].startswith("a target-blind format check")
+    assert "search_value@1" in p.stdout and "max_visit" in p.stdout
 
 
 @pytest.mark.slow

@@ -400,7 +400,9 @@ def test_exclude_never_repeats_and_samples_the_conditional_distribution(random_p
     # the log-probs stay the policy's own, unconditioned
     for r in rows[:50]:
         assert r.logprobs[0] == pytest.approx(math.log(float(p[r.token_ids[0]])), abs=1e-5)
-    assert one  # the plain call above ran
+    # the plain call (no exclusion) drew one one-token step, with the policy's log-prob of it
+    assert len(one) == 1 and len(one[0].token_ids) == 1
+    assert one[0].logprobs[0] == pytest.approx(math.log(float(p[one[0].token_ids[0]])), abs=1e-5)
 
 
 def test_exclude_a_multi_token_continuation_keeps_its_prefix_possible(char_tokenizer):

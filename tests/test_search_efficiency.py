@@ -45,18 +45,34 @@ def test_compare_is_paired_and_says_no_difference_inside_the_noise():
     assert nearest_in_tokens(better, [base, _result("bon2", [0] * 8, 140.0)]).method.label == "bon2"
 
 
+class GradeLog(CountdownEnv):
+    """The Countdown env, writing down every grade it gives: ``log[method][problem id]`` is the list
+    of ``correct`` of each completion graded for that problem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.method = ""
+        self.log: dict[str, dict[int, list[bool]]] = {}
+
+    def score(self, completion, problem):
+        s = super().score(completion, problem)
+        self.log.setdefault(self.method, {}).setdefault(problem.id, []).append(s.correct)
+        return s
+
+
 @pytest.mark.slow
 def test_measure_best_of_n_and_mcts_on_the_tiny_policy():
     from tsd.config import build
     from tsd.models.loading import load_policy
 
     policy, tok = load_policy("tiny")
-    env = CountdownEnv()
+    env = GradeLog()
     problems = env.train[-6:]
 
     def make_sampler(cfg):
         return build(cfg.sampler, "sampler", seed=0)(policy, tok)
 
+    env.method = "bon4"
     bon = measure(
         Method("best-of-N", "bon4", ["experiment=bon_countdown", "rollout.n=4"]),
         problems,
@@ -64,6 +80,7 @@ def test_measure_best_of_n_and_mcts_on_the_tiny_policy():
         make_sampler,
         3,
     )
+    env.method = "default 2x2"
     mcts = measure(
         Method(
             "MCTS", "default 2x2", ["experiment=mcts_countdown", "rollout.workers=2", "rollout.iterations=2"]
@@ -73,11 +90,16 @@ def test_measure_best_of_n_and_mcts_on_the_tiny_policy():
         make_sampler,
         3,
     )
-    for r in (bon, mcts):
+    for r, graded in ((bon, env.log["bon4"]), (mcts, env.log["default 2x2"])):
         assert all(len(v) == 6 for v in r.per_problem.values())
         assert all(t > 0 for t in r.per_problem["tokens"])
-        # the emitted trajectory is one of the generated ones: correct implies found
+        # "found" is what the env said, not what the rollout says of itself: a correct answer was
+        # graded for the problem (any sample, any terminal of the tree, the completed path)
+        assert r.per_problem["found"] == [float(any(graded[p.id])) for p in problems]
+        # the emitted trajectory was graded too, so correct implies found
         assert all(f >= c for c, f in zip(r.per_problem["correct"], r.per_problem["found"]))
+    # best-of-4 grades exactly its 4 samples per problem
+    assert all(len(env.log["bon4"][p.id]) == 4 for p in problems)
     # best-of-4 draws 4 samples per problem: at most 4 distinct completions
     assert all(1 <= d <= 4 for d in bon.per_problem["distinct"])
     assert "search/root_branch_fraction" in mcts.stats and "search/root_branch_fraction" not in bon.stats

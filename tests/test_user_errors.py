@@ -11,6 +11,7 @@ command must fail before that line.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -56,10 +57,12 @@ BAD_COMMANDS = [
     ("train.py", ["+data.batchsize=4"], "data.batchsize"),  # a typo of data.batch_size
     ("train.py", ["+sampler.topp=0.9"], "sampler.topp"),  # a typo of a _target_'s argument
     ("train.py", ["run_id=has/slash"], "run_id"),
+    ("train.py", ["buffer=redis", "buffer.ttl_s=0"], "buffer"),  # refused before any connection
     # one process would run identical copies of one generation on each device
     ("train.py", ["trainer.devices=2"], "trainer.devices"),
     ("eval.py", ["model.name_or_path={d}/no_such_model"], "model.name_or_path"),
     ("eval.py", ["+eval.kk=4"], "eval.kk"),
+    ("eval.py", ["search=mcts", "search.graded=maybe"], "search.graded"),
 ]
 
 
@@ -152,7 +155,37 @@ def test_every_experiment_passes_the_unknown_key_checks(overrides):
     cfg = _compose("train", overrides)
     check_known_keys(cfg, KNOWN_KEYS, containers=("callbacks", "logger"))
     check_target_keys(cfg)
-    for search in ([], ["search=mcts"]):
+    for search in ([], ["search=mcts"], ["search=mcts_value"]):
         ev = _compose("eval", search)
         check_known_keys(ev, EVAL_KEYS)
         check_target_keys(ev)
+
+
+@pytest.mark.parametrize(
+    "name", ["{cwd}/no_such_policy", "{cwd}/empty_model", "outputs/no_such_policy", "./nope"]
+)
+def test_load_policy_from_python_refuses_a_missing_path_without_asking_the_hub(name, tmp_path, monkeypatch):
+    """``load_policy`` called from Python checks the path as the entry points do: a local path that
+    does not exist is refused with the entry points' message, at once, and no socket is opened
+    (before, ``load_policy("outputs/no_such_policy")`` asked huggingface.co, with five retries)."""
+    from tsd.config import ConfigError
+    from tsd.models.loading import load_policy
+
+    (tmp_path / "outputs").mkdir()  # so that outputs/no_such_policy reads as a local path
+    (tmp_path / "empty_model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    opened: list[object] = []
+
+    def no_network(*args, **kwargs):
+        opened.append(args)
+        raise OSError("the test forbids network access")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    path = name.format(cwd=tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^model\.name_or_path: .*(does not exist|holds no model)"):
+        load_policy(path)
+    assert time.monotonic() - t0 < 5 and opened == []

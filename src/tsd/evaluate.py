@@ -1,16 +1,24 @@
 """Evaluate a policy: mean@k (sparse reward) on the Countdown test split, with a progress bar, a
-printed table and ``results.json``; optionally also *with* the MCTS harness.
+printed table and ``results.json``; optionally also *with* an MCTS harness.
 
     python eval.py                                       # the bundled tiny policy, all 820 test problems
     python eval.py model.name_or_path=outputs/.../policy eval.num_problems=100
-    python eval.py search=mcts eval.num_problems=50      # + accuracy of the max-visit MCTS trajectory
+    python eval.py search=mcts eval.num_problems=50      # + search_oracle@1: the training search, an oracle
+    python eval.py search=mcts_value eval.num_problems=50   # + search_value@1: a search that reads no grade
+
+``search=mcts`` is the training search (best graded answer, rollout leaves valued by their graded
+reward): it reads the grader, which knows the target, so its accuracy is an oracle's, like pass@k,
+and is named ``search_oracle@1``. ``search=mcts_value`` searches with the grader withheld
+(``search.graded: false``: reached answers are worth 0 if well-formed, -1 if not), value-head
+leaves and the max-visit path, then grades the answer it chose: ``search_value@1``, the policy's own
+accuracy with a search harness. Both record the selection rule and how leaves and answers were
+valued (``search/*`` in ``results.json`` and the table; :mod:`tsd.eval.search_harness`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import hydra
@@ -30,30 +38,25 @@ KNOWN_KEYS = {
     "": {"model", "env", "sampler", "paths", "search", "eval", "task_name", "seed", "threads"},
     "model": {"name_or_path", "dtype"},
     "eval": {"k", "num_problems", "max_new_tokens", "problems_per_batch", "save_samples"},
-    "search": {"rollout", "problems_per_batch"},
+    "search": {"rollout", "problems_per_batch", "graded"},
     "paths": {"root_dir", "output_dir"},
 }
 
 
 def evaluate_with_search(cfg: DictConfig, sampler, env, problems) -> dict:
-    """Run the configured search rollout on each problem; score its chosen trajectory (sparse)."""
-    from tqdm.auto import tqdm
+    """Run the configured search on each problem and grade the answer it emits (sparse), named by
+    what the search read (:func:`tsd.eval.search_harness.evaluate_search`)."""
+    from tsd.eval.search_harness import evaluate_search
 
     rollout = build(cfg.search.rollout, "search.rollout")
-    ppb = cfg.search.get("problems_per_batch", 8)
-    t0, correct, dense, tokens = time.perf_counter(), 0, 0.0, 0
-    for i in tqdm(range(0, len(problems), ppb), desc="search", leave=False):
-        out = rollout.run(problems[i : i + ppb], sampler, env)
-        correct += sum(t.correct for t in out.trajectories)
-        dense += sum(t.reward for t in out.trajectories)
-        tokens += out.generated_tokens
-    n = len(problems)
-    return {
-        "search@1": correct / n,
-        "search_dense_mean": dense / n,
-        "search_generated_tokens": tokens,
-        "search_seconds": time.perf_counter() - t0,
-    }
+    return evaluate_search(
+        rollout,
+        sampler,
+        env,
+        problems,
+        problems_per_batch=cfg.search.get("problems_per_batch", 8),
+        graded=cfg.search.get("graded", True),
+    )
 
 
 def _integer(x: object) -> bool:
@@ -82,6 +85,9 @@ def _validate(cfg: DictConfig) -> None:
         (("search.problems_per_batch", cfg.search.get("problems_per_batch", 8)),) if cfg.get("search") else ()
     ):
         require(_integer(v) and v >= 1, field, "an integer >= 1", v)
+    if cfg.get("search"):
+        graded = cfg.search.get("graded", True)
+        require(isinstance(graded, bool), "search.graded", "true or false", graded)
     t = cfg.sampler.get("temperature", 1.0)
     require(
         isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0,

@@ -157,6 +157,7 @@ class PolicyValueModule(L.LightningModule):
         self.skipped_steps += 1
         log.warning("skipping optimiser step %d: %s", self.global_step, why)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=1)
+        self.log("step", float(self.global_step), on_step=True, batch_size=1)  # no step was taken
         if self.bad_steps_in_row >= self.max_bad_steps:
             raise NonFiniteLossError(
                 f"{self.bad_steps_in_row} optimiser steps in a row had a non-finite loss or gradient "
@@ -205,6 +206,9 @@ class PolicyValueModule(L.LightningModule):
             "compute/trained_tokens": float(self.trained_tokens),
         }
         metrics.update({k: float(v) for k, v in batch.stats.items()})
+        # the row's step is the optimiser step just taken, as the evaluation rows' (the weights after
+        # step s); Lightning's own would be the batch count before it, one less
+        metrics["step"] = float(self.global_step)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=B)
         self.log("reward", batch.rewards.mean(), prog_bar=True, logger=False, batch_size=B)
 

@@ -6,16 +6,20 @@ directory started its log at the checkpoint. With :class:`ResumeLog` the resumed
 ``csv/metrics.csv`` holds the rows the checkpointed run logged *before its checkpoint*, then its
 own, in both cases:
 
+- every row's step is the optimiser step whose weights it describes: the train row of step ``s``
+  (:class:`~tsd.module.PolicyValueModule` logs it with ``step = s``, Lightning's own count would
+  be ``s - 1``) and the evaluation after step ``s``;
 - at a checkpoint (step ``s``), the callback flushes the CSV loggers and records, in the
-  checkpoint, where the file is and how many of its rows were logged at step ``s`` so far (the
+  checkpoint, where the file is and how many evaluation rows were logged at step ``s`` so far (the
   evaluation at ``s`` runs before the checkpoint; the final evaluation of a run that ends at ``s``
   runs after it and does not belong to a run that goes on);
 - on resume it reads that file when it is built (``train.py`` builds it before ``trainer.fit``;
   Lightning's CSV writer deletes a ``metrics.csv`` it finds in its directory when fit starts,
-  which is this very file on a same-directory resume) and keeps the rows with a step below ``s``
-  (train rows are logged at the step count *before* their optimiser step, so the last of them,
-  logged just after the checkpoint was written, is kept too) plus those first rows at ``s``; once
-  training starts they are put ahead of the run's own rows.
+  which is this very file on a same-directory resume) and keeps the rows with a step below ``s``,
+  the train row of step ``s`` (the checkpoint holds that step; the row is written just after the
+  checkpoint) and those first evaluation rows at ``s``; once training starts they are put ahead
+  of the run's own rows. A checkpoint written before rows had this step (its bookkeeping says
+  ``rows_at_step``) is read by the old rule, and its train rows are moved up one step.
 
 :class:`~tsd.callbacks.MeanAtKEval` does its part: a resumed run does not evaluate again at the
 step it resumes from. A missing old file (the checkpoint moved to another machine) is logged as
@@ -49,6 +53,10 @@ def _step(row: dict[str, str]) -> int:
         return -1
 
 
+def _is_eval(row: dict[str, str]) -> bool:
+    return any(k.startswith("eval/") and v not in ("", None) for k, v in row.items())
+
+
 def _read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -80,7 +88,8 @@ class ResumeLog(L.Callback):
             lg.save()  # flush: the file then holds every row logged so far
             path = Path(lg.log_dir) / METRICS_FILE
             rows = _read_rows(path) if path.is_file() else []
-            files.append({"path": str(path.resolve()), "rows_at_step": sum(_step(r) == step for r in rows)})
+            evals = sum(_step(r) == step and _is_eval(r) for r in rows)
+            files.append({"path": str(path.resolve()), "evals_at_step": evals})
         return {"step": step, "files": files}
 
     def _rows_before(self, ckpt_path: str) -> list[list[dict[str, str]]] | None:
@@ -99,13 +108,23 @@ class ResumeLog(L.Callback):
                 log.warning("resume: %s is gone; the CSV log of this run starts at step %d", path, step)
                 carry.append([])
                 continue
-            at_step = int(entry["rows_at_step"])
             kept = []
-            for row in _read_rows(path):
-                s = _step(row)
-                if s < step or (s == step and at_step > 0):
-                    kept.append(row)
-                    at_step -= s == step
+            if "evals_at_step" in entry:
+                evals = int(entry["evals_at_step"])
+                for row in _read_rows(path):
+                    s = _step(row)
+                    if s < step or (s == step and not _is_eval(row)) or (s == step and evals > 0):
+                        kept.append(row)
+                        evals -= s == step and _is_eval(row)
+            else:  # written when a train row's step was the one before its optimiser step
+                at_step = int(entry["rows_at_step"])
+                for row in _read_rows(path):
+                    s = _step(row)
+                    if s < step or (s == step and at_step > 0):
+                        at_step -= s == step
+                        if not _is_eval(row):
+                            row = {**row, "step": str(s + 1)}
+                        kept.append(row)
             log.info(
                 "resume: the log keeps %d rows of %s (before the checkpoint at step %d)",
                 len(kept),

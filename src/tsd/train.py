@@ -213,7 +213,21 @@ def train(cfg: DictConfig) -> dict:
         "run_id": cfg.run_id,
         "wall_seconds": time.monotonic() - fit_t0,  # this process's fit (evaluations and export included)
     }
-    result.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    if trainer.is_global_zero:
+        # the run finished: what it kept on a shared server goes (Redis: its stream; the dead letters
+        # expire later). A run that fails or is killed never gets here: its keys expire by themselves.
+        left = buffer.finish()
+        if left:
+            log.info(
+                "buffer: run %s finished; its stream is deleted (%s)",
+                cfg.run_id,
+                ", ".join(f"{k.split('/')[-1]} {v}" for k, v in left.items()),
+            )
+        result.update(left)
+    # ("step" is the CSV rows' step, logged with the metrics; global_step says it already)
+    result.update(
+        {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"}
+    )
     ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
     if ev is not None and ev.history:
         result["eval_history"] = ev.history

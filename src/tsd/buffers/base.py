@@ -31,8 +31,10 @@ Typical consumer loop::
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,77 @@ STAT_KEYS = ("put", "delivered", "acked", "dropped_invalid", "reclaimed")
 #: most dead letters kept (the oldest go first), and the most bytes of a record kept in one
 DEAD_LETTER_CAP = 10_000
 DEAD_LETTER_RECORD_BYTES = 1 << 16
+
+
+class DropWarnings:
+    """Warnings about dropped (dead-lettered) records, rate-limited: the first ``burst`` one line
+    each, then at most one line every ``interval_s`` seconds that counts the records dropped since
+    the last line and quotes the newest. The counts are exact: every drop is in a line, and
+    :meth:`flush` (at ``close``) writes what is still uncounted. A run fed garbage by a broken
+    generator writes a few lines a minute, not one per record.
+
+    Args:
+        logger: where the lines go (at WARNING).
+        owner: how the lines name the buffer (``RedisBuffer``).
+        burst: drops logged one by one before the rate limit starts.
+        interval_s: seconds between two summary lines.
+        clock: the time source (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        owner: str,
+        burst: int = 10,
+        interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log, self.owner, self.burst, self.interval_s, self.clock = (
+            logger,
+            owner,
+            burst,
+            interval_s,
+            clock,
+        )
+        self.total = 0  # every drop this handle has seen
+        self._unlogged = 0  # drops not yet in any line
+        self._newest = ""
+        self._next_line = 0.0
+
+    def __call__(self, record_id: str, where: str, reason: str) -> None:
+        """One dropped record: its id, where it was kept (the dead-letter list) and why."""
+        self.total += 1
+        if self.total <= self.burst:
+            self.log.warning(
+                "%s: dropping invalid record %s (kept in %s): %.200s", self.owner, record_id, where, reason
+            )
+            if self.total == self.burst:
+                self._next_line = self.clock() + self.interval_s
+                self.log.warning(
+                    "%s: %d invalid records dropped; further ones are counted in one line every %.0fs "
+                    "(buffer/dropped_invalid counts each)",
+                    self.owner,
+                    self.burst,
+                    self.interval_s,
+                )
+            return
+        self._unlogged += 1
+        self._newest = f"{record_id} (kept in {where}): {reason[:200]}"
+        if self.clock() >= self._next_line:
+            self.flush()
+
+    def flush(self) -> None:
+        """The line for the drops not yet in any line (nothing if there are none)."""
+        if self._unlogged:
+            self.log.warning(
+                "%s: %d more invalid records dropped (%d in all); the newest: %s",
+                self.owner,
+                self._unlogged,
+                self.total,
+                self._newest,
+            )
+            self._unlogged = 0
+        self._next_line = self.clock() + self.interval_s
 
 
 class BufferClosedError(RuntimeError):
@@ -82,6 +155,12 @@ class Buffer(ABC):
 
     def __init__(self) -> None:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    @property
+    def location(self) -> str:
+        """Where the records live, as every process that shares this buffer names it (Redis: the
+        stream's key, which names the run); an in-process buffer has no name outside it."""
+        return f"{type(self).__name__} in process {id(self):x}"
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -133,6 +212,13 @@ class Buffer(ABC):
         """Drop every item, undelivered and pending, and return how many: a run (or its resume)
         starts from an empty buffer, so what an earlier, interrupted incarnation left behind
         (made by weights the checkpoint may not have) is never trained. Dead letters are kept."""
+
+    def finish(self) -> dict[str, int]:
+        """The run is over and finished well: remove what it keeps outside this process, so that
+        finished runs do not pile up on a shared server (Redis: the run's stream is deleted, its dead
+        letters kept until their expiry). Returns what was there, for the run's results (nothing
+        for an in-process buffer, which goes with the process)."""
+        return {}
 
     @abstractmethod
     def pending(self) -> int:

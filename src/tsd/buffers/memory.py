@@ -26,6 +26,7 @@ from tsd.buffers.base import (
     BufferClosedError,
     BufferFullError,
     BufferItem,
+    DropWarnings,
 )
 from tsd.config import check_int, check_number
 from tsd.rl.trajectory import Trajectory
@@ -53,6 +54,7 @@ class MemoryBuffer(Buffer):
         self._ids = itertools.count()
         self._closed = False
         self._dead: deque[dict[str, str]] = deque(maxlen=DEAD_LETTER_CAP)
+        self._drops = DropWarnings(log, "MemoryBuffer")
 
     def config(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "put_timeout": self.put_timeout}
@@ -119,7 +121,7 @@ class MemoryBuffer(Buffer):
                 record = item.trajectory.to_json()[:DEAD_LETTER_RECORD_BYTES]
                 self._dead.append({"id": item.id, "reason": why, "record": record})
                 self.stats["dropped_invalid"] += 1
-                log.warning("MemoryBuffer: dropping invalid record %s: %.200s", item.id, why)
+                self._drops(item.id, "its dead letters", why)
             self._cond.notify_all()  # room for producers
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
@@ -174,6 +176,7 @@ class MemoryBuffer(Buffer):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self._drops.flush()
 
     def __repr__(self) -> str:
         return f"MemoryBuffer(capacity={self.capacity}, len={len(self)}, pending={self.pending()})"

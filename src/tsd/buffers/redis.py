@@ -10,6 +10,15 @@ when it starts or resumes (:meth:`RedisBuffer.clear`), so it reads only what its
 write from then on. Records that must not be trained go to ``<stream>:<run_id>:dead`` with their
 reason (:meth:`RedisBuffer.reject`).
 
+Nothing stays on the server for good (a shared server sees a run a day for weeks):
+
+- a run that finishes deletes its stream (:meth:`RedisBuffer.finish`, called by ``train.py``);
+- every key of a run expires: the stream ``ttl_s`` after the last put, ack or start (a killed run
+  stops refreshing it), the dead letters ``dead_ttl_s`` after the last one was written or the run
+  finished;
+- ``python -m tsd.buffers.admin list`` shows the runs that hold keys on a server, ``clean`` removes
+  them (:mod:`tsd.buffers.admin`).
+
 Delivery semantics: **at-least-once**, the same as :mod:`tsd.buffers.base`:
 
 - ``get`` = ``XAUTOCLAIM`` (entries of *other* consumers idle for more than ``claim_idle_ms``,
@@ -41,6 +50,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -56,6 +66,7 @@ from tsd.buffers.base import (
     BufferConnectionError,
     BufferFullError,
     BufferItem,
+    DropWarnings,
 )
 from tsd.config import check_int, check_number
 from tsd.rl.trajectory import Trajectory, TrajectoryError
@@ -75,13 +86,16 @@ PUT_CHUNK = 256
 # The cap is on XLEN, which (acked entries being deleted) is exactly undelivered + pending.
 # We never use XADD MAXLEN: trimming drops the *oldest* entries whether or not a trainer has
 # read or acked them, silently losing trajectories; we make the producers wait instead.
+# Every call also pushes the stream's expiry ARGV[2] ms ahead (even when it is full: a producer
+# waiting on back-pressure is alive), so the stream of a run that was killed expires by itself.
 _PUT_SCRIPT = """
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
-local n = math.min(room, (#ARGV - 1) / 2)
+local n = math.min(room, (#ARGV - 2) / 2)
 local ids = {}
 for i = 1, n do
-  ids[i] = redis.call('XADD', KEYS[1], '*', 't', ARGV[2 * i], 'v', ARGV[2 * i + 1])
+  ids[i] = redis.call('XADD', KEYS[1], '*', 't', ARGV[2 * i + 1], 'v', ARGV[2 * i + 2])
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return ids
 """
 
@@ -126,6 +140,10 @@ class RedisBuffer(Buffer):
         connect_timeout: seconds to connect (and to answer the first PING) before raising
             :class:`BufferConnectionError`.
         put_timeout: seconds ``put`` waits for room before raising :class:`BufferFullError`.
+        ttl_s: the stream expires this long after the last put, ack, start or resume (each pushes
+            it back); far above any pause of a live run, it only ever removes a dead run's stream.
+        dead_ttl_s: dead letters are kept this long after the last one was written, or after the
+            run finished.
     """
 
     shared = True
@@ -142,6 +160,8 @@ class RedisBuffer(Buffer):
         claim_idle_ms: int = 30000,
         connect_timeout: float = 5.0,
         put_timeout: float = 60.0,
+        ttl_s: float = 86400.0,
+        dead_ttl_s: float = 604800.0,
     ) -> None:
         super().__init__()
         check_int(maxlen, "RedisBuffer.maxlen", low=1)
@@ -149,6 +169,8 @@ class RedisBuffer(Buffer):
         check_int(claim_idle_ms, "RedisBuffer.claim_idle_ms", low=0)
         check_number(connect_timeout, "RedisBuffer.connect_timeout", low=0, low_open=True)
         check_number(put_timeout, "RedisBuffer.put_timeout", low=0, low_open=True)
+        check_number(ttl_s, "RedisBuffer.ttl_s", low=0.001)
+        check_number(dead_ttl_s, "RedisBuffer.dead_ttl_s", low=0.001)
         self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
         self.safe_url = redact_url(self.url)
         self._stream_prefix, self.run_id = stream, run_id
@@ -159,6 +181,9 @@ class RedisBuffer(Buffer):
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.maxlen, self.block_ms, self.claim_idle_ms = maxlen, block_ms, claim_idle_ms
         self.connect_timeout, self.put_timeout = connect_timeout, put_timeout
+        self.ttl_s, self.dead_ttl_s = float(ttl_s), float(dead_ttl_s)
+        self._ttl_ms, self._dead_ttl_ms = max(1, round(ttl_s * 1000)), max(1, round(dead_ttl_s * 1000))
+        self._drops = DropWarnings(log, "RedisBuffer")
         self._closed = False
         self._pid = os.getpid()  # the process this handle (and its connection) belongs to
         # ids delivered to this handle and not acked by it: XAUTOCLAIM also returns our own idle
@@ -236,6 +261,7 @@ class RedisBuffer(Buffer):
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        self._call(self._r.pexpire, self.stream, self._ttl_ms)  # made here or not: it expires
 
     def _grouped(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """:meth:`_call` for commands that need the group; recreates it if the stream key was
@@ -248,6 +274,10 @@ class RedisBuffer(Buffer):
         log.warning("RedisBuffer: group %s on %s vanished; recreating it", self.group, self.stream)
         self._create_group("0")  # the key was deleted: whatever is in it now was written since
         return self._call(fn, *args, **kwargs)
+
+    @property
+    def location(self) -> str:
+        return self.stream
 
     def for_this_process(self) -> RedisBuffer:
         """This handle in the process that opened it; a new one (its own connection and consumer
@@ -269,6 +299,8 @@ class RedisBuffer(Buffer):
             "claim_idle_ms": self.claim_idle_ms,
             "connect_timeout": self.connect_timeout,
             "put_timeout": self.put_timeout,
+            "ttl_s": self.ttl_s,
+            "dead_ttl_s": self.dead_ttl_s,
         }
 
     # ------------------------------------------------------------------ producer side
@@ -281,7 +313,7 @@ class RedisBuffer(Buffer):
         delay = 0.005
         while len(ids) < len(trajectories):
             chunk = payload[2 * len(ids) : 2 * (len(ids) + PUT_CHUNK)]
-            added = self._call(self._put_script, keys=[self.stream], args=[self.maxlen, *chunk])
+            added = self._call(self._put_script, keys=[self.stream], args=[self.maxlen, self._ttl_ms, *chunk])
             ids += [_s(i) for i in added]
             self.stats["put"] += len(added)
             if 2 * len(added) == len(chunk):
@@ -396,19 +428,14 @@ class RedisBuffer(Buffer):
             fields = {"id": eid, "reason": why, "consumer": self.consumer}
             fields["t"] = record[:DEAD_LETTER_RECORD_BYTES]
             pipe.xadd(self.dead_stream, fields, maxlen=DEAD_LETTER_CAP, approximate=True)
+        pipe.pexpire(self.dead_stream, self._dead_ttl_ms)
         ids = [eid for eid, _, _ in bad]
         pipe.xack(self.stream, self.group, *ids)
         pipe.xdel(self.stream, *ids)
         self._call(pipe.execute)
         self.stats["dropped_invalid"] += len(bad)
         for eid, _, why in bad:
-            log.warning(
-                "RedisBuffer: dropping invalid entry %s on %s (kept in %s): %.200s",
-                eid,
-                self.stream,
-                self.dead_stream,
-                why,
-            )
+            self._drops(eid, self.dead_stream, why)
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
         if limit <= 0:
@@ -431,9 +458,27 @@ class RedisBuffer(Buffer):
         pipe.xlen(self.stream)
         pipe.delete(self.stream)
         pipe.xgroup_create(self.stream, self.group, id="$", mkstream=True)
+        pipe.pexpire(self.stream, self._ttl_ms)
         n = self._call(pipe.execute)[0]
         self._outstanding.clear()
         return int(n)
+
+    def finish(self) -> dict[str, int]:
+        """Delete the run's stream (what is left in it is never trained: a run reads only what its
+        own generators write after it starts); its dead letters stay for ``dead_ttl_s``. Returns
+        ``buffer/produced`` (entries ever added to the stream since it was last emptied), what was
+        still ``buffer/left`` in it (undelivered or pending) and ``buffer/dead_letters`` kept."""
+        produced = 0
+        with suppress(redis.ResponseError):  # no such key (deleted, or expired): nothing was kept
+            produced = int(self._call(self._r.xinfo_stream, self.stream)["entries-added"])
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xlen(self.stream)
+        pipe.delete(self.stream)
+        pipe.xlen(self.dead_stream)
+        pipe.pexpire(self.dead_stream, self._dead_ttl_ms)
+        left, _, dead, _ = self._call(pipe.execute)
+        self._outstanding.clear()
+        return {"buffer/produced": produced, "buffer/left": int(left), "buffer/dead_letters": int(dead)}
 
     def ack(self, ids: Sequence[str]) -> None:
         if not ids:
@@ -445,7 +490,8 @@ class RedisBuffer(Buffer):
         pipe = self._r.pipeline(transaction=True)
         pipe.xack(self.stream, self.group, *ids)
         pipe.xdel(self.stream, *ids)  # keeps the stream = undelivered + pending, i.e. bounded
-        acked, _ = self._call(pipe.execute)
+        pipe.pexpire(self.stream, self._ttl_ms)  # a trainer that acks is alive
+        acked, _, _ = self._call(pipe.execute)
         return int(acked)
 
     # ------------------------------------------------------------------ inspection
@@ -467,6 +513,7 @@ class RedisBuffer(Buffer):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._drops.flush()
             self._r.close()
 
     def __repr__(self) -> str:

@@ -18,10 +18,13 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
+from tsd.checkpoint_io import AtomicCheckpointDefault
 from tsd.config import require
 
 
-class SingleProcessStrategy(SingleDeviceStrategy):
+class SingleProcessStrategy(AtomicCheckpointDefault, SingleDeviceStrategy):  # type: ignore[misc]
+    """Lightning's single-device strategy; checkpoints are written atomically (:mod:`tsd.checkpoint_io`)."""
+
     def __init__(
         self,
         accelerator: Any = None,

@@ -49,6 +49,12 @@ gathers (:meth:`full_policy`) and broadcasts on this strategy's sync group
 (:mod:`tsd.distributed.weight_sync`: the protocol). Versions and lag are the policy clock's
 (:mod:`tsd.data.policy_clock`).
 
+Identity and liveness. Right after the rendezvous every rank checks that it has rank 0's job
+identity (the Redis stream, which names the run: a node started elsewhere would derive another
+run id) and, when each node has its own launcher (torchrun, SLURM), starts a
+:class:`~tsd.distributed.peers.PeerWatch`: heartbeats on the store, so that a node that dies stops
+the others within ``peer_timeout_s`` seconds, with a line naming the lost rank.
+
 Stop. At teardown trainer rank 0 sets ``stop`` on the store; each generator finishes the rollout
 in hand (its trajectories stay in the buffer, pending), bumps ``done`` and leaves; rank 0 waits
 for all of them (at most ``stop_timeout_s``), then every rank destroys its process groups. A
@@ -60,8 +66,10 @@ seconds without trajectories, and a sync broadcast fails after ``sync_timeout_s`
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -81,9 +89,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import nn
 
+from tsd.checkpoint_io import AtomicCheckpointDefault
 from tsd.config import ConfigError, check_choice, check_int, check_number
 from tsd.distributed.gather import gather_full_state
 from tsd.distributed.launcher import GeneratorTrainerLauncher
+from tsd.distributed.peers import PeerWatch
 from tsd.distributed.weight_sync import ControlChannel, sync_group
 from tsd.models.policy_value import PolicyValueModel
 
@@ -94,7 +104,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*FSDP2-wrapped module .* returned a view tensor.*")
 
 
-class GeneratorTrainerStrategy(ParallelStrategy):
+class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # type: ignore[misc]
     def __init__(
         self,
         num_generators: int = 1,
@@ -104,6 +114,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         stop_timeout_s: float = 300.0,
         start_method: str = "fork",
         gather_bucket_mb: float = 64.0,
+        peer_timeout_s: float = 30.0,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -125,6 +136,10 @@ class GeneratorTrainerStrategy(ParallelStrategy):
                 this many MB, one collective each (:func:`~tsd.distributed.gather.gather_full_state`);
                 0: one collective per tensor (``get_model_state_dict``, the slower path it replaced,
                 kept to measure against: ``benchmarks/bench_distributed.py``).
+            peer_timeout_s: under torchrun or SLURM (one launcher per node), a rank that gives no
+                sign of life for this long, or a job store that cannot be reached, stops every
+                other rank with one line naming it (:mod:`tsd.distributed.peers`); 0 turns the
+                watch off. On one machine the launcher watches its forked ranks itself.
             accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin:
                 set by Lightning from ``trainer.*``.
         """
@@ -145,6 +160,7 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         check_choice(backend, "strategy.backend", (None, "gloo", "nccl"))
         check_choice(start_method, "strategy.start_method", ("fork", "spawn", "forkserver"))
         self.gather_bucket_mb = check_number(gather_bucket_mb, "strategy.gather_bucket_mb", low=0)
+        self.peer_timeout_s = check_number(peer_timeout_s, "strategy.peer_timeout_s", low=0)
         self.num_generators = num_generators
         self._backend = backend
         self.timeout_s, self.sync_timeout_s, self.stop_timeout_s = timeout_s, sync_timeout_s, stop_timeout_s
@@ -163,6 +179,10 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         self._shadow: nn.Module | None = None
         self._gathered_step = -1
         self._stopped = False
+        #: what every rank of the job must agree on before any work (set by the generation: the
+        #: buffer the trajectories go through, which names the run); checked on the job's store
+        self.job_identity: dict[str, str] | None = None
+        self._peers: PeerWatch | None = None
 
     # ------------------------------------------------------------------ ranks
     @property
@@ -255,6 +275,11 @@ class GeneratorTrainerStrategy(ParallelStrategy):
         timeout = timedelta(seconds=self.timeout_s)
         # one store for the whole job (the TCPStore on MASTER_ADDR:MASTER_PORT, or torchrun's)
         self._store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=W, timeout=timeout))
+        if env.creates_processes_externally and self.peer_timeout_s > 0:  # one launcher per node
+            self._peers = PeerWatch(
+                env.main_address, env.main_port, rank, W, self.describe_rank, self.peer_timeout_s
+            ).start()
+        self._agree_on_identity()
         self.control = ControlChannel(self._store)
         if rank < T:
             # the trainers' default group: to Lightning (and torchmetrics, ...) the world is the trainers
@@ -282,7 +307,30 @@ class GeneratorTrainerStrategy(ParallelStrategy):
             W - T,
         )
 
+    def _agree_on_identity(self) -> None:
+        """Every rank has the job identity of rank 0 (the same run id, the same Redis stream): a
+        node started in another directory, or with another ``run_id``, would write trajectories
+        nobody reads, or wait for ones nobody writes."""
+        if self.job_identity is None:
+            return
+        assert self._store is not None
+        key = "tsd/identity"
+        mine = json.dumps(self.job_identity, sort_keys=True)
+        if self.global_rank == 0:
+            self._store.set(key, mine)
+        theirs = self._store.get(key).decode()  # waits for rank 0 to have set it
+        if theirs != mine:
+            raise ConfigError(
+                f"run_id: {self.describe_rank(self.global_rank)} on {socket.gethostname()} has {mine}, rank 0 "
+                f"has {theirs} (accepted: the same on every node: start each in the same working directory "
+                "with the same hydra.run.dir, or give the same run_id=...)"
+            )
+        log.info("%s: agrees with rank 0 on %s", self.describe_rank(self.global_rank), mine)
+
     def destroy_groups(self) -> None:
+        if self._peers is not None:
+            self._peers.stop()  # this rank is done: its peers stop watching it
+            self._peers = None
         if _distributed_is_initialized():
             dist.destroy_process_group()
         self.sync_group = self._mesh = self._store = None

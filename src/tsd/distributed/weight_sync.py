@@ -259,7 +259,11 @@ class WeightReceiver:
 
     def check(self) -> None:
         if self.error is not None:
-            raise RuntimeError(f"generator weight receiver failed: {self.error}") from self.error
+            first = (str(self.error).strip().splitlines() or [type(self.error).__name__])[0]
+            raise RuntimeError(
+                f"generator weight receiver failed (trainer rank 0 gone? its node down, or it crashed: "
+                f"see its log): {type(self.error).__name__}: {first[:300]}"
+            ) from self.error
 
     def _header(self) -> int:
         h = torch.zeros(3, dtype=torch.int64, device=self.device)

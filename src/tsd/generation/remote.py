@@ -136,6 +136,8 @@ class RemoteGeneration(Generation):
             type(self.buffer).__name__,
         )
         strategy.generator_main = self.run_generator
+        # every rank of the job must read and write the same stream (the run id names it)
+        strategy.job_identity = {"buffer": self.buffer.location}
 
     # ------------------------------------------------------------------ a generator rank
     def run_generator(self, strategy: Any) -> None:
@@ -191,7 +193,14 @@ class RemoteGeneration(Generation):
         t1 = time.perf_counter()
         nbytes = 0
         if self._sender is not None and full is not None:
-            nbytes = self._sender.send(full.state_dict(), version, strategy.control)
+            try:
+                nbytes = self._sender.send(full.state_dict(), version, strategy.control)
+            except RuntimeError as e:  # gloo: "Connection reset by peer"; NCCL: a timeout
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RuntimeError(
+                    f"weight sync v{version} to the generators failed (a generator gone? its node down, "
+                    f"or it crashed: see its log): {first[:300]}"
+                ) from e
         t2 = time.perf_counter()
         log.debug("weights v%d: gather %.3fs, broadcast %.3fs (%d bytes)", version, t1 - t0, t2 - t1, nbytes)
         return {

@@ -15,6 +15,7 @@ import torch
 
 from tsd import TINY_POLICY_DIR
 from tsd.config import ConfigError
+from tsd.config_checks import check_policy_source
 from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, load_char_tokenizer
 from tsd.models.policy_value import PolicyValueModel, UnsupportedModelError
 from tsd.models.source import TINY_ALIASES, resolve_policy_path  # noqa: F401  (re-exported)
@@ -59,13 +60,16 @@ def load_policy(
     """``(PolicyValueModel, tokenizer)`` for ``name_or_path`` (``"tiny"``, a directory or a hub id),
     in eval mode. A directory without a saved value head (``value_head/``) gets a fresh one. A model
     that is not a decoder-only causal LM (BERT, T5, ...) raises :class:`~tsd.config.ConfigError`
-    naming ``model.name_or_path``, before any training."""
+    naming ``model.name_or_path``, before any training. A local path that does not exist (or holds
+    no model) is refused the same way before transformers is asked, so it never becomes a hub
+    request (``outputs/run/policy`` with a typo: transformers would retry the hub for a minute)."""
     path = resolve_policy_path(name_or_path)
     if path == TINY_POLICY_DIR and not (path / "model.safetensors").exists():
         raise FileNotFoundError(
             f"the bundled tiny policy is missing from {path}; "
             "build it with `python scripts/build_tiny_policy.py`"
         )
+    check_policy_source(name_or_path)  # what the entry points check first, here for Python callers
     tokenizer = load_tokenizer(path)
     try:
         model = PolicyValueModel.from_pretrained(path, dtype=dtype, device=device)
