@@ -40,7 +40,7 @@ another one, so this sampler asks for the V1 runner (``VLLM_USE_V2_MODEL_RUNNER=
 model dtype unless the HF config carries ``head_dtype``; ``head_dtype="float32"`` (the default
 here) passes ``hf_overrides={"head_dtype": "float32"}`` so the head's matmul runs in fp32 (vLLM's
 ``LogitsProcessor._apply_head``); the sampler then works in fp32 either way.
-``scripts/logprob_gap.py`` measures what that leaves between trainer and vLLM at bf16.
+``benchmarks/logprob_gap.py`` measures what that leaves between trainer and vLLM at bf16.
 
 **Value head.** vLLM returns no hidden states, so the sampler keeps a separate transformers
 :class:`PolicyValueModel` copy (the model it was given, or one loaded from the checkpoint, on
