@@ -653,6 +653,7 @@ def sweep_heatmaps(rows: Sequence[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import patheffects
 
     ws = sorted({r["workers"] for r in rows})
     ms = sorted({r["iterations"] for r in rows})
@@ -668,7 +669,10 @@ def sweep_heatmaps(rows: Sequence[dict], path: Path) -> None:
         for r in rows:
             v = value(r)
             grid[ws.index(r["workers"])][ms.index(r["iterations"])] = math.nan if v is None else v
-        im = ax.imshow(grid, origin="lower", cmap="RdBu" if "CISPO" in title else "viridis", aspect="auto")
+        diverging = "CISPO" in title  # centred on 0: blue = the cell ahead of CISPO
+        bound = max((abs(v) for row in grid for v in row if not math.isnan(v)), default=1.0)
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu" if diverging else "viridis",
+                       **({"vmin": -bound, "vmax": bound} if diverging else {}))  # fmt: skip
         ax.set_xticks(range(len(ms)), [str(m) for m in ms])
         ax.set_yticks(range(len(ws)), [str(w) for w in ws])
         ax.set_xlabel("iterations (waves per tree)")
@@ -676,7 +680,8 @@ def sweep_heatmaps(rows: Sequence[dict], path: Path) -> None:
         ax.set_title(title, fontsize=9)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, "-" if math.isnan(v) else format(v, fmt), ha="center", va="center", color="k")
+                ax.text(j, i, "-" if math.isnan(v) else format(v, fmt), ha="center", va="center", color="k",
+                        path_effects=[patheffects.withStroke(linewidth=3, foreground="w")])  # fmt: skip
         fig.colorbar(im, ax=ax)
     fig.suptitle("the tree arm over the article's knobs: one seed, 150 steps of 8 problems each", fontsize=10)
     fig.tight_layout()
