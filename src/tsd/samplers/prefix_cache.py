@@ -67,19 +67,25 @@ class PrefixKVStore:
             raise ValueError(
                 f"PrefixKVStore.insert: {n} positions of keys/values for {len(token_ids)} tokens"
             )
-        if self.longest_prefix(token_ids[:n], count=False)[0] == n:
+        # one walk: down the held prefix, then new trie nodes for the rest (none: nothing to hold)
+        level, depth = self._trie, 0
+        while depth < n:
+            node = level.get(token_ids[depth])
+            if node is None:
+                break
+            level, depth = node[1], depth + 1
+        if depth == n:
             return
         if self.tokens + n > self.max_tokens:
             self.clear()
+            level, depth = self._trie, 0
         idx = len(self._entries)
         self._entries.append(fetch)
         self.tokens += n
-        level = self._trie
-        for tok in token_ids[:n]:
-            node = level.get(tok)
-            if node is None:
-                node = level[tok] = [idx, {}]
-            level = node[1]
+        for tok in token_ids[depth:n]:
+            fresh: dict[int, list] = {}
+            level[tok] = [idx, fresh]
+            level = fresh
 
     def longest_prefix(self, token_ids: Sequence[int], count: bool = True) -> tuple[int, int]:
         """``(length, entry)``: the longest prefix of ``token_ids`` held, and an entry holding it
