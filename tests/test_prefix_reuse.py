@@ -143,6 +143,24 @@ def test_prefix_store_finds_the_longest_held_prefix():
     assert len(store) == 1 and store.tokens == 4 and store.longest_prefix([1, 2]) == (0, -1)
     with pytest.raises(ValueError, match="4 positions of keys/values for 3 tokens"):
         store.insert([1, 2, 3], 4, fetch)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4294967295\]"):
+        store.insert([1, -2, 3], 3, fetch)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4294967295\]"):
+        store.insert([1, 2**32], 2, fetch)
+    # an id that could not be stored ends the prefix; it never aliases another node's key
+    store.insert([5, 6], 2, fetch)
+    assert store.longest_prefix([5, 6 + 2**32]) == (1, 0) and store.longest_prefix([-1]) == (0, -1)
+
+
+def test_prefix_store_trie_is_invisible_to_the_garbage_collector():
+    """A search stores ~10^5 trie nodes: they must not be objects every full GC walks."""
+    import gc
+
+    store = PrefixKVStore(max_tokens=100_000)
+    for i in range(200):
+        store.insert([i % 7, i % 11, *range(i, i + 50)], 50, lambda length: None)
+    assert store.longest_prefix([3, 3, *range(3, 53)]) == (50, 3)
+    assert not gc.is_tracked(store._trie)
 
 
 def test_prefix_reuse_across_calls_keeps_the_logprobs_exact(random_policy, char_tokenizer):
