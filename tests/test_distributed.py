@@ -738,6 +738,10 @@ def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
             Path(out).write_text(json.dumps({"tensors": len(bucketed)}))
         else:
             assert bucketed is None
+        # leave together: a rank that tore its group down while rank 0 (the store's host) was still
+        # checking once died in gloo's teardown (SIGABRT, "terminate called without an active
+        # exception"), failing a test whose gather was right
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
