@@ -19,6 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from tsd.checkpoint_io import AtomicCheckpointIO, write_atomic
+from tsd.fileio import write_text_atomic
 
 TESTS = Path(__file__).resolve().parent
 
@@ -36,6 +37,27 @@ def test_a_failed_write_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path
     state = torch.load(path, weights_only=True)
     assert state["global_step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_results_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """results.json (train.py, eval.py, the study's validation) is what a resumed study reads as
+    "this run is done": a write that dies before its rename leaves the previous file, parseable."""
+    import json
+
+    import tsd.fileio
+
+    path = tmp_path / "run" / "results.json"
+    write_text_atomic(path, json.dumps({"mean@16": 0.05}))
+    assert json.loads(path.read_text()) == {"mean@16": 0.05}
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the signal arrives between the fsync and the rename
+
+    monkeypatch.setattr(tsd.fileio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, json.dumps({"mean@16": 0.07, "eval_history": list(range(10_000))}))
+    assert json.loads(path.read_text()) == {"mean@16": 0.05}
+    assert sorted(q.name for q in path.parent.iterdir()) == ["results.json"]
 
 
 def test_the_temporary_file_of_a_killed_writer_is_removed_at_the_next_save(tmp_path):

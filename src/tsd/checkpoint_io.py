@@ -25,59 +25,21 @@ alone writes it through this class; there is no sharded checkpoint directory to 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
+from tsd.fileio import write_atomic
+
 log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX); a file system that cannot is left as it is."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, rename it over ``path`` and
-    fsync the directory. On any error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-        with contextlib.suppress(OSError):
-            stale.unlink()
-            log.info("removed %s, the temporary file of an interrupted checkpoint write", stale)
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -30,6 +30,7 @@ from tsd.config_checks import (
     check_policy_source,
     check_target_keys,
 )
+from tsd.fileio import write_text_atomic
 
 log = logging.getLogger("tsd.eval")
 
@@ -145,7 +146,7 @@ def run_eval(cfg: DictConfig) -> dict:
         res.update(evaluate_with_search(cfg, sampler, env, problems))
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_text_atomic(out / "results.json", json.dumps(res, indent=1))
     if samples is not None:
         with open(out / "samples.jsonl", "w") as f:
             for s in samples:

@@ -39,6 +39,7 @@ from tsd.config_checks import (
     check_policy_source,
     check_target_keys,
 )
+from tsd.fileio import write_text_atomic
 from tsd.resume import read_checkpoint, resolve_run_id
 
 log = logging.getLogger("tsd.train")
@@ -234,7 +235,7 @@ def train(cfg: DictConfig) -> dict:
         result.update({f"final/{k}": v for k, v in ev.history[-1].items() if k != "step"})
         result.update({f"base/{k}": v for k, v in ev.history[0].items() if k != "step"})
     if trainer.is_global_zero:
-        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
         log.info("results: %s", json.dumps({k: v for k, v in result.items() if k != "eval_history"}))
     return result
 

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tsd.eval.search_efficiency import ARTICLE_SEARCH
+from tsd.fileio import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (train.py, eval.py)
 SCRIPT = ROOT / "scripts" / "study.py"
@@ -262,7 +263,7 @@ def validate(policy: str, dest: str) -> None:
     sampler = HFSampler(model.eval(), tok, temperature=1.0, seed=0)
     res = evaluate_mean_at_k(sampler, env, env.val, k=16, max_new_tokens=128)
     res["problems"] = f"val[:{VAL_PROBLEMS}] (drawn after the train split)"
-    Path(dest).write_text(json.dumps(res, indent=1))
+    write_text_atomic(dest, json.dumps(res, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -367,8 +368,8 @@ def report(out: Path) -> dict:
             summary["val_pairs"].append({"lr": lr, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
                                          "verdict": verdict, "problems": d["problems"]})  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps(summary, indent=1))
-    (out / "study.md").write_text(markdown(summary))
+    write_text_atomic(out / "study.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "study.md", markdown(summary))
     plot(summary, out / "study.png")
     print(markdown(summary))
     return summary
@@ -610,8 +611,8 @@ def sweep_report(sweep: Path, out: Path) -> dict:
             }
         rows.append(row)
     summary = {"sweep": str(sweep), "cells": rows}
-    (sweep / "sweep_report.json").write_text(json.dumps(summary, indent=1))
-    (sweep / "sweep_report.md").write_text(sweep_markdown(summary))
+    write_text_atomic(sweep / "sweep_report.json", json.dumps(summary, indent=1))
+    write_text_atomic(sweep / "sweep_report.md", sweep_markdown(summary))
     sweep_heatmaps(rows, sweep / "sweep_heatmaps.png")
     print(sweep_markdown(summary))
     return summary
@@ -735,7 +736,7 @@ def write_readme_block(readme: Path, table: str) -> None:
     i, j = text.find(BEGIN), text.find(END)
     if i < 0 or j < i:
         raise SystemExit(f"study: {readme} has no '{BEGIN}' ... '{END}' block to regenerate")
-    readme.write_text(text[: i + len(BEGIN)] + "\n" + table + text[j:])
+    write_text_atomic(readme, text[: i + len(BEGIN)] + "\n" + table + text[j:])
     print(f"study: regenerated the results block of {readme}")
 
 
