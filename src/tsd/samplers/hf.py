@@ -346,19 +346,25 @@ class HFSampler(Sampler):
                 logits = self._top_p_filter(logits)
         logp = torch.log_softmax(logits, -1)  # (B, V), renormalised over what may be sampled
         probs = logp.exp()  # (B, V)
-        if excluded:
+        if excluded:  # every row's excluded tokens at once: (E,) entries of (row, token, mass)
+            dev = probs.device
+            counts = [len(m) for m in excluded.values()]
+            rows = torch.tensor(list(excluded), dtype=torch.long, device=dev)  # (R,)
+            owner = torch.repeat_interleave(
+                torch.arange(len(counts), device=dev), torch.tensor(counts)
+            )  # (E,)
+            ids = torch.tensor([t for m in excluded.values() for t in m], dtype=torch.long, device=dev)
+            mass = torch.tensor([x for m in excluded.values() for x in m.values()], device=dev)  # (E,)
+            p = probs[rows[owner], ids]  # (E,)
+            left = (p - mass).clamp(min=0)  # (E,)
+            taken = torch.zeros(len(counts), device=dev).index_add_(0, owner, p - left)  # (R,)
+            # nothing left but rounding (masses recorded in fp32 leave ~1e-8 of noise), or
+            # nothing at all: the row draws from the policy itself (counted: a paid repeat), as vLLM does
+            ok = probs[rows].sum(-1) - taken > EXHAUSTED_MASS  # (R,)
+            self.exhausted_draws += len(counts) - int(ok.sum())
+            use = ok[owner]  # (E,)
             probs = probs.clone()
-            for row, masses in excluded.items():
-                ids = torch.tensor(list(masses), dtype=torch.long, device=probs.device)
-                left = (probs[row, ids] - torch.tensor(list(masses.values()), device=probs.device)).clamp(
-                    min=0
-                )
-                # nothing left but rounding (masses recorded in fp32 leave ~1e-8 of noise), or
-                # nothing at all: draw from the policy itself (counted: a paid repeat), as vLLM does
-                if float(probs[row].sum() - probs[row, ids].sum() + left.sum()) > EXHAUSTED_MASS:
-                    probs[row, ids] = left
-                else:
-                    self.exhausted_draws += 1
+            probs[rows[owner][use], ids[use]] = left[use]
         if greedy:
             tok = probs.argmax(-1)  # (B,)
         else:
