@@ -53,7 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -179,14 +179,14 @@ def plan(out: Path) -> list[Job]:
     # each); an evaluation waits for its training run
     for s in SEEDS:
         for m in METHODS:
-            lr = best_lr(out, m)
-            if lr is None:
+            chosen = best_lr(out, m)
+            if chosen is None:
                 continue
             if s:
-                jobs.append(train_job(out, m, lr, s))
+                jobs.append(train_job(out, m, chosen, s))
             for t in TEMPERATURES:
-                ev = eval_job(out, f"{m}_s{s}", str(train_dir(out, m, lr, s) / "policy"), t)
-                jobs.append(replace(ev, after=[f"train {m} lr={lr} seed={s}"]))
+                ev = eval_job(out, f"{m}_s{s}", str(train_dir(out, m, chosen, s) / "policy"), t)
+                jobs.append(replace(ev, after=[f"train {m} lr={chosen} seed={s}"]))
     return jobs
 
 
@@ -208,7 +208,7 @@ def run_jobs(out: Path, parallel: int, planner: Callable[[], list[Job]] | None =
         return job, rc, time.time() - t0
 
     with ThreadPoolExecutor(parallel) as pool:
-        running = {}
+        running: dict[str, Future] = {}
         while True:
             jobs = planner()  # once a round: the grid's choices may have appeared
             finished = {j.name for j in jobs if j.done_file.exists()}
@@ -596,7 +596,7 @@ def sweep_report(sweep: Path, out: Path) -> dict:
         row["val"] = val["mean@16"] if val else None
         step = cispo_step_at(out, c["generated"])
         ref = _eval(out, f"cispo_step{step}", "1.0") if step is not None else None
-        if test and ref:
+        if test and ref and step is not None:
             d = paired_difference(list(_per_problem(ref).values()), list(_per_problem(test).values()))
             lo, hi = d["ci95"]
             row["cispo"] = {

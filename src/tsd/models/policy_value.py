@@ -32,10 +32,10 @@ layout (``value_head.safetensors`` + ``value_head.json`` at the top) is still re
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,10 +109,15 @@ def _cache_kwarg(module: nn.Module) -> str:
     return "cache" if "cache" in _forward_params(type(module)) else "past_key_values"
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_params(cls: type) -> frozenset[str]:
+_FORWARD_PARAMS: dict[Any, frozenset[str]] = {}
+
+
+def _forward_params(cls: Any) -> frozenset[str]:
     """The parameter names of ``cls.forward`` (read once per class: every decode step asks)."""
-    return frozenset(inspect.signature(cls.forward).parameters)
+    params = _FORWARD_PARAMS.get(cls)
+    if params is None:
+        params = _FORWARD_PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return params
 
 
 def final_hidden(

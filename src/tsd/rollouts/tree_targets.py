@@ -150,11 +150,12 @@ class TreeGroupAdvantage(AdvantageRule):
     def __call__(
         self, tree: SearchTree, path: Sequence[Node], values: dict[int, SubtreeValue]
     ) -> list[float]:
-        rewards = [n.reward for n in graded_terminals(tree)]
-        mean = statistics.fmean(rewards)  # type: ignore[arg-type]
-        a = path[-1].reward - mean  # type: ignore[operator]
+        rewards = [float(n.reward) for n in graded_terminals(tree) if n.reward is not None]
+        end = path[-1].reward
+        assert end is not None  # a path ends at a graded terminal
+        a = end - statistics.fmean(rewards)
         if self.scale_by_std:
-            a /= statistics.pstdev(rewards) + self.eps  # type: ignore[arg-type]
+            a /= statistics.pstdev(rewards) + self.eps
         return [a] * (len(path) - 1)
 
 

@@ -424,7 +424,7 @@ class HFSampler(Sampler):
         # positions, KV cache) holds exactly these, in this order
         cur = list(range(B))
         # row -> its state's trie, while the row's tokens so far are a prefix in it
-        on_trie = {r: tries[r // n] for r in range(B) if tries[r // n]}
+        on_trie: dict[int, ExclusionTrie] = {r: trie for r in range(B) if (trie := tries[r // n])}
         for t in range(max_new_tokens):
             excluded = {b: on_trie[r][tuple(tokens[r])] for b, r in enumerate(cur) if r in on_trie}
             tok, lp = self._pick(logits[:, -1], excluded)  # (b,), (b,)

@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -476,7 +476,11 @@ class VLLMSampler(Sampler):
 
     # ------------------------------------------------------------------ internals
     def _finish_reason(
-        self, token_ids: list[int], stop_reason: int | str | None, step_ids: set[int], step_texts: list[str]
+        self,
+        token_ids: list[int],
+        stop_reason: int | str | None,
+        step_ids: Set[int],
+        step_texts: Sequence[str],
     ) -> FinishReason:
         last = token_ids[-1] if token_ids else None
         if last in self.eos_ids:
