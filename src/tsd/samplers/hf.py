@@ -351,11 +351,12 @@ class HFSampler(Sampler):
             counts = [len(m) for m in excluded.values()]
             rows = torch.tensor(list(excluded), dtype=torch.long, device=dev)  # (R,)
             owner = torch.repeat_interleave(
-                torch.arange(len(counts), device=dev), torch.tensor(counts)
-            )  # (E,)
+                torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev)
+            )  # (E,) entry -> its row's place in rows
+            at = rows[owner]  # (E,) entry -> batch row
             ids = torch.tensor([t for m in excluded.values() for t in m], dtype=torch.long, device=dev)
             mass = torch.tensor([x for m in excluded.values() for x in m.values()], device=dev)  # (E,)
-            p = probs[rows[owner], ids]  # (E,)
+            p = probs[at, ids]  # (E,)
             left = (p - mass).clamp(min=0)  # (E,)
             taken = torch.zeros(len(counts), device=dev).index_add_(0, owner, p - left)  # (R,)
             # nothing left but rounding (masses recorded in fp32 leave ~1e-8 of noise), or
@@ -364,7 +365,7 @@ class HFSampler(Sampler):
             self.exhausted_draws += len(counts) - int(ok.sum())
             use = ok[owner]  # (E,)
             probs = probs.clone()
-            probs[rows[owner][use], ids[use]] = left[use]
+            probs[at[use], ids[use]] = left[use]
         if greedy:
             tok = probs.argmax(-1)  # (B,)
         else:
