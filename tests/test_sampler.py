@@ -370,6 +370,9 @@ def test_exclusion_trie_masses_hand_computed():
     # after 5: the masses given 5 (0.4 and 0.1)
     assert trie[(5,)] == pytest.approx({6: 0.4, 7: 0.1})
     assert (8,) not in trie and (5, 6) not in trie
+    # a continuation listed twice is excluded once: the same trie (twice would take 0.45 off
+    # token 5 and 0.6 off token 8, more than the policy gives 8)
+    assert exclusion_trie([a, b, c, a, c]) == trie
 
 
 def test_exclude_never_repeats_and_samples_the_conditional_distribution(random_policy, char_tokenizer):

@@ -111,10 +111,16 @@ def exclusion_trie(excluded: Sequence[Any]) -> ExclusionTrie:
     """The masses :meth:`HFSampler._pick` takes off: for each excluded continuation ``c`` and each
     position ``t``, ``P(c_t, ..., c_end | c_<t) = exp(sum_{i >= t} log p_i)`` is added at prefix
     ``c[:t]`` under token ``c[t]``. Drawing ``c[t]`` with probability ``p(c[t]) - mass`` at every
-    prefix samples exactly from the policy conditioned on avoiding the excluded continuations."""
+    prefix samples exactly from the policy conditioned on avoiding the excluded continuations. A
+    continuation listed twice is excluded once (its mass taken off twice would take probability
+    from the other continuations through its prefixes)."""
     trie: ExclusionTrie = {}
+    seen: set[tuple[int, ...]] = set()
     for c in excluded:
         ids, lps = list(c.token_ids), [float(x) for x in c.logprobs]
+        if (key := tuple(ids)) in seen:
+            continue
+        seen.add(key)
         suffix = 0.0
         masses = []
         for lp in reversed(lps):
