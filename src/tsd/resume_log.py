@@ -101,7 +101,7 @@ class ResumeLog(L.Callback):
         if step is None:
             log.warning("resume: %s has no log bookkeeping; the CSV log starts at the checkpoint", ckpt_path)
             return None
-        carry = []
+        carry: list[list[dict[str, str]]] = []
         for entry in mine.get("files", []):
             path = Path(entry["path"])
             if not path.is_file():

@@ -71,7 +71,7 @@ def evaluate_mean_at_k(
     n = len(problems) * k
     per_score = torch.cat(scores)  # (P,) every problem's fraction correct, duplicates included
     se = float(per_score.std() / len(per_score) ** 0.5) if len(per_score) > 1 else float("nan")
-    res = {
+    res: dict[str, object] = {
         f"mean@{k}": mean.compute().item(),
         f"mean@{k}_se": se,  # standard error over problems (the samples within one are not independent)
         f"pass@{k}": passk.compute().item(),

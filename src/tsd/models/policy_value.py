@@ -237,7 +237,7 @@ class PolicyValueModel(nn.Module):
         """The decoder's repeated blocks (``GPT2Block``, ``LlamaDecoderLayer``, ...): the modules
         whose class transformers lists in ``_no_split_modules``; the units FSDP shards one by one."""
         names = set(getattr(self.lm, "_no_split_modules", None) or ())
-        blocks = []
+        blocks: list[nn.Module] = []
         for m in decoder_of(self.lm).modules():
             if isinstance(m, nn.ModuleList) and len(m) and all(type(b).__name__ in names for b in m):
                 blocks.extend(m)

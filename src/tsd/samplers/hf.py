@@ -570,7 +570,7 @@ class HFSampler(Sampler):
                     seq, len(seq) - 1, functools.partial(_row_kv, keys, values, b, mask[b])
                 )
 
-    def _ends_with(self, tokens: list[int], texts: list[str]) -> bool:
+    def _ends_with(self, tokens: list[int], texts: Sequence[str]) -> bool:
         """Whether the row's newest tokens complete a multi-token stop string (general path)."""
         if not texts:
             return False
