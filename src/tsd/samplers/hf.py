@@ -35,7 +35,9 @@ tokens per problem without the store, 32 with it; ``python scripts/search_effici
 the prefill column). ``prefill_tokens`` counts the state tokens run through the model. Rows that
 finish leave the batch once a quarter of it has (a decode step's cost grows with its rows), with
 the padding no row needs any more. At paper scale vLLM's automatic prefix caching does the same
-job (``sampler=vllm``).
+job (``sampler=vllm``) in whole KV blocks: a state's tokens past its last full cached block are run
+again (the default search on the bundled policy, vLLM's CPU build: 627 prefill tokens per problem,
+28 with this store; ``python benchmarks/bench_search_speed.py --sampler vllm``).
 
 Sampling is deterministic given ``seed`` and the same sequence of calls (one ``torch.Generator``
 is advanced by every call), but not across different batchings of the same rows.

@@ -6,7 +6,8 @@ An MCTS wave samples from nodes whose paths earlier waves generated: the state `
 every node was already run through the model, token by token, when it was sampled. The HF sampler
 keeps the keys and values of every sequence it ran (each row's state and the tokens it generated)
 here, and a later call prefills only what follows the longest stored prefix of each state: vLLM's
-automatic prefix caching, for the laptop sampler (at paper scale vLLM does this itself).
+automatic prefix caching, for the laptop sampler (at paper scale vLLM does this itself, in whole
+KV blocks; this store reuses to the token).
 
 Stored keys and values are exact for the weights that computed them: the store is cleared whenever
 the sampler's weights change, and entirely when it holds more than ``max_tokens`` tokens (simple,
