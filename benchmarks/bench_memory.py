@@ -2,6 +2,7 @@
 Qwen2.5-1.5B's 28 layers on an 80 GB GPU (docs/paper_scale.md).
 
     nice -n 5 python benchmarks/bench_memory.py                 # ~10 min on a 2-core box, ~11 GiB RAM at most
+    nice -n 5 python benchmarks/bench_memory.py --min-free-gib 12   # a shared box: wait for memory before each child
     nice -n 5 python benchmarks/bench_memory.py --only plain,chunked   # the acceptance rows alone
     python benchmarks/bench_memory.py --json out.json           # also write every figure
 
@@ -169,6 +170,22 @@ def child(spec: dict) -> dict:
     }
 
 
+def wait_for_memory(gib: float) -> None:
+    """Block until ``MemAvailable`` is at least ``gib`` GiB (a line every minute while waiting)."""
+
+    def available() -> float:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+        return float("inf")
+
+    t0 = time.monotonic()
+    while (free := available()) < gib:
+        if int(time.monotonic() - t0) % 60 < 5:
+            print(f"waiting for {gib:.0f} GiB of free memory ({free:.1f} now)", file=sys.stderr, flush=True)
+        time.sleep(5)
+
+
 def run_child(spec: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -323,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trainers", type=int, default=2, help="FSDP2 ranks in the projection (article: 2)")
     ap.add_argument("--batch", type=int, default=16, help="sequences per trainer (article: 32 / 2)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per child")
+    ap.add_argument(
+        "--min-free-gib",
+        type=float,
+        default=0.0,
+        help="on a shared box: before each child, wait until this much memory is available (a child needs ~10 GiB)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.child:
@@ -339,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             specs += [spec(n, L, B) for L, B in SLOPE_POINTS if (2, args.seqs) != (L, B)]
     rows: list[dict] = []
     for i, s in enumerate(specs, 1):
+        wait_for_memory(args.min_free_gib)
         t0 = time.perf_counter()
         r = run_child(s, args.timeout)
         rows.append(r)

@@ -175,10 +175,12 @@ def lm_target_logprobs(
     if chunk_tokens <= 0:
         return token_logprobs(fp32_logits(lm, hidden), targets, temperature, banned_ids)  # (B, T)
     head = output_head(lm)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    assert isinstance(weight, torch.Tensor)  # output_head checked it
     return chunked_token_logprobs(
         hidden,
-        head.weight,
-        getattr(head, "bias", None),
+        weight,
+        bias,
         targets,
         temperature,
         banned_ids,
