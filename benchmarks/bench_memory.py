@@ -1,7 +1,7 @@
 """Peak memory of one trainer step at the article's shapes, per memory knob, and its projection to
 Qwen2.5-1.5B's 28 layers on an 80 GB GPU (docs/paper_scale.md).
 
-    nice -n 5 python benchmarks/bench_memory.py                 # ~10 min on a 2-core box, ~11 GiB RAM at most
+    nice -n 5 python benchmarks/bench_memory.py                 # ~10 min on an idle 2-core box, ~9 GiB RAM at most
     nice -n 5 python benchmarks/bench_memory.py --min-free-gib 12   # a shared box: wait for memory before each child
     nice -n 5 python benchmarks/bench_memory.py --only plain,chunked   # the acceptance rows alone
     python benchmarks/bench_memory.py --json out.json           # also write every figure
@@ -133,7 +133,6 @@ def child(spec: dict) -> dict:
     batch = collate_trajectories(trajs, pad_id=0)
     B, L = batch.input_ids.shape
     trainable = [p for p in module.policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=5e-6)
     grads_gib = sum(p.numel() * 4 for p in trainable) / GIB  # fp32 gradients of the masters
 
     # the method, checked: a known allocation's growth
@@ -144,15 +143,10 @@ def child(spec: dict) -> dict:
 
     base = _reset_peak()
     t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
     out = module.backward_batch(batch)  # compute_loss + backward (per micro-batch)
     seconds = time.perf_counter() - t0
     peak = _status()["VmHWM"] - base
     after = _status()["VmRSS"] - base  # what stays: the gradients
-    _reset_peak()
-    torch.nn.utils.clip_grad_norm_(trainable, 0.1)
-    opt.step()  # AdamW's first step allocates its two fp32 moments
-    step_peak = _status()["VmHWM"] - base
     return {
         **spec,
         "knobs": CONFIGS[spec["config"]],
@@ -161,7 +155,6 @@ def child(spec: dict) -> dict:
         "logits_gib": B * L * V * 4 / GIB,
         "peak_gib": peak,
         "after_gib": after,
-        "step_peak_gib": step_peak,
         "grads_gib": grads_gib,
         "probe_ratio": probe_ratio,
         "seconds": seconds,
@@ -186,19 +179,30 @@ def wait_for_memory(gib: float) -> None:
         time.sleep(5)
 
 
-def run_child(spec: dict, timeout: float) -> dict:
+def run_child(spec: dict, timeout: float, min_free_gib: float = 0.0, tries: int = 3) -> dict:
+    """One configuration in a fresh process; a child the kernel killed for memory (SIGKILL, on a
+    box shared with other jobs) is run again, up to ``tries`` times, after waiting for memory."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"child {spec} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    for attempt in range(1, tries + 1):
+        wait_for_memory(min_free_gib)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        if proc.returncode != -9 or attempt == tries:
+            raise RuntimeError(f"child {spec} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        print(
+            f"child {spec['config']} killed (out of memory?); again ({attempt}/{tries})",
+            file=sys.stderr,
+            flush=True,
+        )
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------- projection
@@ -261,7 +265,7 @@ def print_measured(rows: list[dict], seqs: int) -> None:
     )
     head = (
         f"{'config':<20} {'layers':>6} {'seqs':>4} {'chunk':>5} {'micro':>5} {'ckpt':>4} {'peak GiB':>9} "
-        f"{'x logits':>8} {'vs plain':>8} {'grads GiB':>9} {'step peak':>9} {'probe':>5} {'s':>5}"
+        f"{'x logits':>8} {'vs plain':>8} {'grads GiB':>9} {'after GiB':>9} {'probe':>5} {'s':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -273,14 +277,15 @@ def print_measured(rows: list[dict], seqs: int) -> None:
             f"{r['config']:<20} {r['layers']:>6} {r['seqs']:>4} {k['logprob_chunk_tokens']:>5} "
             f"{k['micro_batch_size']:>5} {'on' if k['activation_checkpointing'] else 'off':>4} "
             f"{r['peak_gib']:>9.2f} {r['peak_gib'] / r['logits_gib']:>8.2f} {vs:>8} {r['grads_gib']:>9.2f} "
-            f"{r['step_peak_gib']:>9.2f} {r['probe_ratio']:>5.2f} {r['seconds']:>5.0f}"
+            f"{r['after_gib']:>9.2f} {r['probe_ratio']:>5.2f} {r['seconds']:>5.0f}"
         )
     r0 = rows[0]
     print(
         f"\n'x logits': in units of one fp32 (B, L, V) logits tensor ({r0['seqs']} x {r0['L']}: "
         f"{r0['logits_gib']:.2f} GiB); 'vs plain': against the plain path of this run; 'grads GiB': the "
-        "masters' fp32 gradients (part of the peak); 'step peak': through clipping and AdamW's first step "
-        "(its two fp32 moments); 'probe': a 0.5 GiB allocation's measured growth / 0.5; 's': the step's seconds"
+        "masters' fp32 gradients (part of the peak); 'after GiB': what the step leaves (the gradients); 'probe': "
+        "a 0.5 GiB allocation's measured growth / 0.5; 's': the step's seconds (AdamW's two fp32 moments, 8 "
+        "bytes per parameter, are counted in the projection, not measured)"
     )
 
 
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "--min-free-gib",
         type=float,
         default=0.0,
-        help="on a shared box: before each child, wait until this much memory is available (a child needs ~10 GiB)",
+        help="on a shared box: before each child, wait until this much memory is available (a child needs up to ~9 GiB)",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -362,9 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             specs += [spec(n, L, B) for L, B in SLOPE_POINTS if (2, args.seqs) != (L, B)]
     rows: list[dict] = []
     for i, s in enumerate(specs, 1):
-        wait_for_memory(args.min_free_gib)
         t0 = time.perf_counter()
-        r = run_child(s, args.timeout)
+        r = run_child(s, args.timeout, args.min_free_gib)
         rows.append(r)
         print(
             f"[{i}/{len(specs)}] {s['config']:<20} {s['layers']} layers x {s['seqs']} seqs: "
