@@ -17,7 +17,7 @@ CONFIGS = Path(config_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = {
     g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml"))
-    for g in ("model", "sampler", "rollout", "loss", "buffer", "logger", "strategy", "trainer")
+    for g in ("model", "sampler", "rollout", "loss", "buffer", "logger", "strategy", "trainer", "stop")
 }
 
 

@@ -114,6 +114,7 @@ def train(cfg: DictConfig) -> dict:
         StepProgressBar,
         WeightSync,
     )
+    from tsd.callbacks.stopping import best_checkpoint, stop_reason
     from tsd.data.record_check import RecordCheck
     from tsd.lightning_logs import route_lightning_logs
     from tsd.loggers.run_info import logged_config
@@ -225,15 +226,30 @@ def train(cfg: DictConfig) -> dict:
                 ", ".join(f"{k.split('/')[-1]} {v}" for k, v in left.items()),
             )
         result.update(left)
-    # ("step" is the CSV rows' step, logged with the metrics; global_step says it already)
+    # ("step" is the CSV rows' step, logged with the metrics; global_step says it already; an
+    # evaluator's "<prefix>/step" is the step of its last evaluation, in its history)
     result.update(
-        {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"}
+        {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if v.numel() == 1 and k != "step" and not k.endswith("/step")
+        }
     )
-    ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
-    if ev is not None and ev.history:
-        result["eval_history"] = ev.history
-        result.update({f"final/{k}": v for k, v in ev.history[-1].items() if k != "step"})
-        result.update({f"base/{k}": v for k, v in ev.history[0].items() if k != "step"})
+    result["stop_reason"] = stop_reason(trainer)
+    for ev in (cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)):
+        if not ev.history:
+            continue
+        # the test evaluator's rows as before (eval_history, final/..., base/...), the validation
+        # evaluator's under its prefix (val_history, final/val/..., base/val/...)
+        test = ev.prefix == "eval"
+        result["eval_history" if test else f"{ev.prefix}_history"] = ev.history
+        for tag, row in (("final", ev.history[-1]), ("base", ev.history[0])):
+            result.update(
+                {f"{tag}/{k}": v for k, v in row.items() if k != "step" and (test or k.startswith(ev.prefix))}
+            )
+    best = best_checkpoint(trainer)
+    if best is not None:
+        result["best"] = best.summary()
     if trainer.is_global_zero:
         write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
         log.info("results: %s", json.dumps({k: v for k, v in result.items() if k != "eval_history"}))
