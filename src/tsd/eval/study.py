@@ -692,12 +692,15 @@ def sweep_heatmaps(rows: Sequence[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("plan", "run", "report", "all", "sweep", "_validate"))
+    ap.add_argument("what", choices=("plan", "run", "report", "all", "sweep", "plateau", "_validate"))
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
     ap.add_argument("--parallel", type=int, default=2, help="jobs at a time (they share the cores)")
     ap.add_argument(
         "--readme", type=Path, default=None, help="report: regenerate the results block of this README"
+    )
+    ap.add_argument(
+        "--doc", type=Path, default=None, help="plateau report: regenerate its block of this page"
     )
     a = ap.parse_args(argv)
     if a.what == "_validate":
@@ -712,6 +715,24 @@ def main(argv: list[str] | None = None) -> int:
         sweep = Path(a.args[0]).resolve()
         run_jobs(out, a.parallel, lambda: sweep_plan(sweep, out))
         sweep_report(sweep, out)
+        return 0
+    if a.what == "plateau":  # plateau plan|run|report|all: src/tsd/eval/plateau.py
+        from tsd.eval import plateau
+
+        action = a.args[0] if a.args else "all"
+        if action not in ("plan", "run", "report", "all"):
+            ap.error("plateau: plan | run | report | all")
+        pout = out / "plateau" if a.out == ROOT / "outputs" / "study" else out
+        if action == "plan":
+            for j in plateau.plan(pout):
+                print(f"{'done' if j.done_file.exists() else 'todo'}  {j.name}\n      {j.command()}")
+            return 0
+        if action in ("run", "all"):
+            run_jobs(pout, a.parallel, lambda: plateau.plan(pout))
+        if action in ("report", "all"):
+            summary = plateau.report(pout)
+            if a.doc is not None:
+                write_readme_block(a.doc, plateau.markdown(summary), plateau.BEGIN, plateau.END)
         return 0
     if a.what == "plan":
         for j in plan(out):
@@ -730,13 +751,13 @@ def main(argv: list[str] | None = None) -> int:
 BEGIN, END = "<!-- study.py report: begin -->", "<!-- study.py report: end -->"
 
 
-def write_readme_block(readme: Path, table: str) -> None:
+def write_readme_block(readme: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace what stands between the two markers in ``readme`` with the report's tables."""
     text = readme.read_text()
-    i, j = text.find(BEGIN), text.find(END)
+    i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise SystemExit(f"study: {readme} has no '{BEGIN}' ... '{END}' block to regenerate")
-    write_text_atomic(readme, text[: i + len(BEGIN)] + "\n" + table + text[j:])
+        raise SystemExit(f"study: {readme} has no '{begin}' ... '{end}' block to regenerate")
+    write_text_atomic(readme, text[: i + len(begin)] + "\n" + table + text[j:])
     print(f"study: regenerated the results block of {readme}")
 
 
