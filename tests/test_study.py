@@ -1,5 +1,5 @@
 """scripts/study.py's bookkeeping: which rate the grid picks, what a study cut short reports, and
-the README block it regenerates. The runs themselves are ordinary train.py / eval.py commands
+the docs/study.md block it regenerates. The runs themselves are ordinary train.py / eval.py commands
 (test_configs checks that each composes); here their result files are written by hand."""
 
 from __future__ import annotations
@@ -56,16 +56,16 @@ def test_the_grid_picks_the_best_validated_rate_and_a_short_study_still_compares
     assert (out / "study.png").stat().st_size > 10_000
 
 
-def test_the_readme_block_is_regenerated_between_its_markers(tmp_path):
-    readme = tmp_path / "README.md"
+def test_the_doc_block_is_regenerated_between_its_markers(tmp_path):
+    readme = tmp_path / "study.md"
     readme.write_text(f"# x\n\nbefore\n{study.BEGIN}\nold table\n{study.END}\nafter\n")
-    study.write_readme_block(readme, "| new | table |\n")
+    study.write_doc_block(readme, "| new | table |\n")
     text = readme.read_text()
     assert "old table" not in text and "| new | table |" in text
     assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{study.END}\nafter\n")
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="no '<!-- study.py report: begin -->'"):
-        study.write_readme_block(readme, "t")
+        study.write_doc_block(readme, "t")
 
 
 def _job(sweep: Path, n: int, workers: int, iterations: int, generated: float) -> Path:

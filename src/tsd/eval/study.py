@@ -6,7 +6,7 @@ imports it.
     python scripts/study.py plan                  # the runs and their commands, nothing run
     python scripts/study.py run --parallel 2      # run what is missing (resumable: finished runs are kept)
     python scripts/study.py report                # table, paired intervals, curves -> OUT/study.md, .json, .png
-    python scripts/study.py report --readme README.md   # ... and the README's results block
+    python scripts/study.py report --doc docs/study.md  # ... and the results block of docs/study.md
     python scripts/study.py all --parallel 2      # run, then report
 
 Design (README "A fair laptop study" says why):
@@ -697,10 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
     ap.add_argument("--parallel", type=int, default=2, help="jobs at a time (they share the cores)")
     ap.add_argument(
-        "--readme", type=Path, default=None, help="report: regenerate the results block of this README"
-    )
-    ap.add_argument(
-        "--doc", type=Path, default=None, help="plateau report: regenerate its block of this page"
+        "--doc", type=Path, default=None, help="report: regenerate the report's block of this page (docs/study.md)"
     )
     a = ap.parse_args(argv)
     if a.what == "_validate":
@@ -732,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         if action in ("report", "all"):
             summary = plateau.report(pout)
             if a.doc is not None:
-                write_readme_block(a.doc, plateau.markdown(summary), plateau.BEGIN, plateau.END)
+                write_doc_block(a.doc, plateau.markdown(summary), plateau.BEGIN, plateau.END)
         return 0
     if a.what == "plan":
         for j in plan(out):
@@ -743,22 +740,22 @@ def main(argv: list[str] | None = None) -> int:
         run_jobs(out, a.parallel)
     if a.what in ("report", "all"):
         summary = report(out)
-        if a.readme is not None:
-            write_readme_block(a.readme, markdown(summary))
+        if a.doc is not None:
+            write_doc_block(a.doc, markdown(summary))
     return 0
 
 
 BEGIN, END = "<!-- study.py report: begin -->", "<!-- study.py report: end -->"
 
 
-def write_readme_block(readme: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace what stands between the two markers in ``readme`` with the report's tables."""
-    text = readme.read_text()
+def write_doc_block(page: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what stands between the two markers in ``page`` with the report's tables."""
+    text = page.read_text()
     i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise SystemExit(f"study: {readme} has no '{begin}' ... '{end}' block to regenerate")
-    write_text_atomic(readme, text[: i + len(begin)] + "\n" + table + text[j:])
-    print(f"study: regenerated the results block of {readme}")
+        raise SystemExit(f"study: {page} has no '{begin}' ... '{end}' block to regenerate")
+    write_text_atomic(page, text[: i + len(begin)] + "\n" + table + text[j:])
+    print(f"study: regenerated the results block of {page}")
 
 
 if __name__ == "__main__":
