@@ -252,8 +252,52 @@ def train(cfg: DictConfig) -> dict:
         result["best"] = best.summary()
     if trainer.is_global_zero:
         write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
-        log.info("results: %s", json.dumps({k: v for k, v in result.items() if k != "eval_history"}))
+        for line in summary_lines(result, out_dir):
+            log.info("%s", line)
     return result
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _count(n: float) -> str:
+    """1,234,567 -> 1.23M; 645,123 -> 645k; 555 -> 555."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:,.0f}k" if n >= 1e4 else f"{n:,.0f}"
+
+
+def summary_lines(result: dict, out_dir: Path) -> list[str]:
+    """What a finished run prints last: a few readable lines (the JSON is in results.json): the
+    final evaluation against the base, the best validation score under a plateau rule, the
+    tokens, the wall time, and where the policy and results.json are."""
+    secs = float(result.get("wall_seconds", 0.0))
+    lines = [
+        f"run finished: {result['global_step']} optimiser steps in {int(secs // 60)} min {secs % 60:.0f} s "
+        f"({result.get('stop_reason', '?')}; {result.get('skipped_steps', 0)} steps skipped)"
+    ]
+    for prefix, what in (("eval", "test"), ("val", "validation")):
+        metric = next((k for k in result if k.startswith(f"final/{prefix}/mean@")), None)
+        if metric is None:
+            continue
+        name = metric.split("/")[-1]
+        final, base = result[metric], result.get(f"base/{prefix}/{name}")
+        vs = "" if base is None else f" (base {_points(base)}, {100 * (final - base):+.2f} points)"
+        lines.append(f"  {what} {name} at the end: {_points(final)}{vs}")
+    best = result.get("best")
+    if best and best.get("score") is not None:
+        tokens = best.get("generated_tokens")
+        lines.append(
+            f"  best {best['metric']}: {_points(best['score'])} at step {best['step']}"
+            + (f" ({_count(tokens)} generated tokens)" if tokens else "")
+        )
+    tok = {k: result.get(f"compute/{k}_tokens") for k in ("generated", "trained", "prefill")}
+    lines.append("  tokens: " + ", ".join(f"{_count(v)} {k}" for k, v in tok.items() if v is not None))
+    policy = out_dir / "policy"
+    if policy.exists():
+        best_dir = out_dir / "policy_best"
+        lines.append(f"  policy: {policy}" + (f" (validation-best: {best_dir})" if best_dir.exists() else ""))
+    lines.append(f"  results: {out_dir / 'results.json'}")
+    return lines
 
 
 def _stop_on_sigterm(signum, frame) -> None:
