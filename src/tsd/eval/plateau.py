@@ -11,7 +11,9 @@ Design (docs/study.md says why):
 
 - every run is ``train.py ... stop=plateau`` (src/tsd/callbacks/stopping.py): validation mean@16
   on the 256 validation problems every 250k generated tokens, stop after 4 evaluations without a
-  rise of more than 0.25 points, or at 3M generated tokens; the validation-best policy exported;
+  rise of more than 0.25 points, or at 2.5M generated tokens (the one long run before, CISPO's,
+  peaked at 1.4M and sat flat after it: its plateau and the patience fit under 2.5M); the
+  validation-best policy exported;
 - the study's batch rule: one optimiser step per rollout of 8 problems, on-policy (sync every
   step, lag 0), each arm at its learning rate from the 150-step study's grid (``LRS``);
 - arms: CISPO at groups 16, 8 and 4 (fewer tokens per step, the same 8 problems), best-of-16,
@@ -41,7 +43,7 @@ SEEDS = (0, 1, 2)
 BEGIN, END = "<!-- study.py plateau: begin -->", "<!-- study.py plateau: end -->"
 #: the stop rule's cadence (configs/stop/plateau.yaml); the frontier is read at its multiples
 EVAL_EVERY_TOKENS = 250_000
-MAX_TOKENS = 3_000_000
+MAX_TOKENS = 2_500_000
 
 COMMON = [
     "stop=plateau",
