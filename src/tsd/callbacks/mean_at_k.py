@@ -189,6 +189,7 @@ class MeanAtKEval(L.Callback):
 
     def _evaluate(self, trainer, pl_module, policy) -> float:
         """One evaluation on rank 0: log it, journal it, return mean@k."""
+        assert self.env is not None  # _run returns before this when setup_eval() was not called
         was_training = policy.training
         sampler = self._sampler(policy, pl_module.device, trainer.global_step)
         problems = self._problems()

@@ -144,7 +144,7 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_generated_tokens: int | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if _fresh_eval_step(trainer, self.monitor) is None:
+        if self.monitor is None or _fresh_eval_step(trainer, self.monitor) is None:
             return
         before = self.best_model_path
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

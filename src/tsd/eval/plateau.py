@@ -200,8 +200,8 @@ def report(out: Path) -> dict:
         row["stop_reasons"] = [r.get("stop_reason", "?").split(":")[0] for r in res]
         row["train_minutes"] = [r.get("wall_seconds", math.nan) / 60 for r in res]
         for t in TEMPERATURES:
-            evals = [_json(out / "eval" / f"{d.name}_T{t}" / "results.json") for _, d in runs]
-            evals = [e for e in evals if e]
+            found = [_json(out / "eval" / f"{d.name}_T{t}" / "results.json") for _, d in runs]
+            evals = [e for e in found if e is not None]
             if evals:
                 row[f"T{t}"] = {
                     "mean@16": [e["mean@16"] for e in evals],
@@ -373,13 +373,14 @@ def plot(summary: dict, path: Path) -> None:
             continue
         xs, mean, lo, hi = [], [], [], []
         for x in grid:
-            ys = [_at(c, x) for c in curves]
-            if any(y is None for y in ys):
+            at = [_at(c, x) for c in curves]
+            ys = [y for y in at if y is not None]
+            if len(ys) < len(at):
                 break
             xs.append(x / 1e6)
-            mean.append(100 * statistics.fmean(ys))  # type: ignore[arg-type]
-            lo.append(100 * min(ys))  # type: ignore[type-var]
-            hi.append(100 * max(ys))  # type: ignore[type-var]
+            mean.append(100 * statistics.fmean(ys))
+            lo.append(100 * min(ys))
+            hi.append(100 * max(ys))
         dashed = r["family"] == "cispo" and arm != "cispo16" or arm == "tree42"
         (line,) = ax.plot(xs, mean, "--" if dashed else "-", marker="o", ms=3,
                           label=f"{r['label']} (lr {r['lr']}, {len(curves)} seeds)")  # fmt: skip

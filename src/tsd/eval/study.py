@@ -697,7 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
     ap.add_argument("--parallel", type=int, default=2, help="jobs at a time (they share the cores)")
     ap.add_argument(
-        "--doc", type=Path, default=None, help="report: regenerate the report's block of this page (docs/study.md)"
+        "--doc",
+        type=Path,
+        default=None,
+        help="report: regenerate the report's block of this page (docs/study.md)",
     )
     a = ap.parse_args(argv)
     if a.what == "_validate":
