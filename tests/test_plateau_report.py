@@ -1,6 +1,7 @@
 """The plateau study's report (src/tsd/eval/plateau.py) on hand-written run directories: pairing by
 problem id (never by list order), tokens to the best and to 90% of it, the frontier's choice of each
-family's best shape at a budget, and the refusal of evaluations over different problems."""
+family's best shape at a budget (the refusal of evaluations over different problems:
+test_sweep.py's test of ``paired_by_id``)."""
 
 from __future__ import annotations
 
@@ -119,10 +120,3 @@ def test_a_frontier_shape_counts_only_where_every_seed_reached_the_budget(tmp_pa
     fr = {r["tokens"]: r for r in plateau.frontier(out)}
     assert fr[e]["best"]["cispo"][0] == "cispo4"
     assert fr[2 * e]["best"]["cispo"][0] == "cispo16"  # cispo4 has no figure at 2e
-
-
-def test_pairing_refuses_evaluations_of_different_problems():
-    with pytest.raises(ValueError, match="different problems"):
-        plateau.paired_by_id({"a": 1.0, "b": 0.0}, {"a": 1.0, "c": 0.0})
-    d = plateau.paired_by_id({"a": 1.0, "b": 0.0, "c": 0.5}, {"c": 1.0, "a": 1.0, "b": 0.5})
-    assert d["diff"] == pytest.approx((0 + 0.5 + 0.5) / 3)

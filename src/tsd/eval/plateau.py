@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tsd.eval.paired import paired_difference
+from tsd.eval.paired import paired_by_id
 from tsd.eval.search_efficiency import ARTICLE_SEARCH
 from tsd.eval.study import ROOT, TEMPERATURES, Job, eval_job
 from tsd.fileio import write_text_atomic
@@ -116,14 +116,6 @@ def _json(f: Path) -> dict | None:
 def _per_problem(res: dict) -> dict[str, float]:
     k = res["samples_per_problem"]
     return {p: c / k for p, c in res["per_problem_correct"].items()}
-
-
-def paired_by_id(a: dict[str, float], b: dict[str, float]) -> dict:
-    """``paired_difference`` of ``b - a`` over problem ids; the two must cover the same problems."""
-    if set(a) != set(b):
-        raise ValueError(f"paired: the two cover different problems ({len(set(a) ^ set(b))} not in both)")
-    ids = sorted(a)
-    return paired_difference([a[i] for i in ids], [b[i] for i in ids])
 
 
 def _verdict(d: dict, a: str, b: str) -> str:
