@@ -1,7 +1,7 @@
 """Peak memory of one trainer step at the article's shapes, per memory knob, and its projection to
 Qwen2.5-1.5B's 28 layers on an 80 GB GPU (docs/paper_scale.md).
 
-    nice -n 5 python benchmarks/bench_memory.py                 # ~10 min on an idle 2-core box, ~9 GiB RAM at most
+    nice -n 5 python benchmarks/bench_memory.py                 # ~15 min on an idle 2-core box, ~9 GiB RAM at most
     nice -n 5 python benchmarks/bench_memory.py --min-free-gib 12   # a shared box: wait for memory before each child
     nice -n 5 python benchmarks/bench_memory.py --only plain,chunked   # the acceptance rows alone
     python benchmarks/bench_memory.py --json out.json           # also write every figure
@@ -30,9 +30,15 @@ The projection (per trainer GPU, FSDP2 over ``--trainers`` ranks; and one proces
 - FSDP2's gathered units (the root's bf16 embeddings, two blocks, their bf16 gradients and the
   fp32 reduce-scatter buffer of the largest unit) and the chunked log-prob's fp32 copy of the
   gathered bf16 head, forward and backward;
-- the activations from the measured slopes: the growth minus the parameters' gradients, fitted as
-  ``c0 + m * (c1 + layers * c2)`` over (2 layers, 2 seqs), (2, 4) and (4, 2); measured with fp32
-  residuals (autocast over fp32 weights), which FSDP2's bf16 compute halves: an over-estimate;
+- what a forward pass leaves for its backward (the growth when the first backward starts, the
+  "held" column), fitted as ``c0 + cL * layers + cB * m + cLB * layers * m`` through (2 layers,
+  2 seqs), (2, 4), (4, 2), (4, 4) and evaluated at 28 layers and micro-batches of m sequences:
+  measured with fp32 residuals and autocast's bf16 copies of the weights (one process), which
+  FSDP2's bf16 compute halves and frees: an over-estimate for the trainers;
+- the backward's working set on top of it, measured at 2 layers (the largest ``peak - held`` of the
+  configuration's rows): it holds the 2 layers' gradients, the embedding's and head's fp32
+  gradients and the recomputed chunks; it does not grow with the layers, whose gradients are
+  counted in the sharded state (an over-estimate again: those at 2 layers are counted twice);
 - an allowance for what no CPU measures (CUDA context, NCCL, the caching allocator's
   fragmentation): 2 GiB + 10% of the rest, an assumption a GPU run must check.
 
@@ -142,8 +148,14 @@ def child(spec: dict) -> dict:
     del probe
 
     base = _reset_peak()
+    held: list[float] = []
+
+    def backward(loss: torch.Tensor) -> None:
+        held.append(_status()["VmRSS"] - base)  # what a forward leaves for its backward
+        loss.backward()
+
     t0 = time.perf_counter()
-    out = module.backward_batch(batch)  # compute_loss + backward (per micro-batch)
+    out = module.backward_batch(batch, backward=backward)  # compute_loss + backward (per micro-batch)
     seconds = time.perf_counter() - t0
     peak = _status()["VmHWM"] - base
     after = _status()["VmRSS"] - base  # what stays: the gradients
@@ -154,6 +166,7 @@ def child(spec: dict) -> dict:
         "L": L,
         "logits_gib": B * L * V * 4 / GIB,
         "peak_gib": peak,
+        "held_gib": held[0],  # the first (micro-)batch's, before any gradient exists
         "after_gib": after,
         "grads_gib": grads_gib,
         "probe_ratio": probe_ratio,
@@ -214,32 +227,37 @@ def qwen_params(layers: int) -> dict[str, int]:
     return {"embed": V * H, "block": block, "norm": H, "value_head": H * H + H + H + 1, "layers": layers}
 
 
-#: the (layers, sequences) points the activation slopes are fitted through
-SLOPE_POINTS = ((2, 2), (2, 4), (4, 2))
+#: the (layers, sequences) points the activations are fitted through
+SLOPE_POINTS = ((2, 2), (2, 4), (4, 2), (4, 4))
 
 
-def fit_activations(rows: dict[tuple[int, int], dict]) -> tuple[float, float, float]:
-    """``X(L, B) = c0 + B * (c1 + L * c2)`` (GiB) through :data:`SLOPE_POINTS`, where X is the
-    peak growth minus the parameters' gradients: what the activations and transients take."""
-    X = {k: r["peak_gib"] - r["grads_gib"] for k, r in rows.items()}
-    c2 = (X[(4, 2)] - X[(2, 2)]) / (2 * 2)
-    c1 = (X[(2, 4)] - X[(2, 2)]) / 2 - 2 * c2
-    c0 = X[(2, 2)] - 2 * (c1 + 2 * c2)
-    return c0, c1, c2
+def fit_held(rows: dict[tuple[int, int], dict]) -> tuple[float, float, float, float]:
+    """``held(L, B) = c0 + cL * L + cB * B + cLB * L * B`` (GiB) through :data:`SLOPE_POINTS`:
+    what a forward pass leaves for its backward (activations saved by autograd; in one process
+    also autocast's bf16 copies of the weights, which grow with the layers alone)."""
+    h = {k: rows[k]["held_gib"] for k in SLOPE_POINTS}
+    cLB = (h[(4, 4)] - h[(4, 2)] - h[(2, 4)] + h[(2, 2)]) / (2 * 2)
+    cL = (h[(4, 2)] - h[(2, 2)]) / 2 - 2 * cLB
+    cB = (h[(2, 4)] - h[(2, 2)]) / 2 - 2 * cLB
+    c0 = h[(2, 2)] - 2 * cL - 2 * cB - 4 * cLB
+    return c0, cL, cB, cLB
 
 
-def project(c: tuple[float, float, float], micro: int, trainers: int, checkpointed: bool) -> dict[str, float]:
+def project(
+    c: tuple[float, float, float, float], backward_extra: float, micro: int, trainers: int
+) -> dict[str, float]:
     """One trainer's GPU memory (GiB) at 28 layers, micro-batches of ``micro`` sequences."""
     p = qwen_params(PAPER_LAYERS)
     P = p["embed"] + PAPER_LAYERS * p["block"] + p["norm"] + p["value_head"]
     P_lm = P - p["value_head"]
-    c0, c1, c2 = c
+    c0, cL, cB, cLB = c
     terms = {
         # fp32 masters + fp32 grads + AdamW exp_avg + exp_avg_sq, sharded
         "state (fp32 weights+grads+AdamW) / ranks": 16 * P / trainers / GIB,
         "reference": (2 if trainers > 1 else 4) * P_lm / GIB,
+        "FSDP2 gathered units + reduce buffers": 0.0,
+        "head: fp32 copy + fp32 grad (chunked)": 0.0,
     }
-    terms["FSDP2 gathered units + reduce buffers"] = terms["head: fp32 copy + fp32 grad (chunked)"] = 0.0
     if trainers > 1:
         # gathered bf16: the root (embeddings) held through forward and backward, 2 blocks (one
         # prefetched), their bf16 grads, the fp32 reduce-scatter input of the largest unit; the
@@ -248,7 +266,9 @@ def project(c: tuple[float, float, float], micro: int, trainers: int, checkpoint
             2 * (p["embed"] + 2 * p["block"]) * 2 + 4 * p["embed"]
         ) / GIB
         terms["head: fp32 copy + fp32 grad (chunked)"] = 2 * 4 * p["embed"] / GIB
-    terms["activations (measured slope)"] = c0 + micro * (c1 + PAPER_LAYERS * c2)
+    L = PAPER_LAYERS
+    terms["forward's activations (fit)"] = c0 + cL * L + cB * micro + cLB * L * micro
+    terms["backward's working set (measured)"] = backward_extra
     subtotal = sum(terms.values())
     terms["allowance (CUDA, NCCL, fragmentation)"] = 2.0 + 0.1 * subtotal
     terms["total"] = sum(terms.values())
@@ -265,7 +285,7 @@ def print_measured(rows: list[dict], seqs: int) -> None:
     )
     head = (
         f"{'config':<20} {'layers':>6} {'seqs':>4} {'chunk':>5} {'micro':>5} {'ckpt':>4} {'peak GiB':>9} "
-        f"{'x logits':>8} {'vs plain':>8} {'grads GiB':>9} {'after GiB':>9} {'probe':>5} {'s':>5}"
+        f"{'x logits':>8} {'vs plain':>8} {'held GiB':>8} {'grads GiB':>9} {'after GiB':>9} {'probe':>5} {'s':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -276,50 +296,70 @@ def print_measured(rows: list[dict], seqs: int) -> None:
         print(
             f"{r['config']:<20} {r['layers']:>6} {r['seqs']:>4} {k['logprob_chunk_tokens']:>5} "
             f"{k['micro_batch_size']:>5} {'on' if k['activation_checkpointing'] else 'off':>4} "
-            f"{r['peak_gib']:>9.2f} {r['peak_gib'] / r['logits_gib']:>8.2f} {vs:>8} {r['grads_gib']:>9.2f} "
+            f"{r['peak_gib']:>9.2f} {r['peak_gib'] / r['logits_gib']:>8.2f} {vs:>8} {r['held_gib']:>8.2f} "
+            f"{r['grads_gib']:>9.2f} "
             f"{r['after_gib']:>9.2f} {r['probe_ratio']:>5.2f} {r['seconds']:>5.0f}"
         )
     r0 = rows[0]
     print(
         f"\n'x logits': in units of one fp32 (B, L, V) logits tensor ({r0['seqs']} x {r0['L']}: "
-        f"{r0['logits_gib']:.2f} GiB); 'vs plain': against the plain path of this run; 'grads GiB': the "
+        f"{r0['logits_gib']:.2f} GiB); 'vs plain': against the plain path of this run; 'held GiB': the growth "
+        "when the (first micro-)batch's forward is done and its backward starts; 'grads GiB': the "
         "masters' fp32 gradients (part of the peak); 'after GiB': what the step leaves (the gradients); 'probe': "
         "a 0.5 GiB allocation's measured growth / 0.5; 's': the step's seconds (AdamW's two fp32 moments, 8 "
         "bytes per parameter, are counted in the projection, not measured)"
     )
 
 
-def print_projection(rows: list[dict], trainers: int, batch: int) -> list[dict]:
+def print_projection(rows: list[dict], trainers: int, batch: int, seqs: int) -> list[dict]:
     print(
         f"\nProjection: Qwen2.5-1.5B (28 layers), {batch} sequences of {PROMPT + COMPLETION} tokens per trainer, "
         f"budget {BUDGET_GIB:.0f} GiB per GPU (H100 80 GB); GiB:\n"
     )
     proj: list[dict] = []
-    for n, ckpt in (("chunked", False), ("chunked+ckpt", True)):
+    for n in ("chunked", "chunked+ckpt"):
         fit = {(r["layers"], r["seqs"]): r for r in rows if r["config"] == n}
         if not set(SLOPE_POINTS) <= fit.keys():
             continue
-        c = fit_activations(fit)
+        c = fit_held(fit)
+        # the backward's own working set on top of what the forward held: the largest measured
+        # (peak - held) of this family at 2 layers and the measured batch, micro-batched rows included
+        # (in one process a micro-batch's gradients add to the earlier ones'); the 2 layers' fp32
+        # gradients in it are counted again under FSDP2 (in the sharded state): an over-estimate
+        extra = max(
+            r["peak_gib"] - r["held_gib"]
+            for r in rows
+            if r["config"].startswith(n)
+            and (r["layers"], r["seqs"]) == (2, seqs)
+            and r["knobs"]["activation_checkpointing"] == CONFIGS[n]["activation_checkpointing"]
+        )
         print(
-            f"{n}: activations {c[0]:.2f} GiB + per sequence {c[1]:.3f} GiB + per layer and sequence {c[2]:.3f} GiB"
+            f"{n}: held by the forward = {c[0]:.2f} + {c[1]:.3f} x layers + {c[2]:.3f} x seqs + "
+            f"{c[3]:.4f} x layers x seqs GiB; the backward's working set on top: {extra:.2f} GiB"
         )
         for ranks in (trainers, 1):
             for micro in (batch, 8, 4, 2, 1):
-                proj.append({"config": n, "ranks": ranks, "micro": micro, **project(c, micro, ranks, ckpt)})
+                proj.append({"config": n, "ranks": ranks, "micro": micro, **project(c, extra, micro, ranks)})
     if not proj:
         return proj
     terms = [k for k in proj[0] if k not in ("config", "ranks", "micro")]
-    short = ["state/ranks", "reference", "FSDP2 bufs", "head fp32", "activations", "allowance", "total"]
-    names = [s for s, k in zip(short if len(terms) == len(short) else terms, terms)]
-    head = (
-        f"{'config':<14} {'ranks':>5} {'micro':>5} "
-        + " ".join(f"{x:>11}" for x in names)
-        + f" {'margin':>7} {'fits':>4}"
-    )
+    short = [
+        "state/ranks",
+        "reference",
+        "FSDP2 bufs",
+        "head fp32",
+        "fwd held",
+        "bwd extra",
+        "allowance",
+        "total",
+    ]
+    names = short if len(short) == len(terms) else terms
+    head = f"{'config':<14} {'ranks':>5} {'micro':>5} " + " ".join(f"{x:>11}" for x in names)
+    head += f" {'margin':>7} {'fits':>4}"
     print("\n" + head)
     print("-" * len(head))
     for t in proj:
-        vals = " ".join(f"{t.get(k, 0.0):>11.2f}" for k in terms)
+        vals = " ".join(f"{t[k]:>11.2f}" for k in terms)
         margin = BUDGET_GIB - t["total"]
         micro = "off" if t["micro"] >= batch else str(t["micro"])
         print(
@@ -379,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     print_measured(rows, args.seqs)
     out: dict = {"rows": rows}
     if not args.only and args.seqs == 4:
-        out["projection"] = print_projection(rows, args.trainers, args.batch)
+        out["projection"] = print_projection(rows, args.trainers, args.batch, args.seqs)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
