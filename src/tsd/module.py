@@ -238,6 +238,8 @@ class PolicyValueModule(L.LightningModule):
 
     def training_step(self, batch: TrajectoryBatch, batch_idx: int) -> None:
         opt = self.optimizers()
+        if isinstance(opt, list):  # configure_optimizers returns one optimiser; Lightning types both
+            raise TypeError(f"expected one optimiser, got {len(opt)}")
         opt.zero_grad(set_to_none=True)
         out = self.backward_batch(batch)
         finite = bool(torch.isfinite(out.loss))
@@ -256,6 +258,8 @@ class PolicyValueModule(L.LightningModule):
             return self._skip(f"gradient norm is {grad_norm.item()}")
         opt.step()
         sch = self.lr_schedulers()
+        if isinstance(sch, list):
+            raise TypeError(f"expected at most one LR scheduler, got {len(sch)}")
         if sch is not None:
             sch.step()
         self.bad_steps_in_row = 0

@@ -40,7 +40,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -105,12 +105,14 @@ def decoder_of(lm: PreTrainedModel) -> nn.Module:
     return base
 
 
-def output_head(lm: PreTrainedModel) -> nn.Module:
-    """The LM head (``get_output_embeddings()``; a ``weight`` of shape (V, H) and maybe a bias)."""
+def output_head(lm: PreTrainedModel) -> nn.Linear:
+    """The LM head (``get_output_embeddings()``; a ``weight`` of shape (V, H) and maybe a bias).
+    Typed as ``nn.Linear``: that is what is checked here (a 2-d ``weight``, and the ``bias`` that
+    callers read with ``getattr``), whatever its class."""
     head = lm.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
         raise UnsupportedModelError(f"{type(lm).__name__} has no linear output embedding (LM head)")
-    return head
+    return cast(nn.Linear, head)
 
 
 def _cache_kwarg(module: nn.Module) -> str:
@@ -351,7 +353,7 @@ class PolicyValueModel(nn.Module):
                 f"transformers has no causal-LM class for model_type {config.model_type!r}"
             )
         lm = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
-        lm = lm.to(device)
+        lm = lm.to(device)  # type: ignore[arg-type]  # transformers types its wrapped .to as taking the model
         check_causal_lm(lm)
         weights, head_cfg = path / VALUE_HEAD_FILE, path / VALUE_HEAD_CONFIG
         if not head_cfg.exists():
