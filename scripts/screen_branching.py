@@ -14,7 +14,8 @@ of the same tokens on the same problem. Printed per policy: one row per design a
 (4, 8, 16 samples: CISPO's shapes) with its absolute figures, then every design against its
 matched i.i.d. group (paired per problem, 95% CI) and the verdict. Measurements are journaled in
 ``OUT/measured.jsonl`` as they finish: an interrupted run, rerun with the same arguments, measures
-only what is missing. Written: ``OUT/screening.json`` and ``OUT/screen_branching.png``.
+only what is missing. Written: ``OUT/screening.json``, ``OUT/screening.md`` (the table of
+docs/branching.md) and ``OUT/screen_branching.png``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from tsd.eval.screening import (
     Design,
     Sample,
     compare,
-    compose_rollout_config,
     group_row,
     matched_group,
     run_design,
@@ -44,6 +44,7 @@ from tsd.eval.screening import (
     summarise,
     verdict,
 )
+from tsd.eval.search_efficiency import compose_rollout_config
 from tsd.models.loading import load_policy
 
 
@@ -98,6 +99,40 @@ def print_tables(policy: str, summary: dict) -> None:
               f" solved/10k {fmt_ci(c['solved_per_10k'], digits=2)}")  # fmt: skip
 
 
+def markdown(results: dict) -> str:
+    """Per policy, the design - matched i.i.d. table (the one docs/branching.md shows)."""
+    lines = []
+    for pol, r in results.items():
+        lines += [
+            f"Policy `{short_name(pol)}`:",
+            "",
+            "| design | tokens / problem | leaves (i.i.d.) | solved: design (i.i.d.) | solved, paired diff "
+            "| branch points with mixed correctness: diff | distinct correct answers: diff "
+            "| mixed problems per 10k tokens: diff | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, c in r["comparisons"].items():
+            row, base = r["rows"][label], r["rows"][f"  i.i.d. at {label}'s tokens"]
+            lines.append(
+                f"| {label} | {row['tokens']:.0f} | {row['leaves']:.1f} ({base['leaves']:.1f}) "
+                f"| {row['solved']:.3f} ({base['solved']:.3f}) | {fmt_ci(c['solved'])} | {fmt_ci(c['bp_mixed'])} "
+                f"| {fmt_ci(c['distinct_correct'], digits=2)} | {fmt_ci(c['mixed_per_10k'], digits=2)} "
+                f"| {c['verdict']} |"
+            )
+        for k in FIXED_GROUPS:
+            g = r["rows"][f"i.i.d. group of {k} (CISPO's shape)"]
+            lines.append(f"| i.i.d. group of {k} | {g['tokens']:.0f} | {g['leaves']:.1f} | {g['solved']:.3f} | - | - "
+                         f"| - | {g['mixed_per_10k']:.2f} (absolute) | - |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def short_name(policy: str) -> str:
+    """``tiny``, or an exported policy's run directory name (``<run>/policy`` -> ``<run>``)."""
+    p = Path(policy)
+    return p.parent.name if p.name == "policy" and p.parent.name else p.name or policy
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -105,8 +140,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     policies = list(results)
-    keys = (("solved", "problems with a correct answer"), ("mixed", "problems with mixed correctness"),
-            ("mixed_per_10k", "mixed problems per 10k tokens"))  # fmt: skip
+    keys = (("solved", "problems with a correct answer"),
+            ("bp_mixed", "branch points whose children differ in correctness"),
+            ("mixed_per_10k", "problems with mixed correctness per 10k tokens"))  # fmt: skip
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 0.5 + 0.45 * max(
         len(r["comparisons"]) for r in results.values())), squeeze=False)  # fmt: skip
     for ax, (key, what) in zip(axes[0], keys):
@@ -117,11 +153,11 @@ def plot(results: dict, path: Path) -> None:
             xs = [comps[lb][key]["diff"] for lb in labels]
             lo = [comps[lb][key]["diff"] - comps[lb][key]["ci95"][0] for lb in labels]
             hi = [comps[lb][key]["ci95"][1] - comps[lb][key]["diff"] for lb in labels]
-            ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, label=f"policy {Path(pol).name or pol}")
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, label=f"policy {short_name(pol)}")
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.axvline(0, color="k", lw=0.8)
         ax.invert_yaxis()
-        ax.set_title(f"design - i.i.d. at equal tokens: {what}", fontsize=8)
+        ax.set_title(f"design - i.i.d. at equal tokens:\n{what}", fontsize=8)
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -175,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         setup = [policy_name, args.problems, args.seed, args.batch]
 
-        def make_sampler(cfg, seed: int = args.seed):
+        def make_sampler(cfg, seed: int = args.seed, model=model, tok=tok):
             return build(cfg.sampler, "sampler", seed=seed)(model, tok)
 
         pool_key = json.dumps(["pool", *setup, args.pool])
@@ -186,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = compose_rollout_config(["experiment=cispo_countdown"])
             pool = sample_pool(problems, make_sampler(cfg, args.seed + 1000), env, args.pool, args.batch,
                                progress=lambda m, p=policy_name: log(f"{p}: {m}"))  # fmt: skip
-            record(pool_key, {"pool": [[[s.tokens, s.dense, s.correct, s.answer] for s in row] for row in pool]})
+            record(
+                pool_key, {"pool": [[[s.tokens, s.dense, s.correct, s.answer] for s in row] for row in pool]}
+            )
         rows: dict[str, dict] = {}
         comparisons: dict[str, dict] = {}
         for k in FIXED_GROUPS:
@@ -205,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             matched = [group_row(matched_group(p, r["tokens"])) for p, r in zip(pool, per)]
             short = sum(r["tokens"] > sum(s.tokens for s in p) for p, r in zip(pool, per))
             if short:
-                log(f"warning: {d.label}: {short} problems spent more tokens than the pool holds (raise --pool)")
+                log(
+                    f"warning: {d.label}: {short} problems spent more tokens than the pool holds (raise --pool)"
+                )
             rows[d.label] = {**summarise(per), "wall_s": wall}
             rows[f"  i.i.d. at {d.label}'s tokens"] = summarise(matched)
             c = compare(per, matched)
@@ -217,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"problems": f"train[-{args.problems}:]", "seed": args.seed, "batch": args.batch, "pool": args.pool,
                "designs": {d.label: d.overrides for d in designs}, "results": results}  # fmt: skip
     (args.out / "screening.json").write_text(json.dumps(payload, indent=1))
+    (args.out / "screening.md").write_text(markdown(results))
     plot(results, args.out / "screen_branching.png")
-    log(f"wrote {args.out / 'screening.json'} and {args.out / 'screen_branching.png'}")
+    log(f"wrote {args.out / 'screening.json'}, screening.md and screen_branching.png")
     return 0
 
 

@@ -42,8 +42,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from tsd.config import ConfigError, build
 from tsd.envs.base import Env, Problem
 from tsd.eval.paired import paired_difference
@@ -66,7 +64,15 @@ PER_PROBLEM = (
     "nonzero_tokens",
 )
 #: what the paired table compares (design - matched i.i.d. group)
-PAIRED = ("solved", "mixed", "bp_mixed", "bp_nondegenerate", "distinct_correct", "leaves_per_1k", "nonzero_share")
+PAIRED = (
+    "solved",
+    "mixed",
+    "bp_mixed",
+    "bp_nondegenerate",
+    "distinct_correct",
+    "leaves_per_1k",
+    "nonzero_share",
+)
 #: fixed i.i.d. groups reported beside the designs (CISPO's group sizes)
 FIXED_GROUPS = (4, 8, 16)
 
@@ -77,6 +83,10 @@ DESIGNS: dict[str, list[str]] = {
     "pUCT 4x4 (the tree arm)": [*TREE],
     "Gumbel root m=4, 4x4": ["experiment=gumbel_countdown"],
     "Gumbel root m=8, 4x4": ["experiment=gumbel_countdown", "rollout.root_actions=8"],
+    # m = 16 at 16 simulations: every simulation below its own first step (halving never runs)
+    "Gumbel root m=16, 4x4": ["experiment=gumbel_countdown", "rollout.root_actions=16"],
+    "Gumbel root m=8, 2x8": ["experiment=gumbel_countdown", "rollout.root_actions=8", "rollout.workers=2",
+                             "rollout.iterations=8"],
     "EPTree -log p, 8 chains + 2 forks": [*EPTREE],
     "EPTree entropy, 8 + 2": [*EPTREE, "rollout/forks=entropy"],
     "EPTree step starts, 8 + 2": [*EPTREE, "rollout/forks=step"],
@@ -116,7 +126,9 @@ def _differ(xs: Sequence[float], eps: float = 1e-9) -> bool:
     return len(xs) >= 2 and max(xs) - min(xs) > eps
 
 
-def tree_row(tree: SearchTree, emission: TreePaths, answer: Callable[[list[int]], str | None]) -> dict[str, float]:
+def tree_row(
+    tree: SearchTree, emission: TreePaths, answer: Callable[[list[int]], str | None]
+) -> dict[str, float]:
     """:data:`PER_PROBLEM` of one design's tree (its terminals graded; ``answer`` reads a
     completion's answer expression)."""
     ends = graded_terminals(tree)
@@ -279,7 +291,11 @@ def rate(rows: Sequence[dict[str, float]], key: str, per: float = 1e4) -> float:
 
 
 def bootstrap_rate_diff(
-    rows: Sequence[dict[str, float]], base: Sequence[dict[str, float]] | None, key: str, draws: int = 2000, seed: int = 0
+    rows: Sequence[dict[str, float]],
+    base: Sequence[dict[str, float]] | None,
+    key: str,
+    draws: int = 2000,
+    seed: int = 0,
 ) -> tuple[float, tuple[float, float]]:
     """``rate(rows) - rate(base)`` (or ``rate(rows)`` without a base) and its 95% bootstrap interval,
     the problems resampled together (paired)."""
@@ -329,10 +345,7 @@ def verdict(c: dict[str, dict]) -> str:
     wins = [k for k in ("solved", "mixed") if c[k]["ci95"][0] > 0]
     losses = [k for k in ("solved", "mixed") if c[k]["ci95"][1] < 0]
     if wins:
-        return "beats i.i.d. on " + " and ".join(wins) + (f" (worse on {', '.join(losses)})" if losses else "")
+        return (
+            "beats i.i.d. on " + " and ".join(wins) + (f" (worse on {', '.join(losses)})" if losses else "")
+        )
     return ("worse on " + " and ".join(losses)) if losses else "no difference"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)

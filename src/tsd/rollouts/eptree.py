@@ -40,7 +40,14 @@ from typing import Any
 from tsd.config import check_bool, check_int, require
 from tsd.envs.base import Env, Problem, Score
 from tsd.rl.trajectory import Trajectory
-from tsd.rollouts.base import Rollout, RolloutOutput, decode_completion, encode_prompt, problem_means, problem_stats
+from tsd.rollouts.base import (
+    Rollout,
+    RolloutOutput,
+    decode_completion,
+    encode_prompt,
+    problem_means,
+    problem_stats,
+)
 from tsd.rollouts.fork_gates import ForkAll, ForkGate
 from tsd.rollouts.forks import ForkRule, SampledPath, SurpriseForks
 from tsd.rollouts.path_tree import tree_from_paths
@@ -94,7 +101,9 @@ class EPTreeRollout(Rollout):
         self.forks_per_chain = check_int(forks_per_chain, f"{o}.forks_per_chain", low=0)
         self.branches = check_int(branches, f"{o}.branches", low=1)
         self.rounds = check_int(rounds, f"{o}.rounds", low=0)
-        require(forks is None or isinstance(forks, ForkRule), f"{o}.forks", "a tsd.rollouts.forks rule", forks)
+        require(
+            forks is None or isinstance(forks, ForkRule), f"{o}.forks", "a tsd.rollouts.forks rule", forks
+        )
         self.forks = forks if forks is not None else SurpriseForks()
         require(gate is None or callable(gate), f"{o}.gate", "a tsd.rollouts.fork_gates gate", gate)
         self.gate = gate if gate is not None else ForkAll()
@@ -108,7 +117,9 @@ class EPTreeRollout(Rollout):
         self.max_new_tokens = check_int(max_new_tokens, f"{o}.max_new_tokens", low=2)
         self.min_prefix = check_int(min_prefix, f"{o}.min_prefix", low=1)
         self.without_replacement = check_bool(without_replacement, f"{o}.without_replacement")
-        require(isinstance(answer_tag, str) and answer_tag, f"{o}.answer_tag", "a non-empty string", answer_tag)
+        require(
+            isinstance(answer_tag, str) and bool(answer_tag), f"{o}.answer_tag", "a non-empty string", answer_tag
+        )
         self.answer_tag = answer_tag
         self.record_trees = check_bool(record_trees, f"{o}.record_trees")
         #: the last run's trees (only with ``record_trees``), in problem order
@@ -322,6 +333,7 @@ class EPTreeRollout(Rollout):
             "search/chain_token_share": chain_tokens / max(1, tokens),
             "search/duplicate_paths_per_problem": sum(
                 len(p) - len({tuple(q.token_ids) for q in p}) for p in paths
-            ) / n,
+            )
+            / n,
             "search/sampler_tokens_per_problem": tokens / n,
         }

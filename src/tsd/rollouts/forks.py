@@ -93,5 +93,8 @@ class StepForks(ForkRule):
         return [t for t in path.step_starts if lo <= t < hi]
 
     def score(self, path: SampledPath, t: int) -> float:
-        ends: Sequence[int] = [s for s in path.step_starts if s > t] + [path.answer_start, len(path.token_ids)]
+        ends: Sequence[int] = [s for s in path.step_starts if s > t] + [
+            path.answer_start,
+            len(path.token_ids),
+        ]
         return -sum(path.logprobs[t : max(t + 1, min(ends))])

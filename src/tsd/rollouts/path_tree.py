@@ -37,7 +37,7 @@ def tree_from_paths(
     order their first path came. A shared segment keeps the log-probs of the first path through it
     (they are the same tokens sampled once from the same state). Internal segments get finish
     reason ``step`` (not terminal); each leaf the finish reason of its path. Priors are the share
-    of the parent's paths that go through the child. Raises if a path is empty, longer than
+    of the parent's distinct paths that go through the child. Raises if a path is empty, longer than
     ``max_tokens``, or a strict prefix of another (a complete sample cannot be: it ends with an
     answer, EOS or the token cap).
     """
