@@ -110,3 +110,19 @@ def test_the_script_screens_a_design_and_resumes_from_its_journal(tmp_path, caps
     capsys.readouterr()
     assert screen_branching.main(argv) == 0
     assert capsys.readouterr().out.count("measured before") == 2  # the pool and the design
+
+
+def test_compare_arms_averages_seeds_per_problem_before_pairing(tmp_path, capsys):
+    import compare_arms
+
+    def res(name, counts):
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps({"samples_per_problem": 4, "per_problem_correct": dict(zip("abcd", counts))}))
+        return str(f)
+
+    a = [res("a0", [0, 0, 1, 1]), res("a1", [0, 2, 1, 1])]  # seed means per problem: 0, 1/4, 1/4, 1/4
+    b = [res("b0", [4, 4, 4, 4])]
+    assert compare_arms.main(["--arm", "a", *a, "--arm", "b", *b]) == 0
+    out = capsys.readouterr().out
+    assert "a: mean@k 18.75 ± 8.84 over 2 seeds (12.50, 25.00)" in out
+    assert "b - a: +81.25 points" in out and "-> b > a" in out
