@@ -163,8 +163,12 @@ class _NoEntropySampler(Sampler):
 
 
 def test_a_sampler_without_entropies_says_so():
+    from tsd.samplers.vllm import VLLMSampler
+
     with pytest.raises(NotImplementedError, match="entropies"):
         _NoEntropySampler().sample_with_entropy([[1]], n=1, max_new_tokens=1)
+    # vLLM returns the sampled tokens' log-probs only: its sampler keeps the base's refusal
+    assert VLLMSampler.sample_with_entropy is Sampler.sample_with_entropy
     with pytest.raises(ValueError, match="entropies"):
         Continuation([1, 2], [0.0, 0.0], "eos", entropies=[0.1])
 
