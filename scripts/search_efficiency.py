@@ -1,7 +1,7 @@
 """Target quality against compute: share of emitted trajectories that are correct, against the
 tokens generated per problem, for best-of-N at several N and MCTS variants at several budgets.
 
-    python scripts/search_efficiency.py                                   # the README's table and picture
+    python scripts/search_efficiency.py                                   # docs/search_efficiency.md's table and picture
     python scripts/search_efficiency.py --problems 48 --bon 4 16 --budgets 4x6 16x12
     python scripts/search_efficiency.py --policy outputs/mcts_countdown/<time>/policy
     python scripts/search_efficiency.py --variant "mine 4x4 8x8: rollout.rollout_mix=0.5 rollout.c_puct=2"

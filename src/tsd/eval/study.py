@@ -9,7 +9,7 @@ imports it.
     python scripts/study.py report --doc docs/study.md  # ... and the results block of docs/study.md
     python scripts/study.py all --parallel 2      # run, then report
 
-Design (README "A fair laptop study" says why):
+Design (docs/study.md, "The 150-step study", says why):
 
 - methods: ``base`` (the bundled policy, untrained), ``cispo`` (group sampling, group-normalised
   advantages, no value loss), ``bon`` (best-of-16, value baseline), ``mcts_article`` (the article's
@@ -67,7 +67,7 @@ SEEDS = (0, 1, 2)
 STEPS = 150
 VAL_PROBLEMS = 256  # env.val: drawn after the 20,000 train problems
 TEMPERATURES = ("1.0", "0.2")
-#: the tree arm's advantage rule (rollout/emission/advantage), chosen by the pilot in the README
+#: the tree arm's advantage rule (rollout/emission/advantage), chosen by the pilot in docs/study.md ("The tree arm: which advantage rule")
 TREE_RULE = "treerl"
 
 COMMON = [
