@@ -6,7 +6,8 @@
 Each ``--arm NAME FILE...`` gives the ``eval.py`` results of one arm's seeds. Per arm: mean@k of
 each seed and their mean ± sd. Between every two arms: each problem's score averaged over the arm's
 seeds, then the paired per-problem difference with its 95% interval
-(:func:`tsd.eval.paired.paired_difference`), as ``scripts/study.py report`` does. ``--tokens NAME
+matched by problem id (:func:`tsd.eval.paired.paired_by_id`: evaluations of different problem sets
+are refused), as ``scripts/study.py report`` does. ``--tokens NAME
 FILE...`` (train.py ``results.json`` of the arm's runs) adds the ratio of generated tokens.
 """
 
@@ -18,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tsd.eval.paired import paired_difference
+from tsd.eval.paired import paired_by_id
 
 
 def per_problem(path: Path) -> dict[str, float]:
@@ -50,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         tok = f", {tokens[name] / 1e3:,.0f}k generated tokens per run" if name in tokens else ""
         print(f"{name}: mean@k {100 * statistics.fmean(scores):.2f} ± {100 * sd:.2f} over {len(scores)} seeds "
               f"({', '.join(f'{100 * x:.2f}' for x in scores)}){tok}")  # fmt: skip
-        common = sorted(set.intersection(*(set(s) for s in seeds)))
-        means[name] = {p: statistics.fmean(s[p] for s in seeds) for p in common}
+        ids = set(seeds[0])
+        if any(set(s) != ids for s in seeds):
+            ap.error(f"--arm {name}: its seeds' evaluations scored different problems")
+        means[name] = {p: statistics.fmean(s[p] for s in seeds) for p in sorted(ids)}
     names = list(arms)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            common = sorted(set(means[a]) & set(means[b]))
-            d = paired_difference([means[a][p] for p in common], [means[b][p] for p in common])
+            d = paired_by_id(means[a], means[b])
             lo, hi = d["ci95"]
             verdict = "no difference" if lo <= 0 <= hi else (f"{b} > {a}" if lo > 0 else f"{a} > {b}")
             ratio = (
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a in tokens and b in tokens
                 else ""
             )
-            print(f"{b} - {a}: {100 * d['diff']:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}] over {len(common)} "
+            print(f"{b} - {a}: {100 * d['diff']:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}] over {len(means[a])} "
                   f"problems -> {verdict}{ratio}")  # fmt: skip
     return 0
 
