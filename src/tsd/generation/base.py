@@ -43,6 +43,7 @@ class Generation(ABC):
         buffer: Buffer,
         problems_per_rollout: int = 16,
         seed: int = 0,
+        tokens_per_rollout: int | None = None,
     ) -> None:
         """
         Args:
@@ -55,11 +56,19 @@ class Generation(ABC):
             problems_per_rollout: problems one rollout call handles (one sampler batch, or the trees
                 that share MCTS waves), >= 1.
             seed: the run's seed: the problem order and (with the generator's index) the sampler's.
+            tokens_per_rollout: ``None`` (one rollout of ``problems_per_rollout`` problems per
+                batch), or a batch budgeted in generated tokens: rollouts on chunks of
+                ``problems_per_rollout`` problems until this many tokens are spent
+                (:class:`~tsd.generation.worker.RolloutWorker`).
         """
         self.rollout, self.env, self.make_sampler = rollout, env, make_sampler
         self.tokenizer, self.buffer = tokenizer, buffer
         self.problems_per_rollout = check_int(problems_per_rollout, "generation.problems_per_rollout", low=1)
         self.seed = check_int(seed, "seed")
+        self.tokens_per_rollout = (
+            None if tokens_per_rollout is None
+            else check_int(tokens_per_rollout, "generation.tokens_per_rollout", low=1)
+        )  # fmt: skip
 
     @staticmethod
     def sampler_seed(seed: int, index: int) -> int:

@@ -77,7 +77,13 @@ class LocalGeneration(Generation):
             self._copy, self.tokenizer, device=device, seed=self.sampler_seed(self.seed, 0)
         )
         self.worker = RolloutWorker(
-            self.rollout, sampler, self.env, self.buffer, self.problems_per_rollout, seed=self.seed
+            self.rollout,
+            sampler,
+            self.env,
+            self.buffer,
+            self.problems_per_rollout,
+            seed=self.seed,
+            tokens_per_rollout=self.tokens_per_rollout,
         )
 
     def _worker(self) -> RolloutWorker:

@@ -166,6 +166,7 @@ class RemoteGeneration(Generation):
             self.problems_per_rollout,
             seed=self.seed + index,
             worker_id=index,
+            tokens_per_rollout=self.tokens_per_rollout,
         )
         try:
             GeneratorLoop(worker, receiver, name=name).run()

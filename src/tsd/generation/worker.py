@@ -20,7 +20,8 @@ import torch
 from tsd.buffers.base import Buffer
 from tsd.config import check_int
 from tsd.envs.base import Env, Problem
-from tsd.rollouts.base import Rollout
+from tsd.rl.trajectory import Trajectory
+from tsd.rollouts.base import Rollout, RolloutOutput
 from tsd.samplers.base import Sampler
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class RolloutWorker:
         problems_per_rollout: int,
         seed: int = 0,
         worker_id: int = 0,
+        tokens_per_rollout: int | None = None,
     ) -> None:
         """
         Args:
@@ -46,8 +48,21 @@ class RolloutWorker:
             problems_per_rollout: problems per :meth:`produce`, >= 1.
             seed: the problem order's seed (a shuffle of ``env.train`` per epoch).
             worker_id: this generator's index (recorded on its trajectories).
+            tokens_per_rollout: ``None``: :meth:`produce` runs one rollout on ``problems_per_rollout``
+                problems. A number: :meth:`produce` runs rollouts on successive chunks of
+                ``problems_per_rollout`` problems until it has generated this many tokens, and
+                pushes them as one batch, so that a rollout that spends fewer tokens per problem
+                trains on more problems per step at the same cost (the overshoot of the last chunk
+                is taken off the next budget, so a run's tokens stay within one chunk of
+                ``steps x tokens_per_rollout``).
         """
         check_int(problems_per_rollout, "generation.problems_per_rollout", low=1)
+        self.tokens_per_rollout = (
+            None if tokens_per_rollout is None
+            else check_int(tokens_per_rollout, "generation.tokens_per_rollout", low=1)
+        )  # fmt: skip
+        #: tokens the last budgeted batch spent past its budget (negative: short of it)
+        self.token_debt = 0
         self.rollout, self.sampler, self.env, self.buffer = rollout, sampler, env, buffer
         self.problems_per_rollout = problems_per_rollout
         self.seed, self.worker_id = seed, worker_id
@@ -76,12 +91,12 @@ class RolloutWorker:
         return out
 
     def produce(self) -> int:
-        """One rollout on the next problems; returns how many trajectories went to the buffer."""
-        problems = self.next_problems()
-        self.sampler.drop_cache()  # a rollout reuses only what its own calls ran (exact resumes)
+        """One rollout on the next problems (with ``tokens_per_rollout``: rollouts on the next
+        chunks of problems until the budget is spent); returns how many trajectories went to the
+        buffer."""
         prefill0 = self.sampler.prefill_tokens
         t0 = time.perf_counter()
-        out = self.rollout.run(problems, self.sampler, self.env)
+        out = self._run(self.next_problems()) if self.tokens_per_rollout is None else self._run_budgeted()
         dt = time.perf_counter() - t0
         self.generated_tokens += out.generated_tokens
         self.prefill_tokens += self.sampler.prefill_tokens - prefill0
@@ -105,6 +120,41 @@ class RolloutWorker:
         log.debug("rollout %d: %d trajectories in %.2fs", self.rollouts, len(out.trajectories), dt)
         return len(out.trajectories)
 
+    def _run(self, problems: list[Problem]) -> RolloutOutput:
+        self.sampler.drop_cache()  # a rollout reuses only what its own calls ran (exact resumes)
+        return self.rollout.run(problems, self.sampler, self.env)
+
+    def _run_budgeted(self) -> RolloutOutput:
+        """Rollouts on successive chunks of problems until ``tokens_per_rollout`` (less the last
+        batch's overshoot) tokens are generated; one output, its statistics the per-problem
+        weighted means of the chunks' plus ``rollout/problems_per_rollout`` (the problems this
+        batch trains on), ``rollout/rollout_calls`` and ``rollout/token_budget``."""
+        assert self.tokens_per_rollout is not None
+        budget = self.tokens_per_rollout
+        target = budget - self.token_debt
+        trajectories: list[Trajectory] = []
+        sums: dict[str, float] = {}
+        tokens = problems = calls = 0
+        while True:
+            chunk = self.next_problems()
+            out = self._run(chunk)
+            trajectories += out.trajectories
+            tokens += out.generated_tokens
+            problems += len(chunk)
+            calls += 1
+            for k, v in out.stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+            if tokens >= target:
+                break
+        self.token_debt = max(-budget, min(budget, tokens - target))
+        stats = {k: v / problems for k, v in sums.items()}
+        stats.update({
+            "rollout/problems_per_rollout": float(problems),
+            "rollout/rollout_calls": float(calls),
+            "rollout/token_budget": float(target),
+        })  # fmt: skip
+        return RolloutOutput(trajectories, stats, generated_tokens=tokens)
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Swap in the weights of optimiser step ``version`` (between rollouts)."""
         self.sampler.load_weights(state_dict, version)
@@ -126,6 +176,7 @@ class RolloutWorker:
             "prefill_tokens": self.prefill_tokens,
             "trajectories": self.trajectories,
             "rollouts": self.rollouts,
+            "token_debt": self.token_debt,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -135,6 +186,7 @@ class RolloutWorker:
         self.prefill_tokens = int(state.get("prefill_tokens", 0))  # (checkpoints before it was counted)
         self.trajectories = int(state["trajectories"])
         self.rollouts = int(state["rollouts"])
+        self.token_debt = int(state.get("token_debt", 0))  # (checkpoints before budgeted batches)
         gen = self.sampler.generator
         if state.get("sampler_rng") is not None and gen is not None:
             gen.set_state(state["sampler_rng"])

@@ -20,6 +20,7 @@ from tsd.rl.losses import group_normalized_advantages
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.base import Rollout, RolloutOutput
 from tsd.rollouts.sampling import check_positive, sample_and_grade, to_trajectory
+from tsd.rollouts.tree_stats import nonzero_advantage_fraction
 from tsd.samplers.base import Sampler
 
 
@@ -74,5 +75,7 @@ class GroupRollout(Rollout):
             "rollout/correct_mean": statistics.fmean(map(float, correct)),
             "rollout/dropped_groups": float(dropped),
             "rollout/completion_tokens_mean": tokens / max(1, len(rewards)),
+            # trained tokens whose advantage is not 0 (a group whose rewards are all equal has none)
+            "rollout/nonzero_advantage_token_fraction": nonzero_advantage_fraction(trajs),
         }
         return RolloutOutput(trajs, stats, generated_tokens=tokens)

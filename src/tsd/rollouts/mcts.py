@@ -269,6 +269,7 @@ class MCTSRollout(Rollout):
                 node.reward, node.correct = float(s.dense), bool(s.correct)
                 c.grades += 1
 
+        self._before_search(trees, sampler, c)
         wave = self.rollout_wave if self.rollout_mix > 0 else self.wave
         for w in range(self.iterations):
             before = sum(len(t.nodes) for t in trees)
@@ -326,7 +327,10 @@ class MCTSRollout(Rollout):
             if tree.root.exhausted:  # only with skip_exhausted: this tree has nothing left to find
                 continue
             for _ in range(self.workers):
-                path = tree.select_leaf()
+                found = self._select_path(i, tree)
+                if found is None:
+                    break
+                path = found
                 leaf = path[-1]
                 if leaf.terminal:
                     c.terminal_evaluations += 1
@@ -337,6 +341,16 @@ class MCTSRollout(Rollout):
                     c.branch_depths.append(leaf.depth)
                 selections.append((i, path))
         return selections
+
+    def _before_search(self, trees: Sequence[SearchTree], sampler: Sampler, counters: SearchCounters) -> None:
+        """Called once the trees exist, before the first wave (nothing here; a subclass that
+        chooses the root's children itself draws them: :class:`~tsd.rollouts.gumbel.GumbelMCTSRollout`)."""
+        return None
+
+    def _select_path(self, index: int, tree: SearchTree) -> list[Node] | None:
+        """One worker's selection in tree ``index`` (pUCT from the root, virtual loss on); ``None``
+        when a subclass's root rule has nothing left to select this wave."""
+        return tree.select_leaf()
 
     def _reserve(self, tree: SearchTree, leaf: Node) -> None:
         """What a simulation that stopped at the non-terminal ``leaf`` asks of the sampler: the

@@ -280,11 +280,17 @@ class SearchTree:
         node.scheduled += count
 
     # ------------------------------------------------------------------ selection + virtual loss
-    def select_leaf(self) -> list[Node]:
+    def select_leaf(self, first: Node | None = None) -> list[Node]:
         """Descend by pUCT from the root to where this simulation stops: a terminal, a node with
         nothing sampled below it yet, or a node with room to widen. Virtual loss is applied along
-        the way; :meth:`backup` (or :meth:`undo_virtual_loss`) must follow."""
+        the way; :meth:`backup` (or :meth:`undo_virtual_loss`) must follow. ``first``: a child of
+        the root another rule chose (a Gumbel root's Sequential Halving,
+        :class:`~tsd.rollouts.gumbel.GumbelMCTSRollout`): the descent starts below it."""
         node, path = self.root, [self.root]
+        if first is not None:
+            if first.parent is not self.root:
+                raise ValueError(f"SearchTree.select_leaf: node {first.id} is not a child of the root")
+            node, path = first, [self.root, first]
         while node.children and not node.terminal:
             if self.unseen_as_child:
                 if self.can_widen(node) and self._unseen_wins(node):

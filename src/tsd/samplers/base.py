@@ -38,11 +38,19 @@ class Continuation:
     #: fp32 log-prob of each sampled token under the sampling distribution (temperature applied)
     logprobs: list[float]
     finish_reason: FinishReason
+    #: entropy (nats) of the policy's next-token distribution at each sampled token, the one the
+    #: token was drawn from (temperature applied; exclusion not): only from
+    #: :meth:`Sampler.sample_with_entropy`, else ``None``
+    entropies: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(
                 f"Continuation: token_ids ({len(self.token_ids)}) and logprobs ({len(self.logprobs)}) differ in length"
+            )
+        if self.entropies is not None and len(self.entropies) != len(self.token_ids):
+            raise ValueError(
+                f"Continuation: token_ids ({len(self.token_ids)}) and entropies ({len(self.entropies)}) differ in length"
             )
 
 
@@ -100,6 +108,25 @@ class Sampler(ABC):
         leave at most :data:`EXHAUSTED_MASS` at a prefix, the token is drawn from the policy itself
         and counted in ``exhausted_draws``. Both samplers implement it (HFSampler in its own
         loop; VLLMSampler with a logits processor, :mod:`tsd.samplers.exclusion`)."""
+
+    def sample_with_entropy(
+        self,
+        states: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode = "step",
+        exclude: Sequence[Sequence[Any]] | None = None,
+    ) -> list[list[Continuation]]:
+        """:meth:`sample`, each continuation also carrying ``entropies``: the entropy of the next-token
+        distribution every token was drawn from (what an entropy-guided fork rule ranks positions
+        by, :class:`tsd.rollouts.forks.EntropyForks`). It needs the whole distribution at every
+        step: :class:`~tsd.samplers.hf.HFSampler` has it; a sampler that returns only the sampled
+        tokens' log-probs (vLLM) cannot give it and raises."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not record next-token entropies (it returns the sampled "
+            "tokens' log-probs only): use sampler=hf, or a fork rule that needs none "
+            "(rollout/forks=surprise | step)"
+        )
 
     @abstractmethod
     def value(self, states: Sequence[Sequence[int]]) -> list[float]:

@@ -267,9 +267,13 @@ class HFSampler(Sampler):
         max_new_tokens: int,
         stop: StopMode = "step",
         exclude: Sequence[Sequence[Any]] | None = None,
+        *,
+        entropy: bool = False,
     ) -> tuple[list[list[Continuation]], list[float]]:
         """:meth:`sample`, with V(s) read from the prefill that starts sampling (the model's
-        forward computes the value head anyway: no second pass, no extra cost)."""
+        forward computes the value head anyway: no second pass, no extra cost). ``entropy``: each
+        continuation also carries the entropy of every token's next-token distribution
+        (:meth:`sample_with_entropy`)."""
         if n < 1:
             raise ValueError(f"HFSampler.sample: n must be >= 1, got {n}")
         if max_new_tokens < 1:
@@ -299,11 +303,27 @@ class HFSampler(Sampler):
                     max_new_tokens,
                     stop,
                     tries[start : start + per_batch],
+                    entropy,
                 )
                 flat.extend(conts)
                 values.extend(vals)
         self.generated_tokens += sum(len(c.token_ids) for c in flat)
         return [flat[i * n : (i + 1) * n] for i in range(len(states))], values
+
+    def sample_with_entropy(
+        self,
+        states: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: StopMode = "step",
+        exclude: Sequence[Sequence[Any]] | None = None,
+    ) -> list[list[Continuation]]:
+        """:meth:`sample`, each continuation carrying ``entropies``: ``H = -sum_v p(v) log p(v)`` of
+        the distribution each token was drawn from (temperature, top-p and the pad/BOS ban applied;
+        the exclusion of ``exclude`` not: it is a search device, not the policy), from the
+        probabilities :meth:`_pick` computes anyway (one (B, V) reduction per step). The samples
+        are the ones :meth:`sample` draws from the same generator state."""
+        return self.sample_and_value(states, n, max_new_tokens, stop, exclude, entropy=True)[0]
 
     def value(self, states: Sequence[Sequence[int]]) -> list[float]:
         if any(len(s) == 0 for s in states):
@@ -340,13 +360,17 @@ class HFSampler(Sampler):
             self.model.train(was_training)
 
     def _pick(
-        self, logits: torch.Tensor, excluded: dict[int, dict[int, float]] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        logits: torch.Tensor,
+        excluded: dict[int, dict[int, float]] | None = None,
+        entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sample one token per row from fp32 ``logits`` (B, V); returns ids (B,) and their
         log-probs (B,) under the policy's distribution (temperature, top-p, pad/BOS ban).
         ``excluded[row] = {token: mass}``: the probability of continuing the row with ``token``
         into a continuation it must not repeat; that mass is taken off before drawing (the
-        returned log-prob is still the policy's)."""
+        returned log-prob is still the policy's). With ``entropy`` also the entropy (B,) of each
+        row's distribution (before the exclusion), else ``None``."""
         logits = logits.float()
         if self._banned.numel():
             logits = logits.index_fill(-1, self._banned, float("-inf"))  # (B, V) pad/BOS never sampled
@@ -357,6 +381,8 @@ class HFSampler(Sampler):
                 logits = top_p_filter(logits, self.top_p)
         logp = torch.log_softmax(logits, -1)  # (B, V), renormalised over what may be sampled
         probs = logp.exp()  # (B, V)
+        # entr(p) = -p log p, 0 where p = 0 (a banned or top-p-cut token: -inf log-prob)
+        ent = torch.special.entr(probs).sum(-1) if entropy else None  # (B,)
         if excluded:  # every row's excluded tokens at once: (E,) entries of (row, token, mass)
             dev = probs.device
             counts = [len(m) for m in excluded.values()]
@@ -381,7 +407,7 @@ class HFSampler(Sampler):
             tok = probs.argmax(-1)  # (B,)
         else:
             tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)  # (B,)
-        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1), ent
 
     def _generate(
         self,
@@ -390,6 +416,7 @@ class HFSampler(Sampler):
         max_new_tokens: int,
         stop: StopMode,
         tries: Sequence[ExclusionTrie | None],
+        entropy: bool = False,
     ) -> tuple[list[Continuation], list[float]]:
         """One left-padded batch through the cached autoregressive loop: the S states' distinct
         ones are prefilled once, then each state becomes n adjacent rows (B = S * n) sharing its
@@ -421,6 +448,7 @@ class HFSampler(Sampler):
 
         tokens: list[list[int]] = [[] for _ in range(B)]
         logprobs: list[list[float]] = [[] for _ in range(B)]
+        entropies: list[list[float]] = [[] for _ in range(B)]
         reasons: list[FinishReason | None] = [None] * B
         # the rows still decoding, as indices into tokens/logprobs; the batch (logits, mask,
         # positions, KV cache) holds exactly these, in this order
@@ -429,8 +457,9 @@ class HFSampler(Sampler):
         on_trie: dict[int, ExclusionTrie] = {r: trie for r in range(B) if (trie := tries[r // n])}
         for t in range(max_new_tokens):
             excluded = {b: on_trie[r][tuple(tokens[r])] for b, r in enumerate(cur) if r in on_trie}
-            tok, lp = self._pick(logits[:, -1], excluded)  # (b,), (b,)
+            tok, lp, ent = self._pick(logits[:, -1], excluded, entropy)  # (b,), (b,), (b,) | None
             tok_l, lp_l = tok.tolist(), lp.tolist()
+            ent_l = ent.tolist() if ent is not None else None
             eos_l = torch.isin(tok, self._eos).tolist()
             ans_l = torch.isin(tok, answer_t).tolist()
             step_l = torch.isin(tok, step_t).tolist()
@@ -440,6 +469,8 @@ class HFSampler(Sampler):
                     continue
                 tokens[r].append(tok_l[b])
                 logprobs[r].append(lp_l[b])
+                if ent_l is not None:
+                    entropies[r].append(ent_l[b])
                 if eos_l[b]:
                     reasons[r] = "eos"
                 elif ans_l[b] or self._ends_with(tokens[r], self._answer_texts):
@@ -477,7 +508,10 @@ class HFSampler(Sampler):
             )  # (b, 1, V)
             next_pos = next_pos + 1
         # (the last step gives every row left a finish reason: the loop always ends at the break)
-        return [Continuation(tokens[i], logprobs[i], reasons[i] or "length") for i in range(B)], values
+        return [
+            Continuation(tokens[i], logprobs[i], reasons[i] or "length", entropies[i] if entropy else None)
+            for i in range(B)
+        ], values
 
     def _prefill(self, states: list[list[int]]):
         """Run the distinct ``states`` (U) through the model to start sampling: ``(logits (U, 1, V),
