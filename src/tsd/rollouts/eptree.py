@@ -118,7 +118,10 @@ class EPTreeRollout(Rollout):
         self.min_prefix = check_int(min_prefix, f"{o}.min_prefix", low=1)
         self.without_replacement = check_bool(without_replacement, f"{o}.without_replacement")
         require(
-            isinstance(answer_tag, str) and bool(answer_tag), f"{o}.answer_tag", "a non-empty string", answer_tag
+            isinstance(answer_tag, str) and bool(answer_tag),
+            f"{o}.answer_tag",
+            "a non-empty string",
+            answer_tag,
         )
         self.answer_tag = answer_tag
         self.record_trees = check_bool(record_trees, f"{o}.record_trees")
