@@ -131,7 +131,8 @@ def test_thirty_runs_in_a_row_leave_the_server_as_they_found_it(policy_dir, redi
     watch.client.close()
 
     assert len({r["run_id"] for r in results}) == RUNS
-    assert all(r["buffer/dropped_invalid"] == 2 == r["buffer/dead_letters"] for r in results)
+    counts = [(r["run_id"], r["buffer/dropped_invalid"], r["buffer/dead_letters"]) for r in results]
+    assert all(d == 2 == dl for _, d, dl in counts), f"(run, dropped_invalid, dead_letters): {counts}"
     left = sum(r["buffer/left"] for r in results)  # what each run's stream held when it finished
     max_keys = max(k for k, _ in watch.samples)
     max_mem = max(m for _, m in watch.samples)
