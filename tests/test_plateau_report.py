@@ -120,3 +120,24 @@ def test_a_frontier_shape_counts_only_where_every_seed_reached_the_budget(tmp_pa
     fr = {r["tokens"]: r for r in plateau.frontier(out)}
     assert fr[e]["best"]["cispo"][0] == "cispo4"
     assert fr[2 * e]["best"]["cispo"][0] == "cispo16"  # cispo4 has no figure at 2e
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_and_a_restarted_one_keeps_only_its_own_history(tmp_path):
+    """A run cut short after a checkpoint resumes from it (``ckpt_path``); one restarted from step
+    0 (no checkpoint yet) begins a new validation history: the first incarnation's later
+    evaluations (here step 30) must not survive into the curve."""
+    d = plateau.run_dir(tmp_path, "cispo16", 0)
+    assert not any(a.startswith("ckpt_path=") for a in plateau.train_job(tmp_path, "cispo16", 0).argv)
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert f"ckpt_path={d / 'checkpoints' / 'last.ckpt'}" in plateau.train_job(tmp_path, "cispo16", 0).argv
+    (d / "results.json").write_text("{}")  # finished: nothing to resume
+    assert not any(a.startswith("ckpt_path=") for a in plateau.train_job(tmp_path, "cispo16", 0).argv)
+
+    def row(step: int, tokens: int, score: float) -> str:
+        return json.dumps({"step": step, "compute/generated_tokens": tokens, "val/mean@16": score})
+
+    lines = [row(0, 0, 0.03), row(10, 100, 0.05), row(20, 200, 0.06), row(30, 300, 0.09)]  # first run
+    lines += [row(0, 0, 0.03), row(10, 100, 0.04), row(20, 200, 0.07), row(20, 200, 0.071)]  # again; a repeat
+    (d / "val_evals.jsonl").write_text("\n".join(lines) + "\n")
+    assert plateau._curve(d) == [(0, 0.03), (100, 0.04), (200, 0.071)]

@@ -85,10 +85,15 @@ def run_dir(out: Path, arm: str, seed: int, lr: str | None = None) -> Path:
 
 
 def train_job(out: Path, arm: str, seed: int, lr: str | None = None) -> Job:
+    """The run's command; a run that was stopped part-way (its ``last.ckpt`` there, no
+    ``results.json``) resumes from its checkpoint instead of starting again from step 0."""
     d = run_dir(out, arm, seed, lr)
     lr = lr or ARMS[arm][2]
     argv = [sys.executable, str(ROOT / "train.py"), *ARMS[arm][3], *COMMON, f"module.optimizer.lr={lr}",
             f"seed={seed}", f"hydra.run.dir={d}"]  # fmt: skip
+    last = d / "checkpoints" / "last.ckpt"
+    if last.exists() and not (d / "results.json").exists():
+        argv.append(f"ckpt_path={last}")
     return Job(f"train {d.name}", argv, d / "results.json")
 
 
@@ -124,13 +129,17 @@ def _verdict(d: dict, a: str, b: str) -> str:
 
 
 def _journal(d: Path) -> list[dict]:
-    """The run's validation evaluations (val_evals.jsonl), one per step (a resumed run may repeat one)."""
+    """The run's validation evaluations (val_evals.jsonl), one per step: a run resumed from its
+    checkpoint may repeat a step (the later line wins); a run started again from step 0 (stopped
+    before its first checkpoint) begins a new history, and the lines before its step 0 are dropped."""
     f = d / "val_evals.jsonl"
     if not f.exists():
         return []
-    rows = {}
+    rows: dict[int, dict] = {}
     for line in f.read_text().splitlines():
         r = json.loads(line)
+        if r["step"] == 0:
+            rows = {}
         rows[r["step"]] = r
     return [rows[s] for s in sorted(rows)]
 
