@@ -152,6 +152,7 @@ def train(cfg: DictConfig) -> dict:
     if loggers:
         run_callbacks.append(LogRunConfig(logged_config(cfg)))
     strategy = build(cfg.strategy, "strategy")  # refuses a world it cannot run, with the trainer
+    check_memory_plan(cfg, strategy, rollout, make_sampler, callbacks.values())
     trainer = build(
         cfg.trainer, "trainer", strategy=strategy, callbacks=run_callbacks, logger=loggers or False
     )
@@ -238,6 +239,25 @@ def train(cfg: DictConfig) -> dict:
         write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
         log.info("results: %s", json.dumps({k: v for k, v in result.items() if k != "eval_history"}))
     return result
+
+
+def check_memory_plan(cfg: DictConfig, strategy, rollout, make_sampler, callbacks) -> None:
+    """Generator and trainer ranks: what each puts on its device must fit it
+    (:mod:`tsd.distributed.memory_plan`), checked before any model is loaded or rank started; a
+    plan that does not fit is refused with one line naming the settings to change."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from tsd.callbacks import MeanAtKEval
+    from tsd.distributed.memory_plan import plan_run
+    from tsd.distributed.strategy import GeneratorTrainerStrategy
+
+    if not isinstance(strategy, GeneratorTrainerStrategy):
+        return
+    ev = next((cb for cb in callbacks if isinstance(cb, MeanAtKEval)), None)
+    plan = plan_run(cfg, rollout=rollout, make_sampler=make_sampler, eval_callback=ev)
+    if rank_zero_only.rank == 0:
+        log.info("%s", plan.table())
+    plan.check()
 
 
 def _stop_on_sigterm(signum, frame) -> None:

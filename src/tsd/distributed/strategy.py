@@ -94,6 +94,7 @@ from tsd.config import ConfigError, check_choice, check_int, check_number
 from tsd.distributed.gather import gather_full_state
 from tsd.distributed.launcher import GeneratorTrainerLauncher
 from tsd.distributed.peers import PeerWatch
+from tsd.distributed.placement import narrow_to_rank_gpu
 from tsd.distributed.weight_sync import ControlChannel, sync_group
 from tsd.models.policy_value import PolicyValueModel
 
@@ -115,6 +116,7 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         start_method: str = "fork",
         gather_bucket_mb: float = 64.0,
         peer_timeout_s: float = 30.0,
+        device_memory_gib: float | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -140,6 +142,9 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
                 sign of life for this long, or a job store that cannot be reached, stops every
                 other rank with one line naming it (:mod:`tsd.distributed.peers`); 0 turns the
                 watch off. On one machine the launcher watches its forked ranks itself.
+            device_memory_gib: the memory of one rank's device, in GiB, that the run's memory plan
+                (:mod:`tsd.distributed.memory_plan`, checked by ``train.py`` before anything is
+                loaded) must fit; None: the GPU's own (NVML), on CPU the host's.
             accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin:
                 set by Lightning from ``trainer.*``.
         """
@@ -161,6 +166,9 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         check_choice(start_method, "strategy.start_method", ("fork", "spawn", "forkserver"))
         self.gather_bucket_mb = check_number(gather_bucket_mb, "strategy.gather_bucket_mb", low=0)
         self.peer_timeout_s = check_number(peer_timeout_s, "strategy.peer_timeout_s", low=0)
+        if device_memory_gib is not None:
+            check_number(device_memory_gib, "strategy.device_memory_gib", low=0, low_open=True)
+        self.device_memory_gib = device_memory_gib
         self.num_generators = num_generators
         self._backend = backend
         self.timeout_s, self.sync_timeout_s, self.stop_timeout_s = timeout_s, sync_timeout_s, stop_timeout_s
@@ -183,12 +191,17 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         #: buffer the trajectories go through, which names the run); checked on the job's store
         self.job_identity: dict[str, str] | None = None
         self._peers: PeerWatch | None = None
+        #: a generator rank narrowed CUDA_VISIBLE_DEVICES to its GPU (:mod:`tsd.distributed.placement`)
+        self._own_gpu = False
 
     # ------------------------------------------------------------------ ranks
     @property
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
+        device = self.parallel_devices[self.local_rank]
+        if self._own_gpu and device.type == "cuda":
+            return torch.device("cuda", 0)  # the only GPU this process sees: its own
+        return device
 
     @property
     def num_nodes(self) -> int:
@@ -354,6 +367,9 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
                 "train.py) before trainer.fit"
             )
         assert self.accelerator is not None
+        if self.parallel_devices is not None and self.parallel_devices[self.local_rank].type == "cuda":
+            # before CUDA starts: this process (its vLLM engine, in-process or not) sees its GPU only
+            self._own_gpu = narrow_to_rank_gpu(self.local_rank) is not None
         self.accelerator.setup_device(self.root_device)  # before the first NCCL call
         self._init_groups()
         assert self.control is not None

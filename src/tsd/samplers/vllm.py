@@ -92,6 +92,7 @@ from typing import Any
 import torch
 
 from tsd.config import require
+from tsd.distributed.placement import engine_in_own_process
 from tsd.models.policy_value import LEGACY_VALUE_HEAD_FILES, PolicyValueModel
 from tsd.samplers.base import Continuation, FinishReason, Sampler, StopMode
 from tsd.samplers.exclusion import FlatTrie, row_args, trie_payload
@@ -383,6 +384,7 @@ class VLLMSampler(Sampler):
         #: what ``vllm.LLM`` was given
         self.llm_kwargs = kwargs
         use_v1_model_runner()
+        engine_in_own_process()  # a trainer rank's engine: vLLM would take the trainers' group for its own
         with visible_gpu(dev):
             self.llm = vllm.LLM(**kwargs)
 
@@ -490,3 +492,58 @@ class VLLMSampler(Sampler):
         if last in step_ids or stop_reason in step_texts:
             return "step"
         return "length"
+
+    # ------------------------------------------------------------------ the memory plan
+    @classmethod
+    def device_memory(
+        cls,
+        shape: Any,
+        kwargs: Mapping[str, Any],
+        *,
+        model_dtype: str,
+        device_gib: float | None,
+        on_gpu: bool,
+        setting: str,
+        seq_tokens: int,
+    ) -> list[Any]:
+        """The engine: its weights, its workspace and its KV cache (``kv_cache_gib``, or on a GPU
+        what ``gpu_memory_utilization`` leaves of its share), and an engine process of its own
+        (:mod:`tsd.distributed.memory_plan`). The value copy is the caller's."""
+        from tsd.distributed.memory_plan import (
+            CPU_PROCESS_GIB,
+            DTYPE_BYTES,
+            VLLM_PROCESS_GIB,
+            VLLM_WORKSPACE_GIB,
+            PlanItem,
+            gib,
+        )
+
+        dtype = kwargs.get("dtype") or model_dtype
+        weights = gib(shape.lm_params * DTYPE_BYTES[dtype])
+        items = [PlanItem("vLLM weights", weights, f"{setting}.dtype", False)]
+        kv = kwargs.get("kv_cache_gib")
+        if on_gpu:
+            items.append(PlanItem("vLLM workspace (activations, CUDA graphs)", VLLM_WORKSPACE_GIB, "", False))
+            if kv is None:  # vLLM sizes its cache to fill its share of the device
+                share = float(kwargs.get("gpu_memory_utilization", 0.5)) * (device_gib or 0.0)
+                kv_gib, kv_setting = max(0.0, share - weights - VLLM_WORKSPACE_GIB), "gpu_memory_utilization"
+            else:
+                kv_gib, kv_setting = float(kv), "kv_cache_gib"
+            items.append(PlanItem("vLLM KV cache", kv_gib, f"{setting}.{kv_setting}", False))
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+                items.append(PlanItem("vLLM engine process", VLLM_PROCESS_GIB, "", False))
+        else:
+            kv_gib = CPU_KV_CACHE_GIB if kv is None else float(kv)
+            items.append(PlanItem("vLLM KV cache", kv_gib, f"{setting}.kv_cache_gib", False))
+            items.append(PlanItem("vLLM engine process", 2 * CPU_PROCESS_GIB, "", False))
+        return items
+
+    @classmethod
+    def startup_need(
+        cls, kwargs: Mapping[str, Any], device_gib: float | None, on_gpu: bool, setting: str
+    ) -> tuple[float, str] | None:
+        """vLLM starts only with ``gpu_memory_utilization x total`` free (``kv_cache_gib`` or not)."""
+        if not on_gpu or device_gib is None:
+            return None
+        share = float(kwargs.get("gpu_memory_utilization", 0.5))
+        return share * device_gib, f"{setting}.gpu_memory_utilization"
