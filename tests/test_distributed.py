@@ -672,13 +672,20 @@ def test_sync_protocol_stages_the_newest_version_then_stops(random_policy):
     receiver.start()
     new = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     nbytes = sender.send(new, 3, control)  # blocks until the receiver thread took it
-    assert nbytes == sum(v.numel() * v.element_size() for v in state.values())
+    # the tied embedding (lm_head.weight is embed_tokens.weight) crosses the wire once
+    tied = state["lm.model.embed_tokens.weight"]
+    assert sender.layout.aliases == (("lm.lm_head.weight", "lm.model.embed_tokens.weight"),)
+    assert (
+        nbytes
+        == sum(v.numel() * v.element_size() for v in state.values()) - tied.numel() * tied.element_size()
+    )
     deadline = time.monotonic() + 30
     while (staged := receiver.take()) is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert staged is not None
     got, version = staged
     assert version == 3 and all(torch.equal(got[k], new[k]) for k in new)
+    assert got["lm.lm_head.weight"].data_ptr() == got["lm.model.embed_tokens.weight"].data_ptr()  # tied again
     assert receiver.take() is None  # taken once
     control.stop("done")
     assert receiver.stopped.wait(30) and receiver.stop_reason == "done"

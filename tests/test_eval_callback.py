@@ -64,6 +64,9 @@ def test_eval_samples_with_the_runs_sampler_factory(policy_dir):
     assert (
         isinstance(sampler, RecordingSampler) and sampler.max_batch_size == 3 and sampler.temperature == 0.5
     )
+    # the sampler samples with a copy of its own: HFSampler (and VLLMSampler's value copy) moves its
+    # model to its device, which on a GPU moved the trainers' CPU shadow there for good
+    assert sampler.model is not policy and all(p.device.type == "cpu" for p in policy.parameters())
     first_tokens = sampler.generated_tokens
     assert first_tokens > 0 and cb.history[-1]["step"] == 0  # it evaluated with that sampler
 

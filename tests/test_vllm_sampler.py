@@ -247,6 +247,30 @@ def test_a_model_without_checkpoint_is_written_for_vllm(fake_vllm, random_policy
     assert sampler.value(states) == HFSampler(random_policy, char_tokenizer).value(states)
 
 
+def test_a_loaded_policy_starts_vllm_from_its_directory_without_writing_a_copy(
+    fake_vllm, tmp_path, char_tokenizer
+):
+    from tsd.models.loading import load_policy
+
+    make_random_policy(char_tokenizer, seed=3).save_pretrained(tmp_path / "policy")
+    char_tokenizer.save_pretrained(tmp_path / "policy")
+    policy, tok = load_policy(tmp_path / "policy")
+    sampler = VLLMSampler(policy, tok, value_device="cpu")
+    # vLLM reads the policy's own directory: nothing but the tokenizer is written (each generator
+    # wrote its 3.1 GB copy to /tmp before), and the weights are those, so nothing is pushed
+    assert FakeLLM.last.kwargs["model"] == str(tmp_path / "policy") and FakeLLM.last.rpc == []
+    assert not list(Path(sampler._tmpdir.name).rglob("*.safetensors"))
+    # weights that moved since the load (a trained or restored copy): vLLM starts from the
+    # directory and is given them at once, in memory
+    with torch.no_grad():
+        policy.lm.model.norm.weight.add_(0.5)
+    VLLMSampler(policy, tok, value_device="cpu")
+    ((method, (blobs,)),) = FakeLLM.last.rpc
+    got = dict(unpack_weights(blobs))
+    torch.testing.assert_close(got["model.norm.weight"], policy.lm.model.norm.weight.detach())
+    assert FakeLLM.last.resets == 1
+
+
 def test_an_export_in_the_older_layout_is_refused_with_the_fix(
     fake_vllm, tmp_path, random_policy, char_tokenizer
 ):
@@ -360,7 +384,7 @@ def test_load_weights_renames_syncs_and_resets_the_prefix_cache(fake_vllm, rando
     assert method == "tsd_load_weights" and hasattr(WeightSyncWorkerExtension, method)
     assert all(isinstance(b, bytes) for b in blobs)  # what vLLM's msgpack channel carries as it is
     names = dict(unpack_weights(blobs))
-    assert set(names) == {k[3:] for k in state_dict if k.startswith("lm.")}
+    assert set(names) == {k[3:] for k in state_dict if k.startswith("lm.")} - {"lm_head.weight"}  # tied: once
     assert "model.embed_tokens.weight" in names and not any("value_head" in k for k in names)
     torch.testing.assert_close(names["model.norm.weight"], state_dict["lm.model.norm.weight"])
     assert llm.resets == 1 and sampler.version == 4
@@ -382,9 +406,17 @@ def test_worker_extension_reloads_the_worker_in_place():
     torch.testing.assert_close(got["model.norm.weight"], torch.ones(2))
 
 
+def test_tied_embeddings_go_to_vllm_once(char_tokenizer):
+    policy = make_random_policy(char_tokenizer)  # tied embeddings: lm_head.weight is embed_tokens.weight
+    named = dict(vllm_weights(policy.state_dict()))
+    assert "model.embed_tokens.weight" in named and "lm_head.weight" not in named  # vLLM ties them too
+    untied = {k: v.clone() for k, v in policy.state_dict().items()}  # separate tensors: both are sent
+    assert "lm_head.weight" in dict(vllm_weights(untied))
+
+
 def test_pack_weights_splits_blobs_and_copies_tied_tensors(char_tokenizer):
     policy = make_random_policy(char_tokenizer)  # tied embeddings: lm_head.weight is embed_tokens.weight
-    named = vllm_weights(policy.state_dict())
+    named = [(k[3:], v) for k, v in policy.state_dict().items() if k.startswith("lm.")]
     tied = dict(named)
     assert tied["lm_head.weight"].data_ptr() == tied["model.embed_tokens.weight"].data_ptr()
     blobs = pack_weights(named, blob_bytes=4096)

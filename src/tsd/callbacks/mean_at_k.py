@@ -11,6 +11,7 @@ seeds its engine once: its evaluations draw fresh samples each time (mean@k stay
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -111,8 +112,11 @@ class MeanAtKEval(L.Callback):
         if self.make_sampler is None:
             raise RuntimeError("MeanAtKEval: setup_eval() was not called (train.py does it)")
         if self.sampler is None:
+            # the sampler gets a copy of its own: it moves its model to its device (HFSampler, the
+            # value copy of VLLMSampler), and the policy handed over may be the trainers' CPU copy
+            # (GeneratorTrainerStrategy's shadow), which must stay on the host
             self.sampler = self.make_sampler(
-                policy,
+                copy.deepcopy(policy),
                 self.tokenizer,
                 device=device,
                 seed=self.seed,

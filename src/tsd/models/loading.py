@@ -18,7 +18,7 @@ from tsd.config import ConfigError
 from tsd.config_checks import check_policy_source
 from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, load_char_tokenizer
 from tsd.models.policy_value import PolicyValueModel, UnsupportedModelError
-from tsd.models.source import TINY_ALIASES, resolve_policy_path  # noqa: F401  (re-exported)
+from tsd.models.source import TINY_ALIASES, WeightsSource, resolve_policy_path  # noqa: F401  (re-exported)
 
 
 def is_char_tokenizer_dir(path: Path | str) -> bool:
@@ -77,4 +77,6 @@ def load_policy(
         raise ConfigError(
             f"model.name_or_path: {str(name_or_path)!r} is refused: {e} (accepted: a decoder-only causal LM)"
         ) from None
+    # where its weights are on disk: a vLLM engine starts from there instead of a written copy
+    model.source = WeightsSource.of(path, model.lm)
     return model.eval(), tokenizer

@@ -223,6 +223,10 @@ class PolicyValueModel(nn.Module):
         value_head: the value head (default: a fresh one as wide as the LM head's input).
     """
 
+    #: where the LM's weights were loaded from, with their checksum (:class:`tsd.models.source.WeightsSource`,
+    #: set by ``load_policy``; None: built in memory): a vLLM engine starts from that directory
+    source: Any = None
+
     def __init__(self, lm: PreTrainedModel, value_head: ValueHead | None = None) -> None:
         super().__init__()
         decoder_of(lm)  # structural checks, cheap; the behavioural ones are check_causal_lm's

@@ -55,3 +55,56 @@ def missing_policy_reason(name_or_path: str | Path) -> str | None:
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
             return f"{name} is neither a local directory nor in the hub cache (offline)"
     return None
+
+
+#: elements checksummed at a time (their int64 copies: 128 MiB)
+CHECKSUM_CHUNK = 1 << 24
+
+
+class WeightsSource:
+    """Where a loaded policy's LM weights are on disk, and a checksum of them as loaded: a vLLM
+    engine can start from ``path`` instead of a copy written to a temporary directory, and knows
+    whether the weights it is given are still those (:func:`weights_checksum`). Set by
+    :func:`tsd.models.loading.load_policy` as ``policy.source``; copies of the policy carry it."""
+
+    def __init__(self, path: str, checksum: str) -> None:
+        self.path, self.checksum = path, checksum
+
+    @classmethod
+    def of(cls, path: str | Path, lm) -> WeightsSource:
+        return cls(str(path), weights_checksum(lm))
+
+    def matches(self, lm) -> bool:
+        """Whether ``lm``'s weights are exactly the ones loaded from :attr:`path`."""
+        return weights_checksum(lm) == self.checksum
+
+    def __repr__(self) -> str:
+        return f"WeightsSource({self.path!r}, {self.checksum[:12]})"
+
+
+def weights_checksum(module) -> str:
+    """An exact checksum of a module's tensors (names, shapes, dtypes and every bit): per tensor the
+    sum and the sum of squares of its bit patterns as integers, on the tensor's own device (one
+    pass, no copy); any optimiser step changes it. Tied tensors count once."""
+    import hashlib
+
+    import torch
+
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    h = hashlib.sha256()
+    seen: set[tuple[int, int]] = set()
+    with torch.no_grad():
+        for name, t in sorted(module.state_dict().items()):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if key in seen or t.numel() == 0:
+                continue
+            seen.add(key)
+            flat = t.detach().contiguous().view(ints[t.element_size()]).reshape(-1)  # (n,) bit patterns
+            total = squares = 0
+            for start in range(0, flat.numel(), CHECKSUM_CHUNK):  # int64 copies of a chunk at a time
+                bits = flat[start : start + CHECKSUM_CHUNK].long()
+                total += int(bits.sum())
+                squares += int((bits * bits).sum())
+            h.update(f"{total}:{squares}".encode())
+    return h.hexdigest()

@@ -126,17 +126,44 @@ class WeightSyncWorkerExtension:
         self.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
         return len(weights)
 
+    def tsd_load_tensors(self, named: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Load ``(HF name, tensor)`` pairs as they are: an engine in the caller's process gets the
+        caller's tensors (on its GPU: a device-to-device copy into the parameters, no host copy)."""
+        self.reload_weights(weights_iterator=iter(named))  # type: ignore[attr-defined]
+        return len(named)
+
 
 def vllm_weights(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """``PolicyValueModel`` keys -> HF checkpoint names for vLLM: ``lm.model.x`` -> ``model.x``,
-    ``lm.lm_head.weight`` -> ``lm_head.weight``; the value head stays out (vLLM has none)."""
+    ``lm.lm_head.weight`` -> ``lm_head.weight``; the value head stays out (vLLM has none). A tensor
+    that is another one's alias (tied embeddings: ``lm_head.weight`` is ``embed_tokens.weight``) is
+    sent once: vLLM ties the two the same way, so loading the embedding loads the head. The tensors
+    stay where they are (a GPU's weights are not copied to the host here)."""
     out = []
-    for name, tensor in state_dict.items():
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    # the LM head last: of a tied pair the embedding's name is the one sent
+    for name, tensor in sorted(state_dict.items(), key=lambda kv: kv[0].startswith("lm.lm_head.")):
         if name.startswith("lm."):
-            out.append((name[len("lm.") :], tensor.detach().cpu()))
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if tensor.numel() and key in seen:
+                continue
+            seen.add(key)
+            out.append((name[len("lm.") :], tensor.detach()))
         elif not name.startswith("value_head."):
             raise KeyError(f"vllm_weights: unexpected key {name!r} (expected 'lm.*' or 'value_head.*')")
     return out
+
+
+def engine_in_this_process(llm: Any) -> bool:
+    """Whether ``llm``'s engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
+    vLLM's ``InprocClient``, whose ``collective_rpc`` calls the worker directly, so its arguments
+    are passed by reference; an engine process gets them through msgpack, where only bytes travel
+    as they are)."""
+    try:
+        from vllm.v1.engine.core_client import InprocClient
+    except ImportError:  # pragma: no cover - another vLLM layout: the bytes path works everywhere
+        return False
+    return isinstance(getattr(getattr(llm, "llm_engine", None), "engine_core", None), InprocClient)
 
 
 def pack_weights(named: Sequence[tuple[str, torch.Tensor]], blob_bytes: int = BLOB_BYTES) -> list[bytes]:
@@ -322,6 +349,7 @@ class VLLMSampler(Sampler):
         # removed when this sampler is garbage-collected
         self._tmpdir = tempfile.TemporaryDirectory(prefix="tsd-vllm-")
         tmp = Path(self._tmpdir.name)
+        push = False  # the model's weights differ from the directory vLLM starts from
         if isinstance(model, (str, os.PathLike)):
             model_path = str(model)
             vdev = value_device or dev or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -331,7 +359,12 @@ class VLLMSampler(Sampler):
         else:
             value_model = model
             vdev = value_device or dev or next(model.parameters()).device
-            if checkpoint_dir is None:
+            if checkpoint_dir is None and model.source is not None:
+                # vLLM starts from the directory the policy was loaded from (nothing written); the
+                # weights it is given are pushed after start unless they are still those
+                checkpoint_dir = model.source.path
+                push = not model.source.matches(model.lm)
+            elif checkpoint_dir is None:
                 # vLLM loads weights from disk only: the LM alone, no value head
                 model.lm.save_pretrained(tmp / "model", safe_serialization=True)
                 checkpoint_dir = tmp / "model"
@@ -387,6 +420,8 @@ class VLLMSampler(Sampler):
         engine_in_own_process()  # a trainer rank's engine: vLLM would take the trainers' group for its own
         with visible_gpu(dev):
             self.llm = vllm.LLM(**kwargs)
+        if push:
+            self._push_to_engine(value_model.state_dict())
 
     # ------------------------------------------------------------------ public API
     def sample(
@@ -470,11 +505,19 @@ class VLLMSampler(Sampler):
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self._value.load_weights(state_dict, version)  # strict: checks the keys first
-        self.llm.collective_rpc("tsd_load_weights", args=(pack_weights(vllm_weights(state_dict)),))
-        # cached KV belongs to the old weights
+        self._push_to_engine(state_dict)
+        self.version = int(version)
+
+    def _push_to_engine(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """The LM's weights into the engine, then its prefix cache emptied (its KV entries were
+        computed by the old weights)."""
+        named = vllm_weights(state_dict)
+        if engine_in_this_process(self.llm):  # the tensors themselves (no host copy on a GPU)
+            self.llm.collective_rpc("tsd_load_tensors", args=(named,))
+        else:  # msgpack would turn tensors into lists: safetensors bytes (no pickle)
+            self.llm.collective_rpc("tsd_load_weights", args=(pack_weights(named),))
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("VLLMSampler.load_weights: vLLM could not reset its prefix cache")
-        self.version = int(version)
 
     # ------------------------------------------------------------------ internals
     def _finish_reason(
