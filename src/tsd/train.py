@@ -79,6 +79,8 @@ def _validate(cfg: DictConfig) -> None:
         check_int(d.get(k), f"data.{k}", low=1)
     check_int(d.get("max_lag"), "data.max_lag", low=0)
     check_number(d.get("max_wait"), "data.max_wait", low=0, low_open=True)
+    if d.get("start_wait") is not None:
+        check_number(d.start_wait, "data.start_wait", low=0, low_open=True)
     check_int(cfg.generation.get("problems_per_rollout"), "generation.problems_per_rollout", low=1)
     check_int(cfg.trainer.get("max_steps", -1), "trainer.max_steps", low=1)
     m = cfg.module
