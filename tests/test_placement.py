@@ -118,3 +118,21 @@ def test_a_generator_rank_narrows_before_cuda_and_runs_on_its_gpu(monkeypatch, r
     assert placement.engine_gpu(rank, {"CUDA_VISIBLE_DEVICES": seen["visible"]}, 1, narrowed=True) == str(
         rank
     )
+
+
+# ---------------------------------------------------------------------------- roles: strategy.layout
+def test_layouts_number_trainers_first_and_per_node_mixes_every_node():
+    from tsd.distributed.roles import logical_ranks
+
+    # blocked: the first ranks train (2 nodes x 4, 2 trainers: both on node 0)
+    assert logical_ranks(8, 6, 2, "blocked") == list(range(8))
+    # per_node, 2 nodes x 2 ranks, 2 generators: node 0 = [trainer 0, generator 0], node 1 = [trainer 1,
+    # generator 1]; logical ranks: trainers 0-1, generators 2-3
+    assert logical_ranks(4, 2, 2, "per_node") == [0, 2, 1, 3]
+    # 2 nodes x 4, 6 generators: one trainer and three generators per node
+    assert logical_ranks(8, 6, 2, "per_node") == [0, 2, 3, 4, 1, 5, 6, 7]
+    assert logical_ranks(3, 1, 1, "per_node") == [0, 1, 2]  # one node: the same as blocked
+    with pytest.raises(ConfigError, match="strategy.layout: per_node needs the same mix"):
+        logical_ranks(4, 1, 2, "per_node")
+    with pytest.raises(ConfigError, match="strategy.layout"):
+        logical_ranks(4, 2, 2, "round_robin")

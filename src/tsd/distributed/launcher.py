@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.multiprocessing as mp
@@ -44,8 +44,6 @@ from torch.multiprocessing.spawn import ProcessException
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-    from tsd.distributed.strategy import GeneratorTrainerStrategy
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +85,38 @@ def die_with_parent(parent_pid: int, poll_s: float = WATCHDOG_S) -> None:
     threading.Thread(target=watch, name="tsd-parent-watchdog", daemon=True).start()
 
 
+class SplitRanks(Protocol):
+    """What the launcher needs of its strategy (:class:`~tsd.distributed.strategy.GeneratorTrainerStrategy`
+    is one): which rank this process is, what a generator rank runs, how the groups are torn down.
+    The strategy imports the launcher; the launcher knows the strategy only through this."""
+
+    cluster_environment: Any
+    checkpoint_io: Any
+
+    @property
+    def is_generator(self) -> bool: ...
+
+    @property
+    def num_processes(self) -> int: ...
+
+    @property
+    def global_rank(self) -> int: ...
+
+    def set_world_ranks(self) -> None: ...
+
+    def describe_rank(self, rank: int) -> str: ...
+
+    def run_generator(self) -> None: ...
+
+    def destroy_groups(self) -> None: ...
+
+    def lightning_module_state_dict(self) -> dict[str, Any]: ...
+
+
 class GeneratorTrainerLauncher(_MultiProcessingLauncher):
     """Runs trainer ranks through Lightning's fit and generator ranks through the generator loop."""
 
-    def __init__(self, strategy: GeneratorTrainerStrategy, start_method: str = "fork") -> None:
+    def __init__(self, strategy: SplitRanks, start_method: str = "fork") -> None:
         super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
         self._gt = strategy
         self._parent_pid = os.getpid()  # the process that forks the ranks (set again in _fork)

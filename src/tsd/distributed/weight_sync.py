@@ -66,6 +66,17 @@ def sync_group(store: dist.Store, rank: int, size: int, backend: str, timeout: t
     raise ValueError(f"weight sync: backend must be 'gloo' or 'nccl', got {backend!r}")
 
 
+def shutdown_group(group: Any) -> None:
+    """Shut a group made by :func:`sync_group` down now (its threads joined, NCCL's communicator
+    destroyed), as ``destroy_process_group`` does for the groups in torch's registry; any later
+    collective on it fails. A group left to the interpreter's exit is destroyed during libtorch's
+    own teardown, which can abort the process."""
+    try:
+        group.shutdown()
+    except Exception as e:  # noqa: BLE001 - leaving anyway; a peer may be gone
+        log.debug("sync group shutdown: %s", e)
+
+
 def broadcast(group: Any, tensor: torch.Tensor) -> None:
     """Broadcast ``tensor`` in place from the group's rank 0 (trainer rank 0); blocks until done."""
     opts = dist.BroadcastOptions()
