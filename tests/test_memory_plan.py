@@ -17,9 +17,9 @@ from tsd.config import ConfigError, build
 from tsd.distributed.memory_plan import (
     GIB,
     GPU_PROCESS_GIB,
-    ModelShape,
-    MemoryPlan,
     DevicePlan,
+    MemoryPlan,
+    ModelShape,
     PlanItem,
     plan_run,
     trainer_items,
