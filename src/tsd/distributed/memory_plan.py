@@ -311,7 +311,7 @@ def trainer_items(
         PlanItem(
             f"activations ({micro_tokens} tokens{', checkpointed' if checkpointing else ''})",
             gib(micro_tokens * per_token + 3 * chunk * shape.vocab * 4),
-            "data.batch_size",
+            "module.micro_batch_size",
         ),
     ]
     if ref_bytes is not None:
@@ -428,24 +428,23 @@ def plan_generator_trainer(
     T = W - G
     if T < 1:
         raise ConfigError(f"strategy.num_generators: {G} generators leave no trainer among {W} ranks")
+    # the trainer (docs/paper_scale.md): fp32 master weights, gradients and AdamW state; compute,
+    # the KL reference and every copy the generators, the sync and the export read in model.dtype
     model_bytes = _bytes(cfg.model.dtype)
-    prec = cfg.module.get("precision") or {}
-    master_bytes = _bytes(prec.get("master_dtype", "float32")) if prec else 4
-    compute_bytes = _bytes(prec.get("compute_dtype", cfg.model.dtype)) if prec else model_bytes
     seq = PROMPT_TOKENS + int(cfg.rollout.get("max_new_tokens", 512))
     batch = int(cfg.data.batch_size)
-    micro = int(cfg.module.get("micro_batch_size") or batch)
+    micro = int(cfg.module.get("micro_batch_size") or 0) or batch  # 0: the whole batch at once
     c_kl = float(cfg.loss.get("c_kl", 0.0) or 0.0)
     trainer = trainer_items(
         shape,
         T,
-        master_bytes=master_bytes,
-        grad_bytes=master_bytes,
-        compute_bytes=compute_bytes,
+        master_bytes=4,
+        grad_bytes=4,
+        compute_bytes=model_bytes,
         ref_bytes=model_bytes if c_kl > 0 else None,
         micro_tokens=micro * seq,
         checkpointing=bool(cfg.module.get("activation_checkpointing", False)),
-        logprob_chunk=int(cfg.module.get("logprob_chunk", 0) or 0),
+        logprob_chunk=int(cfg.module.get("logprob_chunk_tokens", 0) or 0),
         on_gpu=on_gpu,
     )
     sampler_cls, sampler_kwargs = make_sampler.func, dict(make_sampler.keywords)

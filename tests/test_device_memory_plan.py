@@ -3,7 +3,7 @@ from its shipped configuration, hand-computed items, the paper config refused as
 as it is on an 80 GB GPU (H100: 79.6 GiB), its derived settings equal to the config's, and
 ``train.py`` refusing a plan over the device in one line before any model is loaded.
 
-    python -m pytest tests/test_memory_plan.py -q
+    python -m pytest tests/test_device_memory_plan.py -q
 """
 
 from __future__ import annotations
