@@ -24,8 +24,9 @@ own one-rank process group, which the trainer step then reuses):
 - ``sync``: ``VLLMSampler.load_weights`` of a second model's full state dict (safetensors blobs over
   ``collective_rpc`` into vLLM's in-place reload, the prefix cache reset, the value copy updated).
 - ``fsdp``: one optimiser step of :class:`PolicyValueModule` (CISPO + value + KL against a frozen
-  reference, AdamW, grad clip) on a policy sharded with FSDP2 ``fully_shard`` (one unit per block,
-  as ``GeneratorTrainerStrategy`` does) over a one-rank mesh (NCCL on a GPU, gloo on CPU), on the
+  reference, AdamW, grad clip; fp32 master shards computing in the run's dtype, activation
+  checkpointing) on a policy sharded as ``GeneratorTrainerStrategy`` does
+  (:func:`~tsd.distributed.strategy.shard_policy`) over a one-rank mesh (NCCL on a GPU, gloo on CPU), on the
   trajectories the ``mcts`` part emitted (else random ones of the same shape).
 
 Without a GPU this session could not run the GPU mode; its CPU mode runs in
@@ -157,9 +158,10 @@ def random_trajectories(tokenizer, vocab: int, count: int, prompt: int, completi
 def part_fsdp(tokenizer, trajs: list[Trajectory], args, dtype) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     from tsd.data.collate import collate_trajectories
+    from tsd.distributed.strategy import shard_policy
+    from tsd.models.precision import Precision
     from tsd.module import PolicyValueModule
     from tsd.rl.losses import CISPOLoss, RLObjective
 
@@ -175,11 +177,11 @@ def part_fsdp(tokenizer, trajs: list[Trajectory], args, dtype) -> dict:
         RLObjective(CISPOLoss(eps_high=5.0), c_ppo=1.0, c_value=1.0, c_kl=0.05),  # the article's
         optimizer=lambda params: torch.optim.AdamW(params, lr=5e-6),
         grad_clip=0.1,
+        precision=Precision(dtype),  # fp32 master shards, the LM gathered in `dtype`
+        activation_checkpointing=True,  # as the *_paper experiments
     )
-    for block in policy.lm.model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(policy, mesh=mesh)
-    opt = torch.optim.AdamW(policy.parameters(), lr=5e-6)
+    shard_policy(module.policy, mesh, module.precision)  # as GeneratorTrainerStrategy does
+    opt = torch.optim.AdamW(module.policy.parameters(), lr=5e-6)
     if len(trajs) < args.batch:
         vocab = policy.config.vocab_size
         trajs = trajs + random_trajectories(tokenizer, vocab, args.batch - len(trajs), 64, args.tokens)
@@ -187,10 +189,9 @@ def part_fsdp(tokenizer, trajs: list[Trajectory], args, dtype) -> dict:
     tokens = int(batch.mask.sum())
     sync_device(args.device)
     t0 = time.perf_counter()
-    out = module.compute_loss(batch)
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.1)
+    out = module.backward_batch(batch)
+    norm = torch.nn.utils.clip_grad_norm_(module.policy.parameters(), 0.1)
     opt.step()
     sync_device(args.device)
     dt = time.perf_counter() - t0

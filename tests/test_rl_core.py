@@ -436,6 +436,7 @@ class _NaNObjective(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner, self.c_kl, self.c_value = inner, inner.c_kl, inner.c_value
+        self.normalization = inner.normalization
 
     def forward(self, **kw):
         out = self.inner(**kw)

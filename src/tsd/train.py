@@ -31,7 +31,6 @@ from tsd.config import (
     check_int,
     check_number,
     config_dir,
-    dtype_of,
     require,
 )
 from tsd.config_checks import (
@@ -67,6 +66,10 @@ KNOWN_KEYS = {
 }
 
 
+#: Lightning precision settings that leave the module's own (model.dtype) alone
+TRAINER_PRECISIONS = ("32-true", "32", "None")
+
+
 def _validate(cfg: DictConfig) -> None:
     """Cheap checks of keys and plain values, before any heavy import or model load: a bad value
     fails in seconds with one line naming the field."""
@@ -92,6 +95,15 @@ def _validate(cfg: DictConfig) -> None:
     check_number(cfg.sampler.get("temperature", 1.0), "sampler.temperature", low=0, low_open=True)
     check_number(cfg.sampler.get("top_p", 1.0), "sampler.top_p", low=0, high=1, low_open=True)
     check_choice(cfg.model.dtype, "model.dtype", DTYPES)
+    # the compute dtype is model.dtype's alone (autocast / FSDP2 over fp32 masters, models/precision.py):
+    # Lightning's precision plugin would autocast on top ("*-mixed") or cast the masters ("*-true")
+    require(
+        str(cfg.trainer.get("precision", "32-true")) in TRAINER_PRECISIONS,
+        "trainer.precision",
+        f"one of {', '.join(TRAINER_PRECISIONS)}; the compute dtype is model.dtype (e.g. model.dtype=bfloat16 "
+        "computes in bf16 over fp32 master weights)",
+        cfg.trainer.get("precision"),
+    )
     check_policy_source(cfg.model.name_or_path)
 
 
@@ -120,6 +132,7 @@ def train(cfg: DictConfig) -> dict:
     from tsd.lightning_logs import route_lightning_logs
     from tsd.loggers.run_info import logged_config
     from tsd.models.loading import load_policy
+    from tsd.models.precision import Precision
     from tsd.rollouts.mcts import MCTSRollout
     from tsd.samplers.hf import banned_token_ids, eos_token_ids
 
@@ -161,12 +174,17 @@ def train(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     log.info("loading policy %s", cfg.model.name_or_path)
-    policy, tokenizer = load_policy(cfg.model.name_or_path, dtype=dtype_of(cfg.model.dtype))
+    # model.dtype is the compute dtype; the trained weights are fp32 masters, loaded as such (a bf16
+    # checkpoint upcasts exactly). Every other copy's dtype follows from this Precision (the module
+    # holds it: the reference, the generators, the weight sync, evaluation and export)
+    precision = Precision.named(cfg.model.dtype)
+    policy, tokenizer = load_policy(cfg.model.name_or_path, dtype=precision.master)
     module = build(
         cfg.module,
         "module",
         policy=policy,
         objective=objective,
+        precision=precision,
         banned_token_ids=banned_token_ids(tokenizer, eos_token_ids(tokenizer, policy)),
     )
     generation = build(

@@ -50,3 +50,33 @@ class TrajectoryBatch:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
         return replace(self, **moved)
+
+    def micro_batches(self, size: int) -> list[TrajectoryBatch]:
+        """The batch as consecutive row slices of at most ``size`` trajectories (``size`` <= 0 or
+        >= the batch: the batch itself), each trimmed to its own longest row: the padding is on
+        the right and attention is causal, so every kept position computes exactly what it
+        computes in the whole batch. ``buffer_ids`` and ``stats`` stay with the whole batch."""
+        B = len(self)
+        if size <= 0 or size >= B:
+            return [self]
+        parts = []
+        for s in range(0, B, size):
+            rows = slice(s, min(B, s + size))
+            L = max(2, int(self.attention_mask[rows].sum(dim=1).max()))  # this slice's longest row
+            parts.append(
+                replace(
+                    self,
+                    input_ids=self.input_ids[rows, :L],  # (b, L)
+                    attention_mask=self.attention_mask[rows, :L],  # (b, L)
+                    mask=self.mask[rows, : L - 1],  # (b, L - 1)
+                    behaviour_logp=self.behaviour_logp[rows, : L - 1],
+                    advantages=self.advantages[rows, : L - 1],
+                    rewards=self.rewards[rows],
+                    correct=self.correct[rows],
+                    versions=self.versions[rows],
+                    lags=self.lags[rows],
+                    buffer_ids=[],
+                    stats={},
+                )
+            )
+        return parts

@@ -3,7 +3,8 @@
     python train.py                                  # CPU, or trainer=gpu for one GPU
 
 Lightning's single-device strategy, plus what the loop asks of every tsd strategy:
-:meth:`full_policy` (the policy evaluation and export read; here simply the one being trained).
+:meth:`full_policy` (the policy evaluation and export read: here the one being trained, or its copy
+in ``model.dtype`` when that is not fp32).
 The in-process generation (:class:`~tsd.generation.local.LocalGeneration`) is one process, so
 several devices are refused with one line before anything is loaded: without the generator split
 they would run identical copies of the same generation (same problems, same sampler seed).
@@ -44,6 +45,8 @@ class SingleProcessStrategy(AtomicCheckpointDefault, SingleDeviceStrategy):  # t
         #: the devices ``trainer.devices`` asks for (Lightning fills it in); the first is used
         self.parallel_devices: list[torch.device] | None = None
         self.num_nodes = 1
+        self._compute_copy: nn.Module | None = None
+        self._copied_step = -1
 
     def _configure_launcher(self) -> None:
         # Lightning has filled in parallel_devices and num_nodes from trainer.devices / num_nodes
@@ -61,5 +64,17 @@ class SingleProcessStrategy(AtomicCheckpointDefault, SingleDeviceStrategy):  # t
         super()._configure_launcher()
 
     def full_policy(self, pl_module: Any) -> nn.Module:
-        """The policy being trained: one process holds it whole."""
-        return pl_module.policy
+        """The policy in its compute dtypes (what evaluation samples with and export saves): the
+        policy being trained itself when it computes in fp32 (the laptop default); else a frozen
+        copy in ``model.dtype`` (the value head fp32), refreshed from the fp32 masters once per
+        optimiser step (:class:`~tsd.models.precision.Precision`)."""
+        precision = pl_module.precision
+        if not precision.mixed:
+            return pl_module.policy
+        step = pl_module.trainer.global_step
+        if self._compute_copy is None:
+            self._compute_copy = precision.compute_copy(pl_module.policy)
+        elif step != self._copied_step:
+            self._compute_copy.load_state_dict(pl_module.policy.state_dict())  # cast on copy
+        self._copied_step = step
+        return self._compute_copy

@@ -31,12 +31,16 @@ TCPStore on ``MASTER_ADDR:MASTER_PORT``, or torchrun's agent store), then:
 3. a few keys on the store are the control channel (announcements, stop, done).
 
 What is sharded. The module's ``policy`` (the LM + value head: what is trained) is sharded per
-transformer block (``policy.transformer_blocks()``) plus one root unit; the frozen reference policy
-(``ref``, for the KL term) is replicated on every trainer: it needs no gradients or optimiser
-state, and a replicated forward costs no communication. Trainer rank 0 also keeps an unsharded
-CPU copy of the policy (the *shadow*): :meth:`full_policy` gathers the shards into it, in flat
-buckets (:func:`~tsd.distributed.gather.gather_full_state`), and it is what the weight sync
-sends, and what evaluation (:class:`~tsd.callbacks.mean_at_k.MeanAtKEval`) and export read.
+transformer block (``policy.transformer_blocks()``), the value head in a unit of its own, plus one
+root unit (embeddings, final norm, LM head) (:func:`shard_policy`). The shards are the fp32 master
+weights; the LM's units gather them in the compute dtype (``model.dtype``) and reduce gradients in
+fp32, the value head's unit stays fp32 (:meth:`~tsd.models.precision.Precision.fsdp_policies`).
+The frozen reference policy (``ref``, for the KL term) is replicated on every trainer, cast to the
+compute dtype as the policy's shards are gathered in it (so that their log-probs are equal at step
+0): it needs no gradients or optimiser state, and a replicated forward costs no communication. Trainer rank 0 also keeps an unsharded CPU copy of the policy in its compute dtypes
+(the *shadow*): :meth:`full_policy` gathers the shards into it, in flat buckets
+(:func:`~tsd.distributed.gather.gather_full_state`), and it is what the weight sync sends, and
+what evaluation (:class:`~tsd.callbacks.mean_at_k.MeanAtKEval`) and export read.
 
 Data. Each trainer rank reads its own ``data.batch_size`` trajectories from the shared Redis
 buffer under its own consumer name: the global batch is ``data.batch_size x T``. Gradients are
@@ -65,7 +69,6 @@ seconds without trajectories, and a sync broadcast fails after ``sync_timeout_s`
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -98,6 +101,7 @@ from tsd.distributed.placement import narrow_to_rank_gpu
 from tsd.distributed.roles import LAYOUTS, logical_ranks
 from tsd.distributed.weight_sync import ControlChannel, shutdown_group, sync_group
 from tsd.models.policy_value import PolicyValueModel
+from tsd.models.precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -419,25 +423,29 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         policy = self._policy()
+        precision = self._precision()
         if self.global_rank == 0:
-            self._shadow = copy.deepcopy(policy).to("cpu").eval().requires_grad_(False)
+            self._shadow = precision.compute_copy(policy).to("cpu")
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._shard(policy)
+        shard_policy(policy, self._mesh, precision)
+        ref = getattr(self.lightning_module, "ref", None)
+        if ref is not None:  # the reference computes as the sharded policy does: in the compute dtype
+            precision.cast_(ref)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _shard(self, policy: PolicyValueModel) -> None:
-        """FSDP2: one unit per transformer block, then the root (embeddings, final norm, LM head
-        and value head; tied embeddings stay in one unit)."""
-        from torch.distributed.fsdp import fully_shard
-
-        for block in policy.transformer_blocks():  # GPT2Block, LlamaDecoderLayer, ...
-            fully_shard(block, mesh=self._mesh)
-        fully_shard(policy, mesh=self._mesh)
+    def _precision(self) -> Precision:
+        precision = getattr(self.lightning_module, "precision", None)
+        if not isinstance(precision, Precision):
+            raise TypeError(
+                f"GeneratorTrainerStrategy: {type(self.lightning_module).__name__} has no `precision` "
+                "(tsd.models.precision.Precision) saying which dtypes to shard and sync"
+            )
+        return precision
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -558,3 +566,22 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         options = StateDictOptions(full_state_dict=True)
         for opt, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             set_optimizer_state_dict(self.model, opt, state, options=options)
+
+
+def shard_policy(policy: PolicyValueModel, mesh: Any, precision: Precision) -> None:
+    """FSDP2 over ``mesh``: one unit per transformer block, one for the value head, then the root
+    (embeddings, final norm, LM head; tied embeddings stay in one unit). Every parameter is an fp32
+    master (:meth:`Precision.masters_`; FSDP2 needs one dtype per unit, and a bf16 checkpoint
+    without a value head would otherwise give a bf16 root beside a fresh fp32 head); the LM's
+    units compute in the compute dtype, the value head's in fp32
+    (:meth:`Precision.fsdp_policies`). ``score`` is a forward method too: the trainer's log-probs
+    and values go through it."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    precision.masters_(policy)
+    lm_mp, head_mp = precision.fsdp_policies()
+    for block in policy.transformer_blocks():  # GPT2Block, LlamaDecoderLayer, ...
+        fully_shard(block, mesh=mesh, mp_policy=lm_mp)
+    fully_shard(policy.value_head, mesh=mesh, mp_policy=head_mp)
+    fully_shard(policy, mesh=mesh, mp_policy=lm_mp)
+    register_fsdp_forward_method(policy, "score")

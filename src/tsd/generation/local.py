@@ -16,7 +16,6 @@ One process: several devices without the generator split are refused with one li
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch import nn
 from tsd.config import ConfigError, require
 from tsd.generation.base import Generation
 from tsd.generation.worker import RolloutWorker
+from tsd.models.precision import Precision
 from tsd.rl.trajectory import Trajectory
 
 
@@ -36,6 +36,7 @@ class LocalGeneration(Generation):
         super().__init__(*args, **kwargs)
         self.worker: RolloutWorker | None = None
         self._copy: nn.Module | None = None
+        self._precision = Precision()
         self._trainer: Any = None
         #: the version of the copy's weights a checkpoint restored (None: it carried none)
         self._restored_version: int | None = None
@@ -61,14 +62,17 @@ class LocalGeneration(Generation):
     def setup(self, trainer: Any) -> None:
         """The generator copy of the policy being trained and its sampler, on the trainer's device."""
         self._trainer = trainer
-        self.start(trainer.lightning_module.policy, trainer.strategy.root_device)
+        module = trainer.lightning_module
+        self.start(module.policy, trainer.strategy.root_device, module.precision)
 
-    def start(self, policy: nn.Module, device: Any = "cpu") -> None:
-        """Make the generator copy of ``policy`` (frozen) and its sampler and worker on ``device``
-        (what :meth:`setup` does with the trainer's policy and device; once)."""
+    def start(self, policy: nn.Module, device: Any = "cpu", precision: Precision | None = None) -> None:
+        """Make the generator copy of ``policy`` (frozen, in ``precision``'s compute dtypes: the
+        LM in ``model.dtype``, the value head in fp32) and its sampler and worker on ``device``
+        (what :meth:`setup` does with the trainer's policy, device and precision; once)."""
         if self.worker is not None:
             return
-        self._copy = copy.deepcopy(policy).eval().requires_grad_(False)
+        self._precision = precision or Precision()
+        self._copy = self._precision.compute_copy(policy)
         sampler = self.make_sampler(
             self._copy, self.tokenizer, device=device, seed=self.sampler_seed(self.seed, 0)
         )
@@ -86,8 +90,9 @@ class LocalGeneration(Generation):
         return True
 
     def publish(self, trainer: Any, pl_module: Any, version: int) -> dict[str, float]:
-        """Publishing is a copy: the trained weights into the generator copy, as ``version``."""
-        self._worker().load_weights(pl_module.policy.state_dict(), version)
+        """Publishing is a copy: the trained weights, in the compute dtypes, into the generator
+        copy, as ``version``."""
+        self._worker().load_weights(self._precision.compute_state(pl_module.policy.state_dict()), version)
         return {}
 
     def holds(self, version: int) -> bool:

@@ -145,7 +145,10 @@ class RemoteGeneration(Generation):
         until the trainers stop."""
         index = strategy.generator_index
         name = f"generator {index} (rank {strategy.global_rank})"
-        policy = strategy.lightning_module.policy.eval().requires_grad_(False)
+        module = strategy.lightning_module
+        # the generator's policy in its compute dtypes (the LM in model.dtype, the value head in
+        # fp32), cast in place: this rank never trains it
+        policy = module.precision.compute_(module.policy).eval().requires_grad_(False)
         receiver = WeightReceiver(
             WeightLayout.of(policy.state_dict()), strategy.sync_group, strategy.comm_device, strategy.control
         )
@@ -176,10 +179,10 @@ class RemoteGeneration(Generation):
         strategy = trainer.strategy
         if strategy.global_rank != 0 or self._sender is not None:
             return
-        policy = trainer.lightning_module.policy
-        self._sender = WeightSender(
-            WeightLayout.of(policy.state_dict()), strategy.sync_group, strategy.comm_device
-        )
+        module = trainer.lightning_module
+        # what every sync sends: the policy in its compute dtypes, as the generators hold it
+        layout = WeightLayout.of(module.precision.compute_state(module.policy.state_dict()))
+        self._sender = WeightSender(layout, strategy.sync_group, strategy.comm_device)
         self._sender.handshake()
 
     def refill(self) -> bool:

@@ -43,6 +43,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from tsd.models.logprobs import LogitTransform, chunked_token_logprobs, token_logprobs
+
 #: the value head's folder inside a saved policy, and its two files
 VALUE_HEAD_DIR = "value_head"
 VALUE_HEAD_FILE = f"{VALUE_HEAD_DIR}/model.safetensors"
@@ -73,9 +75,12 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (...)
-        # fp32 whatever the parameters' dtype (a policy cast whole to bf16 keeps working)
-        h = F.linear(hidden.float(), self.fc1.weight.float(), self.fc1.bias.float())  # (..., M)
-        v = F.linear(F.gelu(h), self.fc2.weight.float(), self.fc2.bias.float())  # (..., 1)
+        # fp32 whatever the parameters' dtype (a policy cast whole to bf16 keeps working) and
+        # whatever autocast is on outside (it would lower these F.linear to bf16): the trainer
+        # computes V as the generators' fp32 copy does
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h = F.linear(hidden.float(), self.fc1.weight.float(), self.fc1.bias.float())  # (..., M)
+            v = F.linear(F.gelu(h), self.fc2.weight.float(), self.fc2.bias.float())  # (..., 1)
         return torch.tanh(v).squeeze(-1)
 
 
@@ -147,20 +152,39 @@ def fp32_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Logits (..., V) in float32 from the final hidden state (..., H): the head's product with both
     operands upcast, outside autocast, then the final-logit transform the config declares."""
     head = output_head(lm)
-    cfg = lm.config
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         logits = F.linear(hidden.float(), head.weight.float(), bias)  # (..., V) fp32
-        scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            logits = logits * float(scale)
-        divisor = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
-        if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
-            logits = logits / float(divisor)
-        cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
-        if cap:
-            logits = torch.tanh(logits / float(cap)) * float(cap)
+        # Cohere's logit_scale, Granite's logits_scaling, Gemma's final_logit_softcapping
+        logits = LogitTransform.of(lm.config)(logits)
     return logits
+
+
+def lm_target_logprobs(
+    lm: PreTrainedModel,
+    hidden: torch.Tensor,  # (B, T, H)
+    targets: torch.Tensor,  # (B, T)
+    temperature: float = 1.0,
+    banned_ids: list[int] | None = None,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """``log pi(targets)`` (B, T) fp32 from the final hidden state at the positions that predict
+    them: the fp32 head's logits (:func:`fp32_logits`), temperature, banned ids, log-softmax.
+    ``chunk_tokens`` > 0 computes it chunk by chunk without the (B, T, V) logits, exactly
+    (:func:`~tsd.models.logprobs.chunked_token_logprobs`); 0 is the plain path."""
+    if chunk_tokens <= 0:
+        return token_logprobs(fp32_logits(lm, hidden), targets, temperature, banned_ids)  # (B, T)
+    head = output_head(lm)
+    return chunked_token_logprobs(
+        hidden,
+        head.weight,
+        getattr(head, "bias", None),
+        targets,
+        temperature,
+        banned_ids,
+        LogitTransform.of(lm.config),
+        chunk_tokens,
+    )  # (B, T)
 
 
 def lm_logits(
@@ -268,6 +292,28 @@ class PolicyValueModel(nn.Module):
         values = self.value_head(hidden.detach() if detach_value_input else hidden)  # (B, T')
         return logits, values, cache
 
+    def score(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor | None = None,  # (B, L)
+        temperature: float = 1.0,
+        banned_ids: list[int] | None = None,
+        chunk_tokens: int = 0,
+        detach_value_input: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logp (B, T), values (B, T))``, ``T = L - 1``: the log-prob of each next token
+        ``input_ids[:, t + 1]`` under the sampler's distribution (temperature, banned ids), and
+        ``V(s_t)`` at the position that predicts it (what training reads), without the (B, L, V)
+        logits when ``chunk_tokens`` > 0 (:func:`lm_target_logprobs`). Under FSDP2 this is a
+        registered forward method (the shards are gathered around it as around ``forward``)."""
+        hidden, _ = final_hidden(self.lm, input_ids, attention_mask)  # (B, L, H)
+        hidden = hidden[:, :-1]  # (B, T, H): position t predicts token t + 1
+        logp = lm_target_logprobs(
+            self.lm, hidden, input_ids[:, 1:], temperature, banned_ids, chunk_tokens
+        )  # (B, T) fp32
+        values = self.value_head(hidden.detach() if detach_value_input else hidden)  # (B, T)
+        return logp, values
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -314,22 +360,3 @@ class PolicyValueModel(nn.Module):
         else:
             head = ValueHead(output_head(lm).weight.shape[1])
         return cls(lm, head).to(device)
-
-
-def token_logprobs(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    banned_ids: list[int] | None = None,
-) -> torch.Tensor:
-    """Log-prob of each target under ``softmax(logits / temperature)`` in fp32.
-
-    ``logits`` (B, T, V) at the positions that predict ``targets`` (B, T); returns (B, T).
-    ``banned_ids`` (pad, BOS) are masked out first, exactly as the sampler does, so that the
-    trainer's pi_theta and the recorded pi_behaviour are the same distribution.
-    """
-    logits = logits.float() / temperature  # (B, T, V)
-    if banned_ids:
-        logits = logits.index_fill(-1, torch.tensor(banned_ids, device=logits.device), float("-inf"))
-    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)

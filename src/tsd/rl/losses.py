@@ -27,6 +27,7 @@ Tests: ``python -m pytest tests/test_losses.py -q``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -309,6 +310,54 @@ def group_normalized_advantages(
         centred = centred / (std[inv] + eps)  # (N,)
     adv = torch.where(flat, torch.zeros_like(centred), centred)  # (N,)
     return adv.to(rewards.dtype)
+
+
+# ---------------------------------------------------------------------------------- micro-batches
+#: the metrics of :class:`RLObjective` normalised as the loss is (``token`` or ``sequence``); every
+#: other metric (the policy term's ``ratio_mean``, ``clip_frac``, ...) is a token mean
+LOSS_METRICS = ("loss", "pg_loss", "value_loss", "kl")
+
+
+def normaliser(mask: Tensor, normalization: str) -> int:
+    """What :func:`masked_mean` divides by over ``mask`` (B, T): the completion tokens
+    (``"token"``) or the sequences with at least one (``"sequence"``)."""
+    m = mask.bool()  # (B, T)
+    if normalization == "token":
+        return int(m.sum())
+    if normalization == "sequence":
+        return int((m.sum(dim=-1) > 0).sum())
+    raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def micro_batch_shares(masks: Sequence[Tensor], normalization: str) -> list[float]:
+    """Each part's share of the whole batch's normaliser, so that ``sum_m share_m * L_m`` is the
+    whole batch's loss exactly when the batch's rows are split into parts with these ``masks``.
+
+    Every term of :class:`RLObjective` is ``masked_mean(x, mask)``, a sum over the part divided by
+    the part's normaliser ``n_m`` (its completion tokens, or its non-empty sequences); over the
+    whole batch the sum is the same and the divisor ``N = sum_m n_m``, so
+    ``L = sum_m S_m / N = sum_m (n_m / N) * L_m``. A part with nothing to train has share 0 (its
+    masked mean is 0, not NaN); an empty batch gives 0 everywhere."""
+    counts = [normaliser(m, normalization) for m in masks]
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
+
+
+def combine_micro_batches(
+    parts: Sequence[LossOutput], masks: Sequence[Tensor], normalization: str
+) -> LossOutput:
+    """The whole batch's :class:`LossOutput` from its parts' (loss and metrics detached): the
+    :data:`LOSS_METRICS` weighted by :func:`micro_batch_shares` under ``normalization``, the token
+    means by the parts' token shares."""
+    loss_w = micro_batch_shares(masks, normalization)
+    token_w = micro_batch_shares(masks, "token")
+    zero = torch.zeros((), dtype=torch.float32, device=parts[0].loss.device)
+    metrics: dict[str, Tensor] = {}
+    for k in parts[0].metrics:
+        w = loss_w if k in LOSS_METRICS else token_w
+        metrics[k] = sum((wi * p.metrics[k].detach() for wi, p in zip(w, parts)), zero)
+    loss = sum((wi * p.loss.detach() for wi, p in zip(loss_w, parts)), zero)
+    return LossOutput(loss=loss, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------- objective
