@@ -260,6 +260,16 @@ def test_a_loaded_policy_starts_vllm_from_its_directory_without_writing_a_copy(
     # wrote its 3.1 GB copy to /tmp before), and the weights are those, so nothing is pushed
     assert FakeLLM.last.kwargs["model"] == str(tmp_path / "policy") and FakeLLM.last.rpc == []
     assert not list(Path(sampler._tmpdir.name).rglob("*.safetensors"))
+    # the paper's case: bf16 on disk, loaded as fp32 masters, the generator's copy cast back to bf16
+    # (Precision.compute_): the weights vLLM would load from the directory, so nothing is pushed
+    from tsd.models.precision import Precision
+
+    make_random_policy(char_tokenizer, seed=4).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    char_tokenizer.save_pretrained(tmp_path / "bf16")
+    masters, _ = load_policy(tmp_path / "bf16", dtype=torch.float32)
+    VLLMSampler(Precision(torch.bfloat16).compute_copy(masters), tok, value_device="cpu")
+    assert FakeLLM.last.kwargs["model"] == str(tmp_path / "bf16") and FakeLLM.last.rpc == []
+    assert FakeLLM.last.kwargs["dtype"] == "bfloat16"
     # weights that moved since the load (a trained or restored copy): vLLM starts from the
     # directory and is given them at once, in memory
     with torch.no_grad():

@@ -363,7 +363,8 @@ class VLLMSampler(Sampler):
                 # vLLM starts from the directory the policy was loaded from (nothing written); the
                 # weights it is given are pushed after start unless they are still those
                 checkpoint_dir = model.source.path
-                push = not model.source.matches(model.lm)
+                engine_dtype = getattr(torch, dtype) if dtype else next(model.lm.parameters()).dtype
+                push = not model.source.matches(model.lm, engine_dtype)
             elif checkpoint_dir is None:
                 # vLLM loads weights from disk only: the LM alone, no value head
                 model.lm.save_pretrained(tmp / "model", safe_serialization=True)
