@@ -118,3 +118,43 @@ def test_train_refuses_a_plan_over_the_device_before_loading_anything(tmp_path, 
         ConfigError, match=r"^memory plan \(.*\): the host needs [\d.]+ GiB of 0.5 .*: lower "
     ):
         train(cfg)
+
+
+#: the paper config's memory settings before the plan (main before issue 25)
+BEFORE = [
+    "sampler.kv_cache_gib=null",
+    "sampler.gpu_memory_utilization=0.85",
+    "callbacks.eval.sampler_kwargs=null",
+    "callbacks.eval.problems_per_batch=8",
+    "generation.problems_per_rollout=4",
+    "module.micro_batch_size=0",
+    "module.activation_checkpointing=false",
+]
+
+
+def test_the_paper_config_as_it_was_is_refused_in_one_line(tmp_path, monkeypatch):
+    plan = _plan(tmp_path, BEFORE, monkeypatch)
+    with pytest.raises(ConfigError) as e:
+        plan.check()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("memory plan (")
+    # the evaluation engine took vLLM's default share beside trainer rank 0's state ...
+    assert (
+        "trainer rank 0's GPU needs" in msg and "callbacks.eval.sampler_kwargs.gpu_memory_utilization" in msg
+    )
+    # ... and the generators' engines left too little for the value copy and the received weights
+    assert "a generator's GPU needs" in msg and "sampler.gpu_memory_utilization" in msg
+
+
+def test_the_paper_config_fits_an_80gb_gpu_and_its_settings_follow_from_the_plan(tmp_path, monkeypatch):
+    plan = _plan(tmp_path, [], monkeypatch)
+    plan.check()  # fits
+    totals = {d.name: d.total_gib for d in plan.devices}
+    assert all(t < H100_GIB * 0.8 for t in totals.values()), (
+        totals
+    )  # a fifth of the GPU left for the estimates
+    cfg = compose_train(["experiment=mcts_countdown_paper"], tmp_path)
+    assert plan.derived == {
+        "generation.problems_per_rollout": cfg.generation.problems_per_rollout,
+        "callbacks.eval.problems_per_batch": cfg.callbacks.eval.problems_per_batch,
+    }
