@@ -159,7 +159,7 @@ class MemoryWatch(threading.Thread):
         self.peak_total = 0.0
         self.peak_by_kind: dict[str, float] = {}
         self.kinds_seen: set[str] = set()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     @staticmethod
     def _tree(root: int) -> list[int]:
@@ -204,7 +204,7 @@ class MemoryWatch(threading.Thread):
         return 0.0
 
     def run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while not self._halt.wait(self.every_s):
             by_kind: dict[str, float] = {}
             for p in self._tree(self.pid):
                 kind = self._kind(p)
@@ -215,7 +215,7 @@ class MemoryWatch(threading.Thread):
                 self.peak_by_kind[k] = max(self.peak_by_kind.get(k, 0.0), v)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=2, help="rollout.iterations (article: 100)")
     ap.add_argument("--bpe", type=int, default=1024, help="BPE merges' vocabulary (the rest is filler)")
     ap.add_argument("--dtype", default="bfloat16", help="model.dtype (the paper's: bfloat16)")
+    ap.add_argument("--head-dtype", default="model", help="sampler.head_dtype (the paper's: float32; see below)")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one run may take")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--set", nargs="*", default=[], help="more train.py overrides")
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         **os.environ,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # separate-process engines: the path that never ran
+        # how vLLM starts them on a GPU (CUDA is up in the rank by then): spawn, not fork
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_MODE": "offline",
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p),
     }
-    vllm_args = "{enforce_eager: true, max_num_seqs: 64}"
+    # eager (no compile), few sequences and tokens per step: a small profile run and workspace
+    vllm_args = "{enforce_eager: true, max_num_seqs: 64, max_num_batched_tokens: 1024}"
     common = [
         "experiment=mcts_countdown_paper",
         f"model.name_or_path={model_dir}",
@@ -310,16 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         "rollout.max_new_tokens=48",
         "generation.problems_per_rollout=2",
         "data.batch_size=2",
+        "module.micro_batch_size=1",  # two micro-batches per optimiser step (the paper: 4 of 16)
+        "module.logprob_chunk_tokens=256",  # (B, T, V) never whole: 256 x 151,936 fp32 logits at a time
+        "+sampler.value_batch_size=8",  # the value forward's states at a time (a shared 24 GiB host)
         "data.sync_every=1",
         "data.max_lag=2",
         "env.n_train=200",
         "env.n_test=8",
         # vLLM's CPU build: KV-cache blocks of 32 tokens, eager mode, small caches
         "sampler.kv_cache_gib=0.25",
+        # vLLM's CPU path runs an fp32 head by casting the whole (151,936 x 1536) weight at every
+        # step (0.9 GB per engine); on a GPU it accumulates a bf16 product in fp32 without a copy
+        # (LogitsProcessor._apply_head): the GPU path's head dtype stays unverified here
+        f"sampler.head_dtype={a.head_dtype}",
         "sampler.block_size=32",
         "sampler.max_model_len=1024",
         f"+sampler.llm_kwargs={vllm_args}",
-        "sampler.value_batch_size=16",
         "callbacks.eval.num_problems=2",
         "callbacks.eval.k=2",
         "callbacks.eval.max_new_tokens=32",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from tsd.config import check_int, check_number
@@ -112,11 +113,12 @@ class MeanAtKEval(L.Callback):
         if self.make_sampler is None:
             raise RuntimeError("MeanAtKEval: setup_eval() was not called (train.py does it)")
         if self.sampler is None:
-            # the sampler gets a copy of its own: it moves its model to its device (HFSampler, the
-            # value copy of VLLMSampler), and the policy handed over may be the trainers' CPU copy
-            # (GeneratorTrainerStrategy's shadow), which must stay on the host
+            # on another device the sampler gets a copy of its own: it moves its model to its
+            # device (HFSampler, the value copy of VLLMSampler), and the policy handed over may be
+            # the trainers' CPU copy (GeneratorTrainerStrategy's shadow), which must stay on the host
+            on_its_device = next(policy.parameters()).device == torch.device(device)
             self.sampler = self.make_sampler(
-                copy.deepcopy(policy),
+                policy if on_its_device else copy.deepcopy(policy),
                 self.tokenizer,
                 device=device,
                 seed=self.seed,
@@ -237,6 +239,12 @@ class MeanAtKEval(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._run(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # the eval engine (vLLM: a process of its own) goes with the run, not with the interpreter
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
 
     def state_dict(self) -> dict:
         return {"history": self.history}

@@ -21,6 +21,7 @@ Two modes, chosen by the cluster environment Lightning detected:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import logging
@@ -174,12 +175,20 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
         finally:
             if not had_port:  # a Hydra multirun's next job picks its own port
                 os.environ.pop("MASTER_PORT", None)
+            self._end_rank_groups()
         worker_output = return_queue.get()
         if trainer is None:
             return worker_output
         self._already_fit |= trainer.state.fn == TrainerFn.FITTING
         self._recover_results_in_main_process(worker_output, trainer)
         return worker_output.trainer_results
+
+    def _end_rank_groups(self) -> None:
+        """Every process left in a rank's process group (an engine process a killed rank could not
+        shut down: re-parented to init, it held its memory for good) is killed."""
+        for proc in getattr(self, "procs", []):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def _wrapping_function(  # type: ignore[override]
         self,
@@ -192,6 +201,9 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
         global_states: Any = None,
     ) -> None:
         die_with_parent(self._parent_pid)  # a rank must not outlive train.py
+        # a process group of its own: what it starts (a vLLM engine process and its workers) is in
+        # it, so that the launcher can end them with the rank, however the rank ended
+        os.setpgid(0, 0)
         _set_num_threads_if_needed(num_processes=self._gt.num_processes)
         os.environ["LOCAL_RANK"] = str(process_idx)
         self._gt.set_world_ranks()

@@ -118,6 +118,12 @@ class Sampler(ABC):
         its own calls ran and a resumed run samples exactly what the uninterrupted one did."""
         return None
 
+    def close(self) -> None:
+        """Release what the sampler started outside this process (VLLMSampler: its engine process);
+        nothing by default. A rank that leaves through ``os._exit`` (a forked rank) runs no exit
+        handlers, so an engine process nobody shut down outlives it."""
+        return None
+
     def split_steps(self, continuation: Continuation) -> list[Continuation]:
         """Cut a ``stop="answer"`` continuation into the reasoning steps that ``stop="step"`` calls
         would have returned one after the other: each piece ends after a step stop (finish

@@ -509,6 +509,14 @@ class VLLMSampler(Sampler):
         self._push_to_engine(state_dict)
         self.version = int(version)
 
+    def close(self) -> None:
+        """Shut the engine down now (its process and workers, if it has them): vLLM does it in a
+        finaliser at interpreter exit, which a forked rank leaving through ``os._exit`` never runs."""
+        engine = getattr(getattr(self, "llm", None), "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def _push_to_engine(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """The LM's weights into the engine, then its prefix cache emptied (its KV entries were
         computed by the old weights)."""
