@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpe", type=int, default=1024, help="BPE merges' vocabulary (the rest is filler)")
     ap.add_argument("--dtype", default="bfloat16", help="model.dtype (the paper's: bfloat16)")
     ap.add_argument("--head-dtype", default="model", help="sampler.head_dtype (the paper's: float32; see below)")
+    ap.add_argument("--kl", action="store_true", help="keep the KL term and its reference (2.6 GB more here)")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one run may take")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--set", nargs="*", default=[], help="more train.py overrides")
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p),
     }
     # eager (no compile), few sequences and tokens per step: a small profile run and workspace
-    vllm_args = "{enforce_eager: true, max_num_seqs: 64, max_num_batched_tokens: 1024}"
+    vllm_args = "{enforce_eager: true, max_num_seqs: 32, max_num_batched_tokens: 512}"
     common = [
         "experiment=mcts_countdown_paper",
         f"model.name_or_path={model_dir}",
@@ -333,13 +334,19 @@ def main(argv: list[str] | None = None) -> int:
         "callbacks.eval.num_problems=2",
         "callbacks.eval.k=2",
         "callbacks.eval.max_new_tokens=32",
-        "callbacks.eval.every_n_steps=2",
+        # evaluated at the end of each run: its engine (a process of its own, ~3 GB on CPU) is not
+        # held through the training steps, which a shared 24 GiB host cannot also give it
+        "callbacks.eval.every_n_steps=0",
+        "callbacks.eval.at_start=false",
         "callbacks.eval.problems_per_batch=2",
         "callbacks.eval.table_rows=4",
         "callbacks.eval.sampler_kwargs={kv_cache_gib: 0.25}",
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.log_line.every_n_steps=1",
         "trainer.enable_progress_bar=false",
+        # the KL term's frozen reference is a replicated model: an fp32 copy in train.py (before the
+        # fork) and a bf16 one in each trainer, 2.6 GB here; --kl keeps it (the paper's c_kl 0.05)
+        *([] if a.kl else ["loss.c_kl=0"]),
         *a.set,
     ]
     runs = {}
@@ -362,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             text = Path(f"{run_dir}.log").read_text(errors="replace")
             if rc != 0:
                 print(text[-6000:])
-                print(f"[rehearsal] {name} run FAILED (exit {rc}) after {seconds:.0f}s")
+                print(
+                    f"[rehearsal] {name} run FAILED (exit {rc}) after {seconds:.0f}s; peak PSS {watch.peak_total:.1f} GiB "
+                    f"{json.dumps({k: round(v, 2) for k, v in watch.peak_by_kind.items()})}"
+                )
                 return 1
             res = json.loads((run_dir / "results.json").read_text())
             runs[name] = {

@@ -62,6 +62,7 @@ def test_trainer_items_hand_computed(qwen):
     per_token = 28 * 1536 * 2 + (10 * 1536 + 3 * 8960) * 2  # checkpointed inputs + one block's inner
     assert items["activations"] == pytest.approx((1000 * per_token + 3 * 256 * 151_936 * 4) / GIB)
     assert items["process"] == GPU_PROCESS_GIB
+    assert items["LM head in fp32"] == pytest.approx(2 * 151_936 * 1536 * 4 / GIB)  # upcast + fp32 gradient
 
 
 def test_a_plan_over_the_device_is_refused_in_one_line_naming_the_settings():

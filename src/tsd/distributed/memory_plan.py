@@ -314,6 +314,15 @@ def trainer_items(
             "module.micro_batch_size",
         ),
     ]
+    # the chunked log-probs' backward upcasts the LM head to fp32 and accumulates its gradient in
+    # fp32 (tsd.models.logprobs: V x H x 4 bytes each; the upcast is no copy when it is fp32)
+    head = shape.vocab * shape.hidden * 4
+    items.append(
+        PlanItem(
+            "LM head in fp32 (log-probs' backward: weight + gradient)",
+            gib(head * (1 if compute_bytes == 4 else 2)),
+        )
+    )
     if ref_bytes is not None:
         items.append(PlanItem("KL reference (replicated)", gib(shape.lm_params * ref_bytes), "loss.c_kl"))
     return items
