@@ -494,8 +494,17 @@ def plan_generator_trainer(
         ev_seqs = in_flight(shape, eval_items, eval_kwargs, ev_seq, model_bytes, device_gib, on_gpu)
         if ev_seqs:
             derived["callbacks.eval.problems_per_batch"] = max(1, ev_seqs // int(eval_callback.k))
+    # a checkpoint gathers the full fp32 model and AdamW state onto trainer rank 0, on the host
+    # (GeneratorTrainerStrategy: full_state_dict, cpu_offload), while it is written
+    ckpt = PlanItem(
+        "checkpoint: full fp32 model + AdamW state (host)",
+        gib(shape.params * 12),
+        "callbacks.checkpoint",
+        False,
+    )
     notes = [
-        f"{T} trainers + {G} generators; a sequence is {PROMPT_TOKENS} prompt + {seq - PROMPT_TOKENS} new tokens"
+        f"{T} trainers + {G} generators; a sequence is {PROMPT_TOKENS} prompt + {seq - PROMPT_TOKENS} new tokens",
+        f"host memory of trainer rank 0 while a checkpoint is written: {ckpt.gib:.1f} GiB more",
     ]
     if on_gpu:
         rank0 = DevicePlan("trainer rank 0's GPU")
@@ -515,7 +524,7 @@ def plan_generator_trainer(
         devices.append(g)
         return MemoryPlan(device_gib, device_name, devices, derived, notes)
     host = DevicePlan("the host")
-    host.add("trainer 0", [*trainer, sync_send, *eval_items])
+    host.add("trainer 0", [*trainer, sync_send, ckpt, *eval_items])
     for r in range(1, T):
         host.add(f"trainer {r}", trainer)
     for j in range(G):
