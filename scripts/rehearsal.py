@@ -159,6 +159,7 @@ class MemoryWatch(threading.Thread):
         self.peak_total = 0.0
         self.peak_by_kind: dict[str, float] = {}
         self.kinds_seen: set[str] = set()
+        self.peak_by_pid: dict[int, tuple[float, str]] = {}
         self._halt = threading.Event()
 
     @staticmethod
@@ -209,7 +210,10 @@ class MemoryWatch(threading.Thread):
             for p in self._tree(self.pid):
                 kind = self._kind(p)
                 self.kinds_seen.add(kind)
-                by_kind[kind] = by_kind.get(kind, 0.0) + self._pss_gib(p)
+                pss = self._pss_gib(p)
+                by_kind[kind] = by_kind.get(kind, 0.0) + pss
+                if pss > self.peak_by_pid.get(p, (0.0, ""))[0]:
+                    self.peak_by_pid[p] = (pss, kind)
             self.peak_total = max(self.peak_total, sum(by_kind.values()))
             for k, v in by_kind.items():
                 self.peak_by_kind[k] = max(self.peak_by_kind.get(k, 0.0), v)
@@ -239,6 +243,21 @@ def run_train(
     return rc, time.monotonic() - t0, watch
 
 
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def wait_for_memory(gib: float, patience_s: float = 1800.0) -> None:
+    """On a shared host: wait (up to ``patience_s``) until ``gib`` GiB are available."""
+    t0 = time.monotonic()
+    while available_gib() < gib and time.monotonic() - t0 < patience_s:
+        print(f"[rehearsal] {available_gib():.1f} GiB available, waiting for {gib:g}", flush=True)
+        time.sleep(30)
+
+
 def sync_rows(run_dir: Path) -> list[dict[str, float]]:
     """The steps with a weight sync, from the CSV log: gather, broadcast, total seconds and MiB."""
     rows = []
@@ -263,9 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=2, help="rollout.iterations (article: 100)")
     ap.add_argument("--bpe", type=int, default=1024, help="BPE merges' vocabulary (the rest is filler)")
     ap.add_argument("--dtype", default="bfloat16", help="model.dtype (the paper's: bfloat16)")
-    ap.add_argument("--head-dtype", default="model", help="sampler.head_dtype (the paper's: float32; see below)")
+    ap.add_argument(
+        "--head-dtype", default="model", help="sampler.head_dtype (the paper's: float32; see below)"
+    )
     ap.add_argument("--kl", action="store_true", help="keep the KL term and its reference (2.6 GB more here)")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one run may take")
+    ap.add_argument(
+        "--plan-gib", type=float, default=32.0, help="strategy.device_memory_gib for the plan's check"
+    )
+    ap.add_argument(
+        "--min-free-gib", type=float, default=16.0, help="wait until the host has this much available"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--set", nargs="*", default=[], help="more train.py overrides")
     a = ap.parse_args(argv)
@@ -273,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    wait_for_memory(a.min_free_gib)
     t_all = time.monotonic()
     a.out.mkdir(parents=True, exist_ok=True)
     model_dir = a.out / "model"
@@ -287,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {
         **os.environ,
+        "MALLOC_ARENA_MAX": "2",  # glibc keeps fewer per-thread arenas of freed memory
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # separate-process engines: the path that never ran
         # how vLLM starts them on a GPU (CUDA is up in the rank by then): spawn, not fork
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
@@ -347,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         # the KL term's frozen reference is a replicated model: an fp32 copy in train.py (before the
         # fork) and a bf16 one in each trainer, 2.6 GB here; --kl keeps it (the paper's c_kl 0.05)
         *([] if a.kl else ["loss.c_kl=0"]),
+        # one checkpoint per run, the last (the full fp32 model + AdamW state gathered on rank 0: 3.7 GB)
+        f"callbacks.checkpoint.every_n_train_steps={a.steps}",
+        # the memory plan sums every item as if all coincided (the checkpoint's gather, the eval engine
+        # started at the run's end): more than this host's 23.5 GiB; it is printed in the run's log and
+        # compared with the peak measured here, and checked against this instead
+        f"strategy.device_memory_gib={a.plan_gib}",
         *a.set,
     ]
     runs = {}
@@ -365,13 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         ):
             overrides = [*common, f"buffer.url={url}", f"hydra.run.dir={run_dir}", *extra]
             print(f"[rehearsal] {name} run: train.py {' '.join(extra)} (log: {run_dir}.log)", flush=True)
+            wait_for_memory(a.min_free_gib)
             rc, seconds, watch = run_train(overrides, Path(f"{run_dir}.log"), env, a.timeout)
             text = Path(f"{run_dir}.log").read_text(errors="replace")
             if rc != 0:
                 print(text[-6000:])
                 print(
                     f"[rehearsal] {name} run FAILED (exit {rc}) after {seconds:.0f}s; peak PSS {watch.peak_total:.1f} GiB "
-                    f"{json.dumps({k: round(v, 2) for k, v in watch.peak_by_kind.items()})}"
+                    f"{json.dumps({k: round(v, 2) for k, v in watch.peak_by_kind.items()})}; per process "
+                    f"{sorted(((round(v, 2), k, p) for p, (v, k) in watch.peak_by_pid.items()), reverse=True)[:8]}"
                 )
                 return 1
             res = json.loads((run_dir / "results.json").read_text())

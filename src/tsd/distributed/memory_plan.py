@@ -524,6 +524,14 @@ def plan_generator_trainer(
         devices.append(g)
         return MemoryPlan(device_gib, device_name, devices, derived, notes)
     host = DevicePlan("the host")
+    # one machine: train.py forks the ranks and keeps the policy it loaded (fp32 masters) until they end
+    host.add(
+        "train.py (the launcher)",
+        [
+            PlanItem("process", CPU_PROCESS_GIB),
+            PlanItem("the loaded policy (fp32)", gib(shape.params * 4), "", True),
+        ],
+    )
     host.add("trainer 0", [*trainer, sync_send, ckpt, *eval_items])
     for r in range(1, T):
         host.add(f"trainer {r}", trainer)
