@@ -181,6 +181,7 @@ def part_fsdp(tokenizer, trajs: list[Trajectory], args, dtype) -> dict:
         activation_checkpointing=True,  # as the *_paper experiments
     )
     shard_policy(module.policy, mesh, module.precision)  # as GeneratorTrainerStrategy does
+    module.precision.cast_(module.ref)  # the reference in the dtype the shards are gathered in
     opt = torch.optim.AdamW(module.policy.parameters(), lr=5e-6)
     if len(trajs) < args.batch:
         vocab = policy.config.vocab_size

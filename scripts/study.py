@@ -4,7 +4,7 @@ and the logic are in :mod:`tsd.eval.study`.
 
     python scripts/study.py plan                          # every run and its command, nothing run
     python scripts/study.py run --parallel 2              # run what is missing (resumable)
-    python scripts/study.py report --readme README.md     # tables, paired intervals, curves; the README block
+    python scripts/study.py report --doc docs/study.md     # tables, paired intervals, curves; the page's block
     python scripts/study.py all --parallel 2              # run, then report
 """
 

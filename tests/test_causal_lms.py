@@ -318,14 +318,19 @@ def test_lm_head_stays_fp32_under_autocast(char_tokenizer):
 
 
 def test_reference_policy_log_probs_equal_the_policys_at_init_in_bf16():
-    """The KL term's pi_ref uses the same fp32 head: at step 0 in bf16 its log-probs are the
-    policy's exactly (with the head in bf16 for pi_ref they were not)."""
+    """The KL term's pi_ref uses the same fp32 head and computes as the policy does (bf16 compute
+    over fp32 masters, models/precision.py): at step 0 its log-probs are the policy's exactly
+    (with the head in bf16 for pi_ref they were not)."""
+    from tsd.models.precision import Precision
     from tsd.module import PolicyValueModule
     from tsd.rl.losses import CISPOLoss, RLObjective
 
-    policy, tok = load_policy("tiny", dtype=torch.bfloat16)
+    policy, tok = load_policy("tiny")  # as train.py loads the masters
     module = PolicyValueModule(
-        policy, RLObjective(CISPOLoss(), c_kl=0.01), optimizer=lambda p: torch.optim.SGD(p, lr=0.0)
+        policy,
+        RLObjective(CISPOLoss(), c_kl=0.01),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+        precision=Precision(torch.bfloat16),  # model.dtype=bfloat16
     )
     module.policy.eval()
     ids, mask, _ = _tiny_batch(tok)

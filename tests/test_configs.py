@@ -17,7 +17,7 @@ CONFIGS = Path(config_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = {
     g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml"))
-    for g in ("model", "sampler", "rollout", "loss", "buffer", "logger", "strategy", "trainer")
+    for g in ("model", "sampler", "rollout", "loss", "buffer", "logger", "strategy", "trainer", "stop")
 }
 
 
@@ -209,3 +209,17 @@ def test_the_article_search_overrides_match_the_paper_experiment():
     for key in paper:
         if key not in sizes:
             assert article[key] == paper[key], key
+
+
+def test_every_plateau_run_composes_and_matches_signatures():
+    """The plateau study's training commands (scripts/study.py plateau) compose, train to the
+    plateau rule with the validation slice, and give every ``_target_`` only keys it accepts."""
+    from tsd.eval import plateau
+
+    for arm, (_, _, lr, overrides) in plateau.ARMS.items():
+        cfg = _compose("train", [*overrides, *plateau.COMMON, f"module.optimizer.lr={lr}", "seed=1"])
+        assert cfg.env.n_val == 256 and cfg.callbacks.eval is None, arm
+        assert cfg.callbacks.val.every_n_tokens == plateau.EVAL_EVERY_TOKENS, arm
+        assert cfg.callbacks.early_stop.monitor == "val/mean@16", arm
+        assert cfg.generation.problems_per_rollout == 8 and cfg.data.sync_every == 1, arm
+        _check_signature(cfg)

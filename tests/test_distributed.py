@@ -354,6 +354,61 @@ def test_mcts_under_hydra_multirun_keeps_one_job_directory(policy_dir, redis_url
     assert res["perf/rollout_seconds"] > 0
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.redis
+def test_bf16_run_from_a_checkpoint_without_value_head_trains_fp32_masters(
+    policy_dir, redis_url, stream, tmp_path
+):
+    """The article's run: a bf16 checkpoint without a value head, model.dtype=bfloat16, the
+    article's lr. Before, both FSDP2 trainers raised ``FSDP expects uniform original parameter
+    dtype`` at their first forward (a bf16 root unit beside a fresh fp32 value head). Now: fp32
+    master shards that move at lr 5e-6, the generator receives the LM in bf16 and the value head in
+    fp32, the export and the checkpoint hold what they should."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tsd.models.loading import load_policy
+
+    ckpt = tmp_path / "bf16"
+    load_policy(policy_dir)[0].lm.to(torch.bfloat16).save_pretrained(ckpt, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(policy_dir) / name, ckpt / name)
+    assert not (ckpt / "value_head").exists()
+    rec = tmp_path / "rec"
+    code, out, secs = _train(
+        [
+            "experiment=cispo_countdown",
+            *_base(str(ckpt), redis_url, stream, rec),
+            "model.dtype=bfloat16",
+            "module.optimizer.lr=5e-6",  # the article's
+            "module.activation_checkpointing=true",
+            "module.micro_batch_size=2",
+            "trainer.max_steps=3",
+            "callbacks.checkpoint.every_n_train_steps=1",  # last.ckpt holds step 3
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert code == 0, out[-6000:]
+    initial = load_file(str(ckpt / "model.safetensors"))  # bf16
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {v.dtype for k, v in state.items() if k.startswith("policy.")} == {torch.float32}
+    moved = sum(int((state[f"policy.lm.{k}"] != v.float()).sum()) for k, v in initial.items())
+    assert moved / sum(v.numel() for v in initial.values()) >= 0.9
+    synced = sorted(rec.glob("gen_v*.pt"))
+    assert synced, "the generator never received weights"
+    for path in synced:
+        gen = torch.load(path, weights_only=True)
+        sent = torch.load(rec / path.name.replace("gen_", "trainer_"), weights_only=True)
+        assert {v.dtype for k, v in gen.items() if k.startswith("lm.")} == {torch.bfloat16}
+        assert {v.dtype for k, v in gen.items() if k.startswith("value_head.")} == {torch.float32}
+        assert all(torch.equal(gen[k], sent[k]) for k in sent)
+    exported = load_file(str(tmp_path / "run" / "policy" / "model.safetensors"))
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+
+
 # ---------------------------------------------------------------------------- faults
 FAULT = ["callbacks.eval=null", "callbacks.checkpoint=null", "callbacks.export=null"]
 

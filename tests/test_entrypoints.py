@@ -239,3 +239,33 @@ def test_sigterm_stops_a_training_run(policy_dir, tmp_path):
     assert p.returncode == -signal.SIGTERM, rest[-2000:]  # killed by the signal, as by its default action
     assert "SIGTERM: stopping" in rest and took < 30
     assert "step 1000/1000" not in rest
+
+
+def test_a_run_ends_with_a_few_readable_lines(tmp_path):
+    """The last lines of a run (the JSON stays in results.json): steps, time and why it stopped, the
+    final evaluation against the base, the best validation score, tokens, where things are."""
+    from tsd.train import summary_lines
+
+    (tmp_path / "policy").mkdir()
+    result = {
+        "global_step": 150, "wall_seconds": 181.4, "stop_reason": "max_steps: 150 optimiser steps",
+        "skipped_steps": 0, "final/eval/mean@16": 0.0697, "base/eval/mean@16": 0.0331,
+        "compute/generated_tokens": 645_123.0, "compute/trained_tokens": 1_689_000.0,
+        "compute/prefill_tokens": 555.0, "eval_history": [{"step": 0}] * 40,
+    }  # fmt: skip
+    lines = summary_lines(result, tmp_path)
+    assert lines == [
+        "run finished: 150 optimiser steps in 3 min 1 s (max_steps: 150 optimiser steps; 0 steps skipped)",
+        "  test mean@16 at the end: 6.97% (base 3.31%, +3.66 points)",
+        "  tokens: 645k generated, 1.69M trained, 555 prefill",
+        f"  policy: {tmp_path / 'policy'}",
+        f"  results: {tmp_path / 'results.json'}",
+    ]
+    assert sum(len(x) for x in lines) < 500
+    result.update({"final/val/mean@16": 0.08, "base/val/mean@16": 0.0371,
+                   "best": {"metric": "val/mean@16", "score": 0.0825, "step": 300, "generated_tokens": 1.4e6}})  # fmt: skip
+    (tmp_path / "policy_best").mkdir()
+    lines = summary_lines(result, tmp_path)
+    assert "  validation mean@16 at the end: 8.00% (base 3.71%, +4.29 points)" in lines
+    assert "  best val/mean@16: 8.25% at step 300 (1.40M generated tokens)" in lines
+    assert f"  policy: {tmp_path / 'policy'} (validation-best: {tmp_path / 'policy_best'})" in lines

@@ -38,8 +38,9 @@ class RecordingSampler(HFSampler):
 def fake_trainer(policy, step: int):
     return SimpleNamespace(
         global_step=step,
-        strategy=SimpleNamespace(full_policy=lambda module: policy),
+        strategy=SimpleNamespace(full_policy=lambda module: policy, broadcast=lambda obj, src=0: obj),
         is_global_zero=True,
+        callback_metrics={},
         loggers=[],
         datamodule=SimpleNamespace(
             generation=SimpleNamespace(generated_tokens=lambda: 0, prefill_tokens=lambda: 0)

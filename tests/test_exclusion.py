@@ -18,16 +18,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tsd.samplers.base import EXHAUSTED_MASS
 from tsd.samplers.exclusion import (
-    EXHAUSTED_MASS,
     EXTRA_ARGS_KEY,
+    FALLBACK_SHIFT,
     FlatTrie,
     RowProcessor,
     parse_row_args,
     row_args,
-    top_p_filter,
     trie_payload,
 )
+from tsd.samplers.hf import top_p_filter
 
 
 def cont(token_ids, probs):
@@ -179,10 +180,14 @@ def test_restore_hand_computed():
     # a token off the trie at the root, then a token that happens to be excluded elsewhere
     restored, _ = trie.restore([9, 5], [math.log(0.1), math.log(0.5)])
     assert restored == pytest.approx([math.log(0.1), math.log(0.5)])
-    # at an exhausted prefix the engine drew from the policy: v is log p, counted
+    # at an exhausted prefix the engine drew from the policy: v is log p shifted, counted
     full = FlatTrie.from_payload(trie_payload([cont([3], [0.6]), cont([4], [0.4])]))
-    restored, exhausted = full.restore([3, 7], [math.log(0.6), math.log(0.9)])
-    assert exhausted == 1 and restored == pytest.approx([math.log(0.6), math.log(0.9)])
+    restored, exhausted = full.restore([3, 7], [math.log(0.6) + FALLBACK_SHIFT, math.log(0.9)])
+    assert exhausted == 1 and restored == pytest.approx([math.log(0.6), math.log(0.9)], abs=1e-12)
+    # a fallback the processor found by itself (the prefix is not flagged): token 5 with p = 0.6
+    # and 0.25 excluded would be restored as log(0.6 + 0.25) if the shift were not recognised
+    restored, exhausted = trie.restore([5], [math.log(0.6) + FALLBACK_SHIFT])
+    assert exhausted == 1 and restored == pytest.approx([math.log(0.6)], abs=1e-12)
 
 
 # ---------------------------------------------------------------------------- the processor's rows
@@ -277,32 +282,58 @@ def test_processor_walks_output_tokens_lazily_and_stops_at_placeholders():
 def test_processor_at_an_exhausted_prefix_draws_from_the_policy():
     p = torch.tensor([0.6, 0.4, 0.0])
     proc = RowProcessor()
-    # the two tokens with mass, both excluded, with 1e-7 of rounding in their recorded masses
+    # the two tokens with mass, both excluded, with 1e-7 of rounding in their recorded masses: the
+    # payload flags the prefix, and the row is the policy's, shifted
     excl = [cont([0], [0.6 - 1e-7]), cont([1], [0.4 - 1e-7])]
     assert 1 - sum(math.exp(c.logprobs[0]) for c in excl) < EXHAUSTED_MASS
     proc.update(update(added=[(0, params(excluded=excl), None, [])]))
     v = proc.apply(p.log()[None].clone())
-    torch.testing.assert_close(v[0], p.log())
-    # masses that leave nothing where the payload flags nothing (trie_payload flags masses summing
-    # to ~1; these are not this policy's): the row is still the policy's, never empty
-    payload = {"parent": [0, 0], "token": [0, 1], "mass": [0.7, 0.5], "exhausted": []}
+    torch.testing.assert_close(v[0], p.log() + FALLBACK_SHIFT)
+
+
+def spent_payload(masses: list[float]) -> SimpleNamespace:
+    """Request arguments whose root masses the payload does not flag as exhausted (as masses
+    recorded by other weights, or a payload not built by trie_payload, may be)."""
+    payload = {
+        "parent": [0] * len(masses),
+        "token": list(range(len(masses))),
+        "mass": masses,
+        "exhausted": [],
+    }
+    return SimpleNamespace(extra_args={EXTRA_ARGS_KEY: {"temperature": 1, "top_p": 1, "exclude": payload}})
+
+
+def test_a_prefix_the_processor_finds_spent_is_the_policys_and_restored_as_such():
+    """Both halves together: masses that leave nothing (0.7 >= p = 0.6, 0.5 >= 0.4) where the payload
+    flags nothing. The processor serves the policy (shifted), and the driver's restore gives back
+    log p and counts the draw; it used to add the mass back: log(0.6 + 0.7) = +0.262 > 0, which
+    the trajectory check refuses."""
+    p = torch.tensor([0.6, 0.4, 0.0])
     proc = RowProcessor()
-    proc.update(update(added=[(0, SimpleNamespace(extra_args={EXTRA_ARGS_KEY: {"temperature": 1, "top_p": 1,
-                                                                                 "exclude": payload}}), None, [])]))  # fmt: skip
-    torch.testing.assert_close(proc.apply(p.log()[None].clone())[0], p.log())
+    proc.update(update(added=[(0, spent_payload([0.7, 0.5]), None, [])]))
+    v = proc.apply(p.log()[None].clone())[0]
+    torch.testing.assert_close(v, p.log() + FALLBACK_SHIFT)
+    trie = FlatTrie.from_payload(spent_payload([0.7, 0.5]).extra_args[EXTRA_ARGS_KEY]["exclude"])
+    for tok in (0, 1):  # whichever token the engine draws from that row
+        restored, exhausted = trie.restore([tok], [float(v[tok])])
+        assert restored == pytest.approx([math.log(p[tok])], abs=1e-5) and exhausted == 1
+    # a row that keeps a little (0.4 - 0.39 = 0.01 > EXHAUSTED_MASS) samples what is left, unshifted
+    proc = RowProcessor()
+    proc.update(update(added=[(0, spent_payload([0.7, 0.39]), None, [])]))
+    v = proc.apply(p.log()[None].clone())[0]
+    torch.testing.assert_close(v, torch.tensor([-math.inf, math.log(0.01), -math.inf]))
+    assert trie.restore([1], [float(v[1])])[1] == 0
 
 
-def test_top_p_filter_per_row_matches_hf():
-    from tsd.samplers.hf import HFSampler
-
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 30, generator=g)
-    hf = HFSampler.__new__(HFSampler)
-    for p in (0.3, 0.9):
-        hf.top_p = p
-        ours = top_p_filter(logits, torch.full((5,), p))
-        assert torch.equal(ours.isinf(), hf._top_p_filter(logits).isinf())
-    assert not top_p_filter(logits, torch.ones(5)).isinf().any()
+def test_top_p_filter_hand_computed():
+    # softmax([2, 1, 0, -1]) = [.644, .237, .087, .032]; mass before each: 0, .644, .881, .968
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 2)
+    inf = -math.inf
+    assert top_p_filter(logits, 0.8)[0].tolist() == [2.0, 1.0, inf, inf]
+    assert top_p_filter(logits, 0.9)[0].tolist() == [2.0, 1.0, 0.0, inf]
+    # one top-p per row (vLLM's processor): 0.5 keeps the top token alone, 1 keeps everything
+    out = top_p_filter(logits, torch.tensor([0.5, 1.0]))
+    assert out[0].tolist() == [2.0, inf, inf, inf] and out[1].tolist() == logits[1].tolist()
 
 
 # ---------------------------------------------------------------------------- a stand-in engine
@@ -359,7 +390,8 @@ def test_stand_in_engine_samples_the_conditional_distribution_and_restores_log_p
     stat, df = chi_square(counts, expected, n)
     print(f"stand-in engine: chi2 = {stat:.1f}, df = {df}, critical {chi2_critical(df):.1f}, n = {n}")
     assert stat < chi2_critical(df)
-    assert counts[(1, 2)] == counts[(1, 3)] == counts.get((4, 0), 0) == 0
+    # no excluded path was drawn: neither [1, 2] nor [1, 3], nor anything that starts with [4]
+    assert not [t for t in counts if t in ((1, 2), (1, 3)) or t[0] == 4], counts
     # the log-probs restored by the driver are the policy's own
     for toks, values in rows[:200]:
         lps, exhausted = trie.restore(toks, values)

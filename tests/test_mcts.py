@@ -18,7 +18,7 @@ from tsd.envs.countdown import CountdownEnv, Problem
 from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.mcts import MCTSRollout
 from tsd.rollouts.selection import BestTerminal, MaxQ, MaxVisit
-from tsd.rollouts.tree import SPENT_MASS, Node, SearchTree, merge_continuations, puct_score, select_child
+from tsd.rollouts.tree import SPENT_MASS, Node, SearchTree, puct_score, select_child
 from tsd.samplers.base import Continuation, Sampler
 
 # ---------------------------------------------------------------------------------------------
@@ -231,22 +231,21 @@ def test_duplicates_merged_with_summed_prior():
     # summed log-probs A=-1, B=-2, A=-1: softmax masses e^-1, e^-2, e^-1 over Z = 2e^-1 + e^-2;
     # A = 2e^-1/Z = 2/(2 + e^-1) = 0.844637, B = e^-1/(2 + e^-1) = 0.155363
     # (= softmax over [logsumexp(-1, -1), -2] = softmax([ln 2 - 1, -2]))
-    merged = merge_continuations([[5, 6], [7], [5, 6]], [-1.0, -2.0, -1.0])
-    assert [i for i, _ in merged] == [0, 1]
-    assert merged[0][1] == pytest.approx(2 / (2 + math.exp(-1)))
-    assert merged[1][1] == pytest.approx(math.exp(-1) / (2 + math.exp(-1)))
     t = _tree()
     a = Continuation([5, 6], [-0.5, -0.5], "step")
     b = Continuation([7], [-2.0], "step")
-    kids = t.expand(t.root, [a, b, a])
-    assert len(kids) == 2 and t.expansion_widths == [2]
+    landed = t.add_samples(t.root, [a, b, a])
+    kids = t.root.children
+    assert len(kids) == 2 and landed == [kids[0], kids[1], kids[0]] and t.expansion_widths == [2]
+    assert [k.prior for k in kids] == pytest.approx(
+        [2 / (2 + math.exp(-1)), math.exp(-1) / (2 + math.exp(-1))]
+    )
     assert [k.prior for k in kids] == pytest.approx([0.844637, 0.155363], abs=1e-6)
-    assert sum(k.prior for k in kids) == pytest.approx(1.0)
 
 
 def test_expansion_cuts_to_the_token_budget_and_marks_terminals():
     t = SearchTree([1], max_depth=2, max_tokens=5)
-    a, b, c = t.expand(
+    a, b, c = t.add_samples(
         t.root,
         [
             Continuation([4, 7, 8, 9, 5, 10, 11], [-0.1] * 7, "step"),  # 7 > budget 5: cut, "length"
@@ -257,7 +256,7 @@ def test_expansion_cuts_to_the_token_budget_and_marks_terminals():
     assert a.token_ids == [4, 7, 8, 9, 5] and len(a.logprobs) == 5
     assert (a.terminal, a.terminal_reason) == (True, "length")
     assert (b.terminal, c.terminal, c.terminal_reason) == (False, True, "eos")
-    (d,) = t.expand(b, [Continuation([8], [-0.1], "step")])
+    (d,) = t.add_samples(b, [Continuation([8], [-0.1], "step")])
     assert (d.depth, d.terminal, d.terminal_reason) == (2, True, "max_depth")
 
 
@@ -391,7 +390,8 @@ def test_exhausted_subtrees_are_skipped_and_propagate_up():
     assert a.exhausted and not b.exhausted and not t.root.exhausted
     assert t.select_leaf()[-1] is b  # ... then b, though a's score would win without skipping
     t.undo_virtual_loss([t.root, b])
-    (b1,) = t.expand(b, [Continuation([8], [-0.1], "answer")] * 2)  # b is full with one child
+    b1, again = t.add_samples(b, [Continuation([8], [-0.1], "answer")] * 2)  # b is full with one child
+    assert again is b1 and b.children == [b1]
     b1.reward = -1.0
     t.backup([t.root, b, b1], -1.0, virtual_loss_applied=False)
     assert b1.exhausted and b.exhausted and t.root.exhausted  # nothing left anywhere
@@ -430,7 +430,6 @@ def test_priors_renormalised_over_every_sample_drawn():
     warm = _tree(prior_temperature=2.0)
     warm.add_samples(warm.root, [a, b])
     assert [k.prior for k in warm.root.children] == pytest.approx([0.622459, 0.377541], abs=1e-6)
-    assert merge_continuations([[5, 6], [7]], [-1.0, -2.0], temperature=2.0)[0][1] == pytest.approx(0.622459)
 
 
 def _graded(tree: SearchTree, parent: Node, reward: float, visits: float) -> Node:
@@ -811,3 +810,22 @@ def test_full_rollout_behaviour_logprobs_match_teacher_forcing(policy, search, c
         logits[:, banned] = float("-inf")
         ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(traj.completion_ids)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(traj.behaviour_logprobs), ref, atol=1e-4)
+
+
+def test_samples_drawn_together_at_one_node_can_repeat_each_other_and_are_counted(char_tokenizer):
+    """Without replacement excludes the children a node has when the call is made; two workers that
+    stop at the same node in one wave draw independently and here draw the same first step (the
+    scripted sampler's first option): merged into one child, paid, counted."""
+    rollout = _small(workers=2, iterations=1, rollout_mix=1.0, without_replacement=True, record_trees=True)
+    out = rollout.run([PROBLEM], ScriptedSampler(char_tokenizer), CountingEnv())
+    (tree,) = rollout.trees
+    (a,) = tree.root.children  # both paths went through "<step>3+5=8</step>" (7 tokens)
+    assert a.visits == 2.0
+    assert out.stats["search/repeated_steps_per_problem"] == 1.0
+    assert out.stats["search/repeated_step_tokens_per_problem"] == 7.0
+    # the article's expansion: K = 2 samples of one call at a node with one scripted step
+    script = {"": [("<step>3+5=8</step>", "step", -1.0)]}
+    article = _small(workers=1, iterations=1, completions_per_node=2, without_replacement=True)
+    out = article.run([PROBLEM], ScriptedSampler(char_tokenizer, script), CountingEnv())
+    assert out.stats["search/repeated_steps_per_problem"] == 1.0
+    assert out.stats["search/repeated_step_tokens_per_problem"] == 7.0

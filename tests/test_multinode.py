@@ -6,7 +6,7 @@ vanishes does) the other must stop within seconds, saying why.
 
     python -m pytest tests/test_multinode.py -q -s
 
-The commands are the README's (section Distributed) with 127.0.0.1 for the rendezvous host.
+The commands are docs/distributed.md's with 127.0.0.1 for the rendezvous host.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Node:
 
 
 def _start(tmp_path: Path, redis_url: str, policy_dir: str, overrides: list[str]) -> tuple[list[Node], str]:
-    """The same command on both nodes (the README's), a fixed run directory; returns the nodes and
+    """The same command on both nodes (docs/distributed.md's), a fixed run directory; returns the nodes and
     the stream prefix."""
     prefix = f"tsd-test:multinode:{uuid.uuid4().hex[:8]}"
     port = free_port()

@@ -19,8 +19,9 @@ from tsd.samplers.prefix_cache import PrefixKVStore
 
 
 def _cont(tok, text: str, finish: str) -> Continuation:
+    """A continuation whose k-th token has log-prob -(k + 1) / 100: each piece's are its own."""
     t = ids(tok, text)
-    return Continuation(t, [-0.5] * len(t), finish)
+    return Continuation(t, [-(k + 1) / 100 for k in range(len(t))], finish)
 
 
 # ---------------------------------------------------------------------------- split_steps
@@ -35,9 +36,15 @@ def test_split_steps_cuts_after_each_step_and_keeps_the_last_reason(random_polic
         "<answer>(3+5)*2</answer>",
     ]
     assert [p.finish_reason for p in pieces] == ["step", "step", "answer"]
-    # the pieces are the path: the same tokens and log-probs, in order
+    # the pieces are the path: the same tokens, in order, each with its own tokens' log-probs (the
+    # char tokenizer's tags are one token: 7, 8 and 9 tokens)
     assert sum((p.token_ids for p in pieces), []) == path.token_ids
-    assert sum((p.logprobs for p in pieces), []) == path.logprobs
+    assert [len(p.token_ids) for p in pieces] == [7, 8, 9]
+    assert pieces[0].logprobs == pytest.approx([-0.01, -0.02, -0.03, -0.04, -0.05, -0.06, -0.07])
+    assert pieces[1].logprobs == pytest.approx([-0.08, -0.09, -0.10, -0.11, -0.12, -0.13, -0.14, -0.15])
+    assert pieces[2].logprobs == pytest.approx(
+        [-0.16, -0.17, -0.18, -0.19, -0.20, -0.21, -0.22, -0.23, -0.24]
+    )
     # a path cut by the token cap right after a step: that step is a step (a step call checks its
     # stops before its cap); a cap mid-step stays "length"; no step at all is one piece
     capped = sampler.split_steps(_cont(tok, "<step>1+1=2</step>", "length"))
@@ -120,36 +127,44 @@ def test_identical_states_of_a_call_are_prefilled_once(random_policy, char_token
 
 
 # ---------------------------------------------------------------------------- the prefix store
-def test_prefix_store_finds_the_longest_held_prefix():
-    store = PrefixKVStore(max_tokens=10)
-    kv = torch.arange(2 * 2 * 1 * 4 * 1, dtype=torch.float32).reshape(2, 2, 1, 4, 1)  # 4 positions
-    fetched = []
+def packed(rows, chosen):
+    """What a gather returns for ``chosen`` rows: each row's position k holds the number 100 * row + k
+    (layers 2, heads 1, head_dim 1), so a slice says which row and positions it came from."""
+    cols = [torch.tensor([100.0 * i + k for k in range(len(rows[i]))]) for i in chosen]
+    flat = torch.cat(cols)  # (P,)
+    return flat[None, None, :, None, None].expand(2, 2, -1, 1, 1).clone()  # (layers, 2, P, H, D)
 
-    def fetch(length):
-        fetched.append(length)
-        return kv[:, :, :, :length]
 
-    store.insert([1, 2, 3, 4, 5], 4, fetch)  # the keys/values of the first 4 tokens
-    assert fetched == []  # nothing is sliced out until a prefix is reused
+def test_prefix_store_holds_new_rows_once_and_finds_the_longest_held_prefix():
+    store = PrefixKVStore(max_tokens=12)
+    calls = []
+
+    def gather(rows):
+        return lambda chosen: calls.append(list(chosen)) or packed(rows, chosen)
+
+    rows = [[1, 2, 3], [1, 2, 3, 4], [7, 8]]  # row 0 is a prefix of row 1: held through it
+    assert store.insert_group(rows, gather(rows)) == [1, 2]  # longest first; row 0 skipped
+    assert calls == [[1, 2]] and store.tokens == 6 and len(store) == 2
     assert store.longest_prefix([1, 2, 3, 9]) == (3, 0)
-    assert store.longest_prefix([1, 2, 3, 4, 5]) == (4, 0)  # the 5th token's were never run
-    assert store.longest_prefix([7]) == (0, -1)
-    assert store.get(0, 3).shape == (2, 2, 1, 3, 1) and torch.equal(store.get(0, 3), kv[:, :, :, :3])
-    store.insert([1, 2, 3], 3, fetch)  # held already: nothing new
-    assert len(store) == 1 and store.tokens == 4
-    store.insert([1, 2, 7, 8], 4, fetch)  # a branch: stored whole, found through the shared trie
-    assert store.longest_prefix([1, 2, 7, 8]) == (4, 1) and store.tokens == 8
-    store.insert([5, 6, 7, 8], 4, fetch)  # 12 > 10 tokens: cleared first, then stored
-    assert len(store) == 1 and store.tokens == 4 and store.longest_prefix([1, 2]) == (0, -1)
-    with pytest.raises(ValueError, match="4 positions of keys/values for 3 tokens"):
-        store.insert([1, 2, 3], 4, fetch)
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4294967295\]"):
-        store.insert([1, -2, 3], 3, fetch)
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4294967295\]"):
-        store.insert([1, 2**32], 2, fetch)
+    assert store.longest_prefix([1, 2, 3, 4, 5]) == (4, 0) and store.longest_prefix([9]) == (0, -1)
+    # entry 0 is row 1 (values 100..103), entry 1 row 2 (200, 201), as (layers, 2, heads, length, dim)
+    assert store.get(0, 3).shape == (2, 2, 1, 3, 1)
+    assert store.get(0, 3)[0, 0, 0, :, 0].tolist() == [100.0, 101.0, 102.0]
+    assert store.get(1, 2)[1, 1, 0, :, 0].tolist() == [200.0, 201.0]
+    # rows held already gather nothing; a branch off a held row is stored whole
+    assert store.insert_group([[1, 2], [7, 8]], gather([[1, 2], [7, 8]])) == [] and len(calls) == 1
+    assert store.insert_group([[1, 2, 9, 9]], gather([[1, 2, 9, 9]])) == [0]
+    assert store.longest_prefix([1, 2, 9, 9]) == (4, 2) and store.tokens == 10
+    # 10 + 4 > 12 tokens: cleared first; then rows that still do not fit are left out (longest first)
+    big = [[5] * 9, [6] * 4, [4] * 3]
+    assert store.insert_group(big, gather(big)) == [0, 2] and store.tokens == 12
+    assert store.longest_prefix([1, 2]) == (0, -1) and store.longest_prefix([4, 4, 4]) == (3, 1)
     # an id that could not be stored ends the prefix; it never aliases another node's key
-    store.insert([5, 6], 2, fetch)
-    assert store.longest_prefix([5, 6 + 2**32]) == (1, 0) and store.longest_prefix([-1]) == (0, -1)
+    assert store.longest_prefix([4, 4 + 2**32]) == (1, 1) and store.longest_prefix([-1]) == (0, -1)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4294967295\]"):
+        store.insert_group([[1, -2, 3]], gather([[1, -2, 3]]))
+    with pytest.raises(ValueError, match=r"gather returned \(2, 2, 1, 1, 1\), expected \(layers, 2, 2,"):
+        store.insert_group([[3, 3]], lambda chosen: torch.zeros(2, 2, 1, 1, 1))
 
 
 def test_prefix_store_trie_is_invisible_to_the_garbage_collector():
@@ -158,9 +173,52 @@ def test_prefix_store_trie_is_invisible_to_the_garbage_collector():
 
     store = PrefixKVStore(max_tokens=100_000)
     for i in range(200):
-        store.insert([i % 7, i % 11, *range(i, i + 50)], 50, lambda length: None)
-    assert store.longest_prefix([3, 3, *range(3, 53)]) == (50, 3)
+        rows = [[i % 7, i % 11, *range(i, i + 48)]]
+        store.insert_group(rows, lambda chosen, rows=rows: packed(rows, chosen))
+    assert store.longest_prefix([3, 3, *range(3, 51)]) == (50, 3)
     assert not gc.is_tracked(store._trie)
+
+
+def reachable_tensor_bytes(root) -> int:
+    """Bytes of every tensor storage reachable from ``root`` through containers, closures and
+    object attributes (not through modules, classes or functions' globals): what ``root`` keeps
+    alive, however it holds it."""
+    import gc
+    import types
+
+    seen, storages, stack = set(), {}, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        elif not isinstance(obj, (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)):
+            stack.extend(gc.get_referents(obj))
+    return sum(storages.values())
+
+
+def test_prefix_store_memory_is_bounded_by_what_it_holds(random_policy, char_tokenizer):
+    """The memory the store keeps alive is its counted tokens' keys and values and never more than
+    the cap: it once pinned the whole padded slice of a batch for any one of its rows (rows of
+    different lengths pad each other; rows held already pinned it too)."""
+    tok = char_tokenizer
+    cap = 300
+    sampler = HFSampler(random_policy, tok, seed=0, prefix_cache_tokens=cap)
+    cfg = random_policy.lm.config
+    per_token = (
+        cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    )
+    states = states_of(tok)  # 13, 2 and 19 tokens: a left-padded batch
+    for n in (4, 4, 2, 6):
+        sampler.sample(states, n=n, max_new_tokens=12, stop="answer")
+        store = sampler.prefix_store
+        assert 0 < store.tokens <= cap
+        held = reachable_tensor_bytes(store)
+        assert held == store.tokens * per_token <= cap * per_token, (held / per_token, store.tokens)
+        assert store.held_bytes() == held
 
 
 def test_prefix_reuse_across_calls_keeps_the_logprobs_exact(random_policy, char_tokenizer):
@@ -173,11 +231,13 @@ def test_prefix_reuse_across_calls_keeps_the_logprobs_exact(random_policy, char_
     later = [states[i] + first[i][j].token_ids[: max(1, len(first[i][j].token_ids) // 2)] for i, j in
              ((0, 0), (1, 1), (2, 0))]  # fmt: skip
     later.append([tok.bos_token_id, *ids(tok, "[9,9,9,9]->81\n")])
-    before, hits = sampler.prefill_tokens, sampler.prefix_store.hit_tokens
+    before = sampler.prefill_tokens
+    new_held = sampler.prefix_store.longest_prefix(later[3])[0]  # its BOS, as every stored row's
+    assert 1 <= new_held < len(later[3]) // 2
     second = sampler.sample(later, n=3, max_new_tokens=10, stop="answer")
-    # only what follows each stored prefix was run (at least one token per state)
-    assert sampler.prefix_store.hit_tokens - hits >= sum(len(s) for s in later[:3]) - 3
-    assert sampler.prefill_tokens - before < sum(len(s) for s in later) / 2
+    # only what follows each stored prefix was run: one token of each extended state (its last,
+    # whose logits start the sampling), and the new state past what it shares
+    assert sampler.prefill_tokens - before == 3 + len(later[3]) - new_held
     for state, conts in zip(later, second):
         for c in conts:
             ref = teacher_forced_logprobs(random_policy, tok, state, c.token_ids, 1.0)
@@ -188,16 +248,37 @@ def test_prefix_reuse_across_calls_keeps_the_logprobs_exact(random_policy, char_
     assert values == pytest.approx(plain, abs=1e-5)
 
 
-def test_prefix_store_is_dropped_when_the_weights_change_in_place(random_policy, char_tokenizer):
+def _change_in_place(model):
+    with torch.no_grad():  # a trainer's optimiser step on the shared model
+        next(model.parameters()).add_(0.5)
+
+
+def _change_through_data(model):
+    p = next(model.parameters())
+    p.data = p.data + 0.5  # another tensor behind the same parameter: its version does not move
+
+
+def _load_assigned(model):
+    # new tensors for every parameter: their versions restart at 0 (the same as after an earlier
+    # assigned load: the counters alone cannot tell the two apart)
+    model.load_state_dict({k: v + 0.5 for k, v in model.state_dict().items()}, assign=True)
+
+
+@pytest.mark.parametrize("change", [_change_in_place, _change_through_data, _load_assigned])
+def test_prefix_store_is_dropped_when_the_weights_change(random_policy, char_tokenizer, change):
     tok = char_tokenizer
     sampler = HFSampler(random_policy, tok, seed=0, prefix_cache_tokens=4096)
     states = states_of(tok)
+    if change is _load_assigned:  # the store is filled after an assigned load, as a run would
+        _load_assigned(random_policy)
     sampler.sample(states, n=1, max_new_tokens=6, stop="answer")
-    with torch.no_grad():  # a trainer's optimiser step on the shared model
-        next(random_policy.parameters()).add_(0.5)
-    hits = sampler.prefix_store.hit_tokens
+    before = sampler.prefill_tokens
+    sampler.sample(states, n=1, max_new_tokens=6, stop="answer")
+    assert sampler.prefill_tokens - before == len(states)  # same weights: only each last token runs
+    change(random_policy)
+    before = sampler.prefill_tokens
     again = sampler.sample(states, n=2, max_new_tokens=6, stop="answer")
-    assert sampler.prefix_store.hit_tokens == hits  # nothing reused from the old weights
+    assert sampler.prefill_tokens - before == sum(len(s) for s in states)  # nothing reused
     for state, conts in zip(states, again):
         for c in conts:
             ref = teacher_forced_logprobs(random_policy, tok, state, c.token_ids, 1.0)

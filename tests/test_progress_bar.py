@@ -4,7 +4,9 @@ unset, as ``train.py`` streams: the bar reads ``step: s/max_steps`` (Lightning's
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 
 import lightning as L
 import torch
@@ -23,13 +25,16 @@ class Stream(IterableDataset):
 
 
 class Regression(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, log_every: int = 0) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
+        self.log_every = log_every
 
     def training_step(self, batch, batch_idx):
         loss = self.layer(batch).pow(2).mean()  # (B, 1) -> ()
         self.log("train/loss", loss, prog_bar=True)
+        if self.log_every and batch_idx % self.log_every == 0:
+            logging.getLogger("tsd.test").info("LOGLINE step %d", batch_idx)
         return loss
 
     def configure_optimizers(self):
@@ -39,12 +44,12 @@ class Regression(L.LightningModule):
         return DataLoader(Stream(), batch_size=4)
 
 
-def fit(tmp_path, max_steps: int, ckpt_path=None) -> L.Trainer:
+def fit(tmp_path, max_steps: int, ckpt_path=None, log_every: int = 0) -> L.Trainer:
     trainer = L.Trainer(
         max_steps=max_steps, accelerator="cpu", logger=False, enable_model_summary=False,
         callbacks=[StepProgressBar()], default_root_dir=tmp_path, enable_checkpointing=False,
     )  # fmt: skip
-    trainer.fit(Regression(), ckpt_path=ckpt_path)
+    trainer.fit(Regression(log_every), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -68,3 +73,26 @@ def test_the_bar_counts_optimiser_steps_out_of_max_steps(tmp_path, capsys):
     frames = [f for f in re.split(r"[\r\n]", out) if f.startswith("step:")]
     assert " 5/8 " in frames[0] and " 8/8 " in frames[-1], frames  # from the checkpoint's step on
     assert not any(" 1/8 " in f for f in frames)
+
+
+def test_log_lines_print_above_the_bar_not_into_it(tmp_path, capsys):
+    """A console log handler on stdout (as Hydra's), lines logged during the fit: each starts a
+    line of its own (the bar is cleared, the line written, the bar redrawn); without the redirect
+    they were appended to the bar's line (``step:  40%|...| 2/5 [...][..] LOGLINE``)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stdout)  # the captured stdout
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        fit(tmp_path, max_steps=6, log_every=2)
+        assert handler in root.handlers  # the redirect gave the console handler back at the end
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.split("\n") if "LOGLINE" in ln]
+    assert len(lines) == 3, out
+    for ln in lines:  # what the terminal shows of that line: the text after its last carriage return
+        assert ln.rsplit("\r", 1)[-1].startswith("[tsd.test] LOGLINE"), repr(ln)

@@ -83,7 +83,7 @@ def test_a_checkpoint_from_before_rows_had_their_optimiser_step_keeps_its_log_in
     ``rows_at_step``: their log is kept by the old rule (the rows logged at the checkpoint's step
     before it was written: its evaluations) and their train rows are moved up one step, so the
     resumed log reads in one convention."""
-    from tsd.resume_log import ResumeLog
+    from tsd.callbacks.resume_log import ResumeLog
 
     old_csv = tmp_path / "metrics.csv"
     rows = [  # an old run checkpointed at step 2, then step 3 and a final evaluation

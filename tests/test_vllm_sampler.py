@@ -41,10 +41,11 @@ from test_sampler import states_of, teacher_forced_logprobs
 
 from tsd.config import ConfigError
 from tsd.samplers.base import Continuation
-from tsd.samplers.exclusion import EXTRA_ARGS_KEY, trie_payload
+from tsd.samplers.exclusion import EXTRA_ARGS_KEY, FALLBACK_SHIFT, trie_payload
 from tsd.samplers.hf import HFSampler
 from tsd.samplers.vllm import (
     BAN_BIAS,
+    CPU_KV_ENV,
     LOGITS_PROCESSOR,
     V2_RUNNER_ENV,
     VLLMSampler,
@@ -100,6 +101,10 @@ class FakeLLM:
         self.resets = 0
         self.script = lambda prompt, i: ([7 + i], "length", None)
         self.cached = lambda prompt: None  # num_cached_tokens of a request
+        #: added to the k-th reported value (the processor shifts the rows it serves from the policy)
+        self.shift = lambda k: 0.0
+        #: what vLLM's CPU build would read while it starts
+        self.env_kv = os.environ.get(CPU_KV_ENV)
         FakeLLM.last = self
 
     def generate(self, prompts, params, use_tqdm=True):
@@ -111,7 +116,7 @@ class FakeLLM:
             conts = []
             for i in reversed(range(par.kwargs["n"])):  # out of order: the sampler sorts by index
                 toks, finish, stop = self.script(p["prompt_token_ids"], i)
-                lps = [{t: Logprob(-0.1 * (k + 1))} for k, t in enumerate(toks)]
+                lps = [{t: Logprob(-0.1 * (k + 1) + self.shift(k))} for k, t in enumerate(toks)]
                 conts.append(CompletionOutput(i, toks, lps, finish, stop))
             out.append(RequestOutput(conts, self.cached(p["prompt_token_ids"])))
         return out
@@ -232,6 +237,27 @@ def test_llm_and_sampling_params(fake_vllm, random_policy, char_tokenizer):
     assert (
         kw["n"] == 1 and kw["temperature"] == 0.0 and kw["extra_args"][EXTRA_ARGS_KEY]["temperature"] == 0.0
     )
+
+
+def test_on_cpu_the_samplers_kv_cache_wins_over_the_environment(
+    fake_vllm, monkeypatch, random_policy, char_tokenizer
+):
+    """vLLM's CPU build lets VLLM_CPU_KVCACHE_SPACE replace kv_cache_memory_bytes: set, it made the
+    preemption test's 4 MiB cache 4 GiB. The sampler's kv_cache_gib wins (the variable is hidden
+    while the engine starts); unset, the variable replaces the sampler's 1 GiB default."""
+    monkeypatch.setenv(CPU_KV_ENV, "3")
+    make(random_policy, char_tokenizer, kv_cache_gib=0.25)
+    llm = FakeLLM.last
+    if fake_vllm.on_cpu:
+        assert llm.kwargs["kv_cache_memory_bytes"] == (1 << 30) // 4 and llm.env_kv is None
+        make(random_policy, char_tokenizer)
+        assert FakeLLM.last.kwargs["kv_cache_memory_bytes"] == 3 << 30
+        monkeypatch.setenv(CPU_KV_ENV, "lots")
+        with pytest.raises(ConfigError, match="VLLM_CPU_KVCACHE_SPACE"):
+            make(random_policy, char_tokenizer)
+    else:  # the variable is the CPU build's: a GPU engine is left as it is
+        assert llm.kwargs["kv_cache_memory_bytes"] == (1 << 30) // 4 and llm.env_kv == "3"
+    assert os.environ[CPU_KV_ENV] in ("3", "lots")  # put back after the engine started
 
 
 def test_a_model_without_checkpoint_is_written_for_vllm(fake_vllm, random_policy, char_tokenizer):
@@ -367,8 +393,10 @@ def test_excluded_continuations_travel_per_state_and_log_probs_are_restored(
     assert out[0][0].logprobs == pytest.approx(want, abs=1e-12) and out[0][1].logprobs == pytest.approx(want)
     assert out[1][0].logprobs == pytest.approx([-0.1, -0.2, -0.3])  # nothing excluded: as reported
     assert sampler.exhausted_draws == 0
-    # every token of the prefix excluded: drawn from the policy, counted, log-probs as reported
+    # every token of the prefix excluded: drawn from the policy, whose row the processor shifts
+    # (the first token here); counted, the shift taken off, nothing added back
     full = [Continuation([a], [math.log(0.6)], "length"), Continuation([b], [math.log(0.4)], "length")]
+    FakeLLM.last.shift = lambda k: FALLBACK_SHIFT if k == 0 else 0.0
     out = sampler.sample([[1, 9]], n=3, max_new_tokens=4, exclude=[full])
     assert sampler.exhausted_draws == 3 and out[0][0].logprobs == pytest.approx([-0.1, -0.2, -0.3])
     with pytest.raises(ValueError, match="exclude has 1 entries for 2 states"):
@@ -772,12 +800,48 @@ def test_real_vllm_draws_from_the_policy_where_everything_is_excluded(bundled):
 
 @pytest.mark.vllm
 @requires_vllm
-def test_real_vllm_without_replacement_survives_preemption(bundled):
+def test_real_vllm_a_prefix_the_processor_finds_spent_is_restored_as_the_policys(bundled):
+    """A payload whose masses leave nothing at the root (each token's mass twice its probability)
+    but that flags nothing, as masses recorded by other weights may: inside the engine the
+    processor serves the policy (shifted), and the driver's restore gives back the policy's
+    log-probs and counts each such draw. Before, restore added the mass back (log(p + m), often
+    > 0) and counted nothing."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from tsd.samplers.exclusion import FlatTrie, row_args
+
+    tok, state, sampler = bundled.tok, bundled.state, bundled.sampler
+    p = policy_probs(bundled.policy, tok, state)
+    support = torch.nonzero(p).squeeze(-1).tolist()
+    payload = {"parent": [0] * len(support), "token": support, "mass": [2 * float(p[t]) for t in support],
+               "exhausted": []}  # fmt: skip
+    params = SamplingParams(n=32, temperature=1.0, top_p=1.0, max_tokens=3, logprobs=0,
+                            logit_bias=dict(sampler._logit_bias), extra_args=row_args(1.0, 1.0, payload))  # fmt: skip
+    (req,) = sampler.llm.generate([TokensPrompt(prompt_token_ids=state)], params, use_tqdm=False)
+    trie = FlatTrie.from_payload(payload)
+    rows, exhausted = [], 0
+    for o in req.outputs:
+        reported = [float(d[t].logprob) for t, d in zip(o.token_ids, o.logprobs)]
+        lps, ex = trie.restore(list(o.token_ids), reported)
+        exhausted += ex
+        rows.append(Continuation(list(o.token_ids), lps, "length"))
+    assert exhausted == 32  # each row's first token, then off the trie
+    assert max(lp for r in rows for lp in r.logprobs) <= 0
+    assert max_logprob_error([rows], [state], bundled.policy, tok, 1.0) < 1e-4
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_without_replacement_survives_preemption(bundled, monkeypatch):
     # a KV cache of 64 blocks for 1,024 completions: vLLM preempts running requests and adds them
     # back later with the tokens they had; the processor's state for them is rebuilt from those
     from tsd import TINY_POLICY_DIR
 
     tok, state = bundled.tok, bundled.state
+    # whatever the caller's environment says (vLLM's CPU build would make this cache 4 GiB: no
+    # preemption), the sampler's kv_cache_gib is the size
+    monkeypatch.setenv(CPU_KV_ENV, "4")
     small = VLLMSampler(
         str(TINY_POLICY_DIR),
         tok,

@@ -263,7 +263,7 @@ class PolicyValueModule(L.LightningModule):
         mask = batch.mask
         B = mask.shape[0]
         self.trained_tokens += int(mask.sum().item())
-        metrics = {
+        metrics: dict[str, torch.Tensor | float] = {
             "train/loss": out.loss,
             **{f"train/{k}": v for k, v in out.metrics.items()},
             "train/reward": batch.rewards.mean(),

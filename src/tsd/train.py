@@ -128,6 +128,7 @@ def train(cfg: DictConfig) -> dict:
         StepProgressBar,
         WeightSync,
     )
+    from tsd.callbacks.stopping import best_checkpoint, stop_reason
     from tsd.data.record_check import RecordCheck
     from tsd.lightning_logs import route_lightning_logs
     from tsd.loggers.run_info import logged_config
@@ -246,18 +247,34 @@ def train(cfg: DictConfig) -> dict:
                 ", ".join(f"{k.split('/')[-1]} {v}" for k, v in left.items()),
             )
         result.update(left)
-    # ("step" is the CSV rows' step, logged with the metrics; global_step says it already)
+    # ("step" is the CSV rows' step, logged with the metrics; global_step says it already; an
+    # evaluator's "<prefix>/step" is the step of its last evaluation, in its history)
     result.update(
-        {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k != "step"}
+        {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if v.numel() == 1 and k != "step" and not k.endswith("/step")
+        }
     )
-    ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
-    if ev is not None and ev.history:
-        result["eval_history"] = ev.history
-        result.update({f"final/{k}": v for k, v in ev.history[-1].items() if k != "step"})
-        result.update({f"base/{k}": v for k, v in ev.history[0].items() if k != "step"})
+    result["stop_reason"] = stop_reason(trainer)
+    for ev in (cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)):
+        if not ev.history:
+            continue
+        # the test evaluator's rows as before (eval_history, final/..., base/...), the validation
+        # evaluator's under its prefix (val_history, final/val/..., base/val/...)
+        test = ev.prefix == "eval"
+        result["eval_history" if test else f"{ev.prefix}_history"] = ev.history
+        for tag, row in (("final", ev.history[-1]), ("base", ev.history[0])):
+            result.update(
+                {f"{tag}/{k}": v for k, v in row.items() if k != "step" and (test or k.startswith(ev.prefix))}
+            )
+    best = best_checkpoint(trainer)
+    if best is not None:
+        result["best"] = best.summary()
     if trainer.is_global_zero:
         write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
-        log.info("results: %s", json.dumps({k: v for k, v in result.items() if k != "eval_history"}))
+        for line in summary_lines(result, out_dir):
+            log.info("%s", line)
     return result
 
 
@@ -278,6 +295,49 @@ def check_memory_plan(cfg: DictConfig, strategy, rollout, make_sampler, callback
     if rank_zero_only.rank == 0:
         log.info("%s", plan.table())
     plan.check()
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _count(n: float) -> str:
+    """1,234,567 -> 1.23M; 645,123 -> 645k; 555 -> 555."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:,.0f}k" if n >= 1e4 else f"{n:,.0f}"
+
+
+def summary_lines(result: dict, out_dir: Path) -> list[str]:
+    """What a finished run prints last: a few readable lines (the JSON is in results.json): the
+    final evaluation against the base, the best validation score under a plateau rule, the
+    tokens, the wall time, and where the policy and results.json are."""
+    secs = float(result.get("wall_seconds", 0.0))
+    lines = [
+        f"run finished: {result['global_step']} optimiser steps in {int(secs // 60)} min {secs % 60:.0f} s "
+        f"({result.get('stop_reason', '?')}; {result.get('skipped_steps', 0)} steps skipped)"
+    ]
+    for prefix, what in (("eval", "test"), ("val", "validation")):
+        metric = next((k for k in result if k.startswith(f"final/{prefix}/mean@")), None)
+        if metric is None:
+            continue
+        name = metric.split("/")[-1]
+        final, base = result[metric], result.get(f"base/{prefix}/{name}")
+        vs = "" if base is None else f" (base {_points(base)}, {100 * (final - base):+.2f} points)"
+        lines.append(f"  {what} {name} at the end: {_points(final)}{vs}")
+    best = result.get("best")
+    if best and best.get("score") is not None:
+        tokens = best.get("generated_tokens")
+        lines.append(
+            f"  best {best['metric']}: {_points(best['score'])} at step {best['step']}"
+            + (f" ({_count(tokens)} generated tokens)" if tokens else "")
+        )
+    tok = {k: result.get(f"compute/{k}_tokens") for k in ("generated", "trained", "prefill")}
+    lines.append("  tokens: " + ", ".join(f"{_count(v)} {k}" for k, v in tok.items() if v is not None))
+    policy = out_dir / "policy"
+    if policy.exists():
+        best_dir = out_dir / "policy_best"
+        lines.append(f"  policy: {policy}" + (f" (validation-best: {best_dir})" if best_dir.exists() else ""))
+    lines.append(f"  results: {out_dir / 'results.json'}")
+    return lines
 
 
 def _stop_on_sigterm(signum, frame) -> None:

@@ -1,11 +1,14 @@
-"""StepProgressBar: the training progress bar counts optimiser steps out of ``trainer.max_steps``."""
+"""StepProgressBar: the training progress bar counts optimiser steps out of ``trainer.max_steps``,
+and log lines print above it instead of into it."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -16,7 +19,34 @@ class StepProgressBar(TQDMProgressBar):
     ``Epoch 0/-2``. This one shows ``trainer.global_step`` out of ``max_steps`` (a bare count when
     that is unset), starts where a resumed run starts (its rate counts this run's steps only), and
     keeps the progress-bar metrics. ``train.py`` adds it when ``trainer.enable_progress_bar`` is on.
+
+    While the bar is drawn, the root logger's console handlers write through ``tqdm.write``
+    (tqdm's ``logging_redirect_tqdm``): a log line (the log line callback's, an evaluation's) clears
+    the bar, prints on a line of its own and the bar is redrawn below it; the log file is untouched.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._redirect: contextlib.ExitStack | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self.is_disabled and self._redirect is None:
+            self._redirect = contextlib.ExitStack()
+            self._redirect.enter_context(logging_redirect_tqdm(tqdm_class=Tqdm))
+
+    def _restore_logging(self) -> None:
+        if self._redirect is not None:
+            self._redirect.close()
+            self._redirect = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_logging()
+        super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_logging()
+        super().on_exception(trainer, pl_module, exception)
 
     def init_train_tqdm(self) -> Tqdm:
         trainer = self.trainer

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def paired_difference(base: Sequence[float], run: Sequence[float]) -> dict:
@@ -35,3 +35,19 @@ def paired_difference(base: Sequence[float], run: Sequence[float]) -> dict:
         "better": sum(y > x for x, y in zip(base, run)),
         "worse": sum(y < x for x, y in zip(base, run)),
     }
+
+
+def paired_by_id(base: Mapping[str, float], run: Mapping[str, float]) -> dict:
+    """:func:`paired_difference` of two evaluations' per-problem scores (problem id -> score),
+    matched by problem id, not by the order the ids happen to be stored in. Two evaluations that
+    did not score the same problems are refused (``ValueError`` naming a few ids of each side): a
+    pairing over part of them would compare a method with another on problems of its choosing."""
+    only_base, only_run = sorted(set(base) - set(run)), sorted(set(run) - set(base))
+    if only_base or only_run:
+        raise ValueError(
+            f"paired_by_id: the two evaluations scored different problems: {len(only_base)} ids only in"
+            f" the first {only_base[:3]}, {len(only_run)} only in the second {only_run[:3]};"
+            " evaluate both on the same problems"
+        )
+    ids = sorted(base)
+    return paired_difference([base[i] for i in ids], [run[i] for i in ids])

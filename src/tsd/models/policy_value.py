@@ -19,6 +19,11 @@ after the product, as the models' own forwards do: ``final_logit_softcapping`` (
 logits and that the model is causal; anything else (an encoder such as BERT, an undeclared head
 transform) is refused there with one line.
 
+The trainer reads neither: :meth:`PolicyValueModel.score` gives the log-prob of each next token
+and its ``V(s_t)`` directly, with the target log-probs computed chunk by chunk without the (B, T, V)
+logits when asked (:func:`lm_target_logprobs`, :mod:`tsd.models.logprobs`); under FSDP2 it is a
+registered forward method.
+
 ``V(s_t)`` for the state that *precedes* token ``a_t`` is read at the position whose logits predict
 ``a_t``, so training (``A_t = r - sg(V_old(s_t))``) and search (the value of a leaf = the head at
 the leaf's last token) use the very same head at the very same place.
@@ -175,10 +180,12 @@ def lm_target_logprobs(
     if chunk_tokens <= 0:
         return token_logprobs(fp32_logits(lm, hidden), targets, temperature, banned_ids)  # (B, T)
     head = output_head(lm)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    assert isinstance(weight, torch.Tensor)  # output_head checked it
     return chunked_token_logprobs(
         hidden,
-        head.weight,
-        getattr(head, "bias", None),
+        weight,
+        bias,
         targets,
         temperature,
         banned_ids,

@@ -96,6 +96,14 @@ class SearchCounters:
     discarded_tokens: int = 0
     #: draws where the sampler found every token excluded and drew from the policy: a paid repeat
     exhausted_draws: int = 0
+    #: samples whose step (a rollout path's first step) landed in a child the node already had or
+    #: one drawn beside it in the same call: paid tokens, no new child. Without replacement a draw
+    #: never repeats the children its node had when the call was made, but the samples of one call
+    #: at one node (the K of an expansion, or the workers that stopped there in one wave) are drawn
+    #: independently of each other and may repeat each other
+    repeated_steps: int = 0
+    #: the tokens of those samples' repeated steps
+    repeated_step_tokens: int = 0
     #: rows (state x continuation) of each search ``sample`` call
     sample_widths: list[int] = field(default_factory=list)
     #: nodes created in each wave, all trees together
@@ -167,9 +175,13 @@ class MCTSRollout(Rollout):
                 sample a new step where that action wins. ``completions_per_node`` and
                 ``widening_alpha`` then play no part (False: the article's fixed K).
             without_replacement: a node's new samples never repeat a step already among its
-                children: the sampler draws from the policy conditioned on a new step (the
-                unseen mass), so every token spent widening buys a new child; behaviour
-                log-probs stay the policy's own (False: the article's).
+                children when they are drawn: the sampler draws from the policy conditioned on a
+                new step (the unseen mass); behaviour log-probs stay the policy's own (False: the
+                article's). The samples of one call at one node (the K of an expansion, the
+                workers that stopped at the node in one wave) are drawn independently of each
+                other, so they can repeat each other (merged into one child, paid): counted in
+                ``search/repeated_step_tokens_per_problem``, with draws where nothing was left
+                (``search/exhausted_draws_per_problem``).
             selection: the rule that picks the emitted path (:mod:`tsd.rollouts.selection`);
                 ``None`` = :class:`~tsd.rollouts.selection.MaxVisit`, the article's.
             emission: ``None`` (the article's): one trajectory per problem, the path ``selection``
@@ -385,7 +397,12 @@ class MCTSRollout(Rollout):
                 trees[i].generated_tokens += tokens
                 leaf.value_estimate = min(1.0, max(-1.0, float(v)))
                 c.expansions += not leaf.expanded
-                trees[i].add_samples(leaf, conts)
+                had = {id(x) for x in leaf.children}
+                for child in trees[i].add_samples(leaf, conts):
+                    if id(child) in had:  # an old child, or a sibling drawn earlier in this call
+                        c.repeated_steps += 1
+                        c.repeated_step_tokens += len(child.token_ids)
+                    had.add(id(child))
                 leaf.scheduled = 0
 
         for i, path in selections:
@@ -444,6 +461,9 @@ class MCTSRollout(Rollout):
                 # tokens sampled past the end of the path (a step over max_step_tokens, a node at
                 # max_depth): paid for, in no node
                 c.discarded_tokens += tokens - (chain[-1].num_tokens - node.num_tokens)
+                if chain[0].id < n_before:  # the first step was a child the node had: a repeat
+                    c.repeated_steps += 1
+                    c.repeated_step_tokens += len(chain[0].token_ids)
                 chains[s], ends[s] = chain, chain[-1]
                 created = trees[i].nodes[n_before:]
                 first_new[s] = created[0] if created else None
@@ -643,6 +663,8 @@ class MCTSRollout(Rollout):
             "search/grades_per_problem": c.grades / n,
             "search/discarded_tokens_per_problem": c.discarded_tokens / n,
             "search/exhausted_draws_per_problem": c.exhausted_draws / n,
+            "search/repeated_steps_per_problem": c.repeated_steps / n,
+            "search/repeated_step_tokens_per_problem": c.repeated_step_tokens / n,
             "search/sample_calls": float(c.sample_calls),
         }
         if self.emission is None:  # one path per problem

@@ -46,9 +46,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tsd.samplers.base import EXHAUSTED_MASS
+
 #: unsampled probability below which a node cannot widen whatever ``min_unseen_mass`` says: what
-#: is left is rounding of the recorded log-probs (the samplers' exhausted-draw threshold)
-SPENT_MASS = 1e-5
+#: is left is rounding of the recorded log-probs. It is the samplers' exhausted-draw threshold
+#: itself: at a node with less left, a draw without replacement comes from the policy (a repeat)
+SPENT_MASS = EXHAUSTED_MASS
 
 
 @dataclass
@@ -152,29 +155,6 @@ def select_child(
         ),
     )
     return parent.children[best]
-
-
-def merge_continuations(
-    token_ids: Sequence[Sequence[int]], logprob_sums: Sequence[float], temperature: float = 1.0
-) -> list[tuple[int, float]]:
-    """Distinct continuations and their priors.
-
-    Returns ``(index of the first copy, prior)`` per distinct token sequence, in first-seen order.
-    The priors are ``softmax(summed log-probs / temperature)`` over all K samples with the masses
-    of identical samples added, i.e. ``softmax_j(logsumexp_{i in copies of j} s_i / T)`` over
-    distinct ``j``.
-    """
-    if not token_ids:
-        return []
-    w = softmax_weights(logprob_sums, temperature)
-    first: dict[tuple[int, ...], int] = {}
-    mass: dict[tuple[int, ...], float] = {}
-    for i, ids in enumerate(token_ids):
-        key = tuple(ids)
-        if key not in first:
-            first[key], mass[key] = i, 0.0
-        mass[key] += w[i]
-    return [(first[k], mass[k]) for k in first]
 
 
 def softmax_weights(logprob_sums: Sequence[float], temperature: float = 1.0) -> list[float]:
@@ -439,13 +419,6 @@ class SearchTree:
             (node,) = self.add_samples(node, [step])
             chain.append(node)
         return chain
-
-    def expand(self, node: Node, continuations: Sequence[Any]) -> list[Node]:
-        """The first expansion of a leaf (the article's: K samples at once); returns its children."""
-        if node.expanded or node.terminal:
-            raise ValueError(f"SearchTree.expand: node {node.id} is already expanded or terminal")
-        self.add_samples(node, continuations)
-        return node.children
 
     # ------------------------------------------------------------------ the result
     def root_visit_distribution(self) -> list[float]:

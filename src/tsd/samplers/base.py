@@ -19,6 +19,12 @@ import torch
 #: produced EOS, or hit the per-call token cap.
 FinishReason = Literal["step", "answer", "eos", "length"]
 
+#: probability left at a prefix, excluded continuations taken off (``exclude=``), at or under which
+#: the prefix counts as exhausted: the token is drawn from the policy itself and counted in
+#: ``exhausted_draws`` (both samplers; masses recorded in fp32 leave ~1e-8 of rounding noise). The
+#: search's ``SPENT_MASS`` (:mod:`tsd.rollouts.tree`) is this very number.
+EXHAUSTED_MASS = 1e-5
+
 #: ``"step"``: stop after ``</step>``, ``</answer>`` or EOS (one reasoning step, MCTS expansion);
 #: ``"answer"``: stop only after ``</answer>`` or EOS (a whole completion).
 StopMode = Literal["step", "answer"]
@@ -61,8 +67,9 @@ class Sampler(ABC):
     #: every state token run through the model to start sampling (``compute/prefill_tokens``):
     #: prompt and path tokens, each distinct state of a call counted once (its rows share it)
     prefill_tokens: int = 0
-    #: draws where every token was excluded (``exclude=``): the row was drawn from the policy itself,
-    #: so it may repeat an excluded continuation (paid tokens, no new step); counted, not hidden
+    #: tokens drawn at a prefix with at most :data:`EXHAUSTED_MASS` left once the excluded
+    #: continuations are taken off (``exclude=``): drawn from the policy itself, so the row may
+    #: repeat an excluded continuation (paid tokens, no new step); counted, not hidden
     exhausted_draws: int = 0
     #: the step stop strings as :func:`tsd.samplers.hf.split_stop_strings` splits them: one-token
     #: ones matched by id, the rest by decoded text (set by each implementation)
@@ -90,8 +97,8 @@ class Sampler(ABC):
         are drawn independently from that conditioned distribution (not without replacement
         among themselves). With ``stop="answer"`` and excluded single steps, a row is a whole
         completion that does not start with one of those steps. Where the excluded continuations
-        leave no mass at a prefix, the token is drawn from the policy itself (VLLMSampler counts
-        those draws in ``exhausted_draws``). Both samplers implement it (HFSampler in its own
+        leave at most :data:`EXHAUSTED_MASS` at a prefix, the token is drawn from the policy itself
+        and counted in ``exhausted_draws``. Both samplers implement it (HFSampler in its own
         loop; VLLMSampler with a logits processor, :mod:`tsd.samplers.exclusion`)."""
 
     @abstractmethod

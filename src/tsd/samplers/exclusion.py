@@ -23,10 +23,24 @@ weights): a token whose mass is not below its probability is never drawn, every 
 restored exactly. Rows with nothing to exclude get ``v = log p`` (the same processor applies
 temperature and top-p to every row, so what the engine reports is always a log-prob).
 
-When at most :data:`EXHAUSTED_MASS` of a prefix's probability is left (every token's mass is
-excluded, to fp32 rounding of the recorded log-probs), the row draws from the policy itself, as
-HFSampler does; the decision is the driver's (the payload lists those prefixes), so the driver
-knows which draws were made so and counts them (``VLLMSampler.exhausted_draws``).
+When at most :data:`~tsd.samplers.base.EXHAUSTED_MASS` of a prefix's probability is left, the row
+draws from the policy itself, as HFSampler does. Two things make a prefix so: the driver flags it
+(the payload's ``exhausted``: its masses sum to within ``EXHAUSTED_MASS`` of 1), or the processor
+finds it (the policy's probabilities minus the masses leave at most that much: masses recorded by
+other weights, or fp32 rounding). Either way the processor serves the row as
+
+    v(x) = log p(x) + FALLBACK_SHIFT        (every x: the policy itself, shifted)
+
+which samples exactly as ``log p`` does (softmax does not see a constant) and tells the driver
+what happened: every other value the processor produces is a log-probability, at most 0, while a
+token drawn from a shifted row reports more than ``FALLBACK_SHIFT - 104 > 0`` (a token with
+``log p`` below -103.3 has probability 0 in fp32 and is never drawn). :meth:`FlatTrie.restore`
+then takes the shift off instead of adding a mass back, and counts the token as an exhausted draw
+(``VLLMSampler.exhausted_draws``). Without the shift a fallback the processor found by itself was
+restored as ``log(p + m)``, above 0 when ``p + m > 1`` (p = 0.6, m = 0.7: +0.262), which the
+trajectory check refuses. The shift costs the fallback's log-probs some fp32 precision: values
+near 128 are spaced 7.6e-6 apart, so they are exact to ~4e-6 nats (rare draws; the others stay
+exact to fp32 rounding).
 
 The trie travels to the engine as a flat payload (lists of ints and floats: vLLM's
 ``SamplingParams.extra_args`` crosses a msgpack channel) of at most :data:`MAX_TRIE_EDGES` edges
@@ -46,14 +60,17 @@ from typing import Any
 
 import torch
 
-from tsd.samplers.hf import exclusion_trie
+from tsd.samplers.base import EXHAUSTED_MASS
+from tsd.samplers.hf import exclusion_trie, top_p_filter
 
 #: key of this module's arguments in a request's ``extra_args``
 EXTRA_ARGS_KEY = "tsd"
 #: most trie edges (token positions of distinct excluded prefixes) one state may exclude
 MAX_TRIE_EDGES = 1 << 14
-#: a prefix with at most this much probability left is sampled from the policy itself
-EXHAUSTED_MASS = 1e-5
+#: added to every value of a row the processor serves from the policy itself (an exhausted prefix):
+#: a power of two above the -103.3 below which fp32 probabilities are 0, so a value drawn from such
+#: a row is > 0 and every other value the processor produces is <= 0 (module docstring)
+FALLBACK_SHIFT = 128.0
 
 
 def trie_payload(excluded: Sequence[Any], max_edges: int = MAX_TRIE_EDGES) -> dict[str, list] | None:
@@ -137,15 +154,16 @@ class FlatTrie:
     def restore(self, token_ids: Sequence[int], reported: Sequence[float]) -> tuple[list[float], int]:
         """The policy's log-probs of a continuation sampled under this trie, from the values the
         engine reported (``v`` above), and how many of its tokens were drawn at an exhausted
-        prefix (from the policy itself)."""
+        prefix (from the policy itself: the processor shifted their row by :data:`FALLBACK_SHIFT`,
+        whether the payload flagged the prefix or the processor found it spent)."""
         out: list[float] = []
         exhausted = 0
         node: int | None = 0
         for tok, v in zip(token_ids, reported):
             edge = self.edges[node].get(tok) if node is not None else None
-            if node is not None and node in self.exhausted:
+            if v > FALLBACK_SHIFT / 2:  # a fallback row: log p + shift (never > 0 otherwise)
                 exhausted += 1
-                out.append(float(v))
+                out.append(float(v) - FALLBACK_SHIFT)
             elif edge is not None:
                 out.append(math.log(math.exp(v) + edge[0]))  # exp(v) = p(t) - m(t)
             else:
@@ -270,42 +288,44 @@ class RowProcessor:
 
         # the masses excluded at each row's prefix: (row, token, mass) triples
         at, toks, masses = [], [], []
+        spent: list[int] = []  # rows at a prefix the payload flags exhausted
         vocab = logp.shape[-1]
         for k, i in enumerate(rows):
             row = self.rows[i]
             row.advance()
             trie = row.args.trie
-            if row.node is None or trie is None or row.node in trie.exhausted:
-                continue  # outside the trie, or all of it excluded: the policy itself
+            if row.node is None or trie is None:
+                continue  # outside the trie: the policy itself
+            if row.node in trie.exhausted:
+                spent.append(k)
+                continue
             for tok, (m, _) in trie.edges[row.node].items():
                 if tok < vocab:
                     at.append(k)
                     toks.append(tok)
                     masses.append(m)
+        fallback = torch.zeros(len(rows), dtype=torch.bool, device=dev)  # (R,)
+        fallback[spent] = True
         if at:
             rk = torch.tensor(at, dtype=torch.long, device=dev)
             tk = torch.tensor(toks, dtype=torch.long, device=dev)
-            touched = torch.unique(rk)
-            before = logp[touched].clone()  # (U, V)
             # p(t) - m(t) in float64: p and m are close when a whole step is excluded
-            left = logp[rk, tk].double().exp() - torch.tensor(masses, dtype=torch.float64, device=dev)
-            logp[rk, tk] = torch.where(left > 0, left.clamp(min=1e-300).log(), float("-inf")).float()
-            # nothing left at all: masses summing to ~1, which the driver flags as exhausted, unless
-            # they are not this policy's; then too the row is the policy's, never empty
-            empty = torch.isneginf(logp[touched]).all(dim=-1)  # (U,)
-            if bool(empty.any()):
-                logp[touched[empty]] = before[empty]
+            p = logp[rk, tk].double().exp()  # (E,)
+            left = p - torch.tensor(masses, dtype=torch.float64, device=dev)  # (E,)
+            # what is left of each row, as HFSampler counts it: its mass minus what the exclusion
+            # took (at most each token's own probability)
+            taken = torch.zeros(len(rows), dtype=torch.float64, device=dev).index_add_(
+                0, rk, p - left.clamp(min=0)
+            )  # (R,)
+            touched = torch.unique(rk)  # (U,) the rows with masses to take off
+            remaining = logp[touched].double().exp().sum(-1) - taken[touched]  # (U,)
+            fallback[touched] |= remaining <= EXHAUSTED_MASS
+            use = ~fallback[rk]  # (E,) rows that do sample from what is left
+            logp[rk[use], tk[use]] = torch.where(
+                left[use] > 0, left[use].clamp(min=1e-300).log(), float("-inf")
+            ).float()
+        # nothing left (flagged by the payload, or found here): the policy itself, shifted so
+        # the driver's restore can tell (module docstring)
+        logp[fallback] += FALLBACK_SHIFT
         logits[idx] = logp.to(logits.dtype)
         return logits
-
-
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """HFSampler's nucleus with a top-p per row: keep the most likely tokens until their mass
-    reaches ``top_p`` (Holtzman et al. 2020), the rest get -inf. ``logits`` (R, V) already
-    temperature-scaled, ``top_p`` (R,); a row with ``top_p = 1`` keeps everything."""
-    sorted_logits, order = logits.sort(-1, descending=True)  # (R, V)
-    probs = sorted_logits.softmax(-1)  # (R, V)
-    mass_before = probs.cumsum(-1) - probs  # (R, V): mass of the strictly more likely tokens
-    drop_sorted = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # the top token is always kept
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # (R, V) back in vocabulary order
-    return logits.masked_fill(drop, float("-inf"))

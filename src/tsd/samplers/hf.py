@@ -47,8 +47,8 @@ is advanced by every call), but not across different batchings of the same rows.
 
 from __future__ import annotations
 
-import functools
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -59,7 +59,7 @@ from transformers.cache_utils import DynamicLayer
 
 from tsd.config import check_int, check_number, require
 from tsd.models.policy_value import PolicyValueModel
-from tsd.samplers.base import Continuation, FinishReason, Sampler, StopMode
+from tsd.samplers.base import EXHAUSTED_MASS, Continuation, FinishReason, Sampler, StopMode
 from tsd.samplers.prefix_cache import PrefixKVStore
 
 
@@ -100,9 +100,20 @@ def split_stop_strings(tokenizer, stops: Sequence[str]) -> tuple[set[int], list[
     return single, multi
 
 
-#: probability left at a prefix, excluded continuations taken off, under which the prefix counts as
-#: exhausted (the same threshold as :mod:`tsd.samplers.exclusion`'s for vLLM)
-EXHAUSTED_MASS = 1e-5
+def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+    mass reaches ``top_p``, the rest get -inf. ``logits`` (B, V), already temperature-scaled;
+    ``top_p`` one number or one per row (B,); a row with ``top_p >= 1`` keeps everything. Both
+    samplers' distributions go through this function (vLLM's in its logits processor)."""
+    p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device).reshape(-1, 1)  # (B or 1, 1)
+    sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(-1)  # (B, V)
+    mass_before = probs.cumsum(-1) - probs  # (B, V): mass of the strictly more likely tokens
+    # the top token always has 0 before it; top_p >= 1 keeps the tail that rounding puts past 1
+    drop_sorted = (mass_before >= p) & (p < 1)  # (B, V)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
 
 #: prefix (token ids) -> {next token: probability, given the prefix, of the excluded continuations
 #: through it}; only prefixes that excluded continuations pass through are keys
@@ -135,15 +146,6 @@ def exclusion_trie(excluded: Sequence[Any]) -> ExclusionTrie:
             node[tok] = node.get(tok, 0.0) + mass
             prefix = (*prefix, tok)
     return trie
-
-
-def _row_kv(
-    keys: list[torch.Tensor], values: list[torch.Tensor], b: int, mask_row: torch.Tensor, length: int
-):
-    """Keys and values of the first ``length`` real positions of batch row ``b`` (``mask_row``: its
-    attention mask), every layer (``keys``/``values``: (B, H, W, D) each): (layers, 2, H, length, D)."""
-    where = mask_row.nonzero().squeeze(-1)[:length]  # (length,) the row's real positions, in order
-    return torch.stack([torch.stack([k[b][:, where], v[b][:, where]]) for k, v in zip(keys, values)])
 
 
 def _plain_dynamic_cache(cache: Any) -> bool:
@@ -238,7 +240,8 @@ class HFSampler(Sampler):
         self._tail = max((len(s) for s in texts), default=0) + 1
 
         self.prefix_store = PrefixKVStore(prefix_cache_tokens) if prefix_cache_tokens else None
-        self._weights_seen: tuple[int, ...] | None = None
+        #: per parameter: its storage (weakly) and in-place version when the store was last checked
+        self._weights_seen: list[tuple[weakref.ref, int]] | None = None
 
         self.generator = torch.Generator(device=self.device)
         if seed is None:
@@ -351,7 +354,7 @@ class HFSampler(Sampler):
         if not greedy:
             logits = logits / self.temperature  # (B, V)
             if self.top_p < 1.0:
-                logits = self._top_p_filter(logits)
+                logits = top_p_filter(logits, self.top_p)
         logp = torch.log_softmax(logits, -1)  # (B, V), renormalised over what may be sampled
         probs = logp.exp()  # (B, V)
         if excluded:  # every row's excluded tokens at once: (E,) entries of (row, token, mass)
@@ -379,16 +382,6 @@ class HFSampler(Sampler):
         else:
             tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)  # (B,)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-
-    def _top_p_filter(self, logits: torch.Tensor) -> torch.Tensor:
-        """Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (Holtzman et
-        al. 2020); the rest get -inf. ``logits`` (B, V), already temperature-scaled."""
-        sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(-1)  # (B, V)
-        mass_before = probs.cumsum(-1) - probs  # (B, V): mass of the strictly more likely tokens
-        drop_sorted = mass_before >= self.top_p  # (B, V); the top token always has 0 before it
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
-        return logits.masked_fill(drop, float("-inf"))
 
     def _generate(
         self,
@@ -542,35 +535,50 @@ class HFSampler(Sampler):
         return mask[:, lead:]
 
     def _live_store(self) -> PrefixKVStore | None:
-        """The prefix store, emptied first if the weights changed since it was filled (the model
-        may be trained in place between calls: every parameter's in-place version is compared)."""
+        """The prefix store, emptied first if the weights changed since it was filled. The model
+        may be changed between calls by whoever shares it: trained in place (every parameter's
+        in-place version counter moves), given new tensors (``p.data = t``,
+        ``load_state_dict(assign=True)``: the counter does not move, or restarts at 0, but the
+        storage is another one). Both are compared: the counter, and the storage itself (a weak
+        reference, so a freed storage whose address is reused is not mistaken for the old one).
+        An in-place write that bypasses the counter (``p.data.add_(x)``) changes neither: call
+        :meth:`drop_cache` after one."""
         if self.prefix_store is None:
             return None
-        seen = tuple(p._version for p in self.model.parameters())
-        if seen != self._weights_seen:
+        params = list(self.model.parameters())
+        seen = self._weights_seen
+        if (
+            seen is None
+            or len(seen) != len(params)
+            or any(ref() is not p.untyped_storage() or v != p._version for (ref, v), p in zip(seen, params))
+        ):
             self.prefix_store.clear()
-            self._weights_seen = seen
+            self._weights_seen = [(weakref.ref(p.untyped_storage()), p._version) for p in params]
         return self.prefix_store
 
     def _store_rows(self, cache: Any, mask: torch.Tensor, rows: Sequence[tuple[int, list[int]]]) -> None:
         """Keep the keys and values of batch rows about to leave the batch: ``(batch position,
-        state + generated tokens)``; the last generated token was never run, so all but it. What
-        is kept is those rows of the batch cache as it is now (one index per layer; no later step
-        writes to these tensors: the cache grows by concatenation and shrinks by indexing); a row's
-        own positions are sliced out only if a later state reuses them."""
+        state + generated tokens)``; the last generated token was never run, so all but it. The
+        store picks the rows it does not hold yet, and only their real positions are copied out,
+        packed one after the other (one gather per layer): the store holds exactly the positions
+        it counts, not the padded batch."""
         if self.prefix_store is None or not rows:
             return
         keys = [layer.keys for layer in cache.layers]  # (b, H, W, D) each
         values = [layer.values for layer in cache.layers]
-        if len(rows) < mask.shape[0]:  # only the leaving rows are kept alive: one index per layer
-            idx = torch.tensor([b for b, _ in rows], dtype=torch.long, device=mask.device)
-            keys, values = [k.index_select(0, idx) for k in keys], [v.index_select(0, idx) for v in values]
-            mask, rows = mask.index_select(0, idx), [(j, seq) for j, (_, seq) in enumerate(rows)]
-        for b, seq in rows:
-            if len(seq) > 1:
-                self.prefix_store.insert(
-                    seq, len(seq) - 1, functools.partial(_row_kv, keys, values, b, mask[b])
-                )
+
+        def gather(chosen: list[int]) -> torch.Tensor:
+            b_idx, w_idx = [], []
+            for i in chosen:
+                b, seq = rows[i]
+                where = mask[b].nonzero().squeeze(-1)[: len(seq) - 1]  # the row's real positions, in order
+                b_idx.append(torch.full_like(where, b))
+                w_idx.append(where)
+            bi, wi = torch.cat(b_idx), torch.cat(w_idx)  # (P,) each
+            # k[bi, :, wi]: (P, H, D), the chosen positions only (a copy: nothing else stays alive)
+            return torch.stack([torch.stack([k[bi, :, wi], v[bi, :, wi]]) for k, v in zip(keys, values)])
+
+        self.prefix_store.insert_group([seq[:-1] for _, seq in rows], gather)
 
     def _ends_with(self, tokens: list[int], texts: Sequence[str]) -> bool:
         """Whether the row's newest tokens complete a multi-token stop string (general path)."""

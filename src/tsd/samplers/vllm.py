@@ -30,8 +30,9 @@ conditions each row on not repeating the continuations its state excludes, as HF
 excluded continuations go to the engine as a flat trie with their masses (``extra_args``, at most
 ``MAX_TRIE_EDGES`` edges per state), the processor takes each mass off at its prefix
 (``log(p(t) - m(t))``) and the driver restores the policy's log-prob of a sampled token through an
-excluded prefix exactly, ``log(exp(v) + m(t))`` (:mod:`tsd.samplers.exclusion`). Draws where every
-token's mass was excluded come from the policy and are counted in ``exhausted_draws``. The
+excluded prefix exactly, ``log(exp(v) + m(t))`` (:mod:`tsd.samplers.exclusion`). Draws at a prefix
+the exclusion leaves (almost) nothing of come from the policy and are counted in
+``exhausted_draws``: the processor shifts those rows so that ``restore`` recognises them. The
 processor is vLLM's V1 interface: vLLM 0.32 picks its V2 model runner by default on GPUs, with
 another one, so this sampler asks for the V1 runner (``VLLM_USE_V2_MODEL_RUNNER=0``; an explicit
 ``=1`` is refused).
@@ -66,8 +67,10 @@ longer than one cache block are continued from stale KV). For multi-GPU generato
 broadcast into the same reload is the faster path (vLLM's RLHF examples).
 
 **Device.** On CPU the KV cache is ``kv_cache_gib`` GiB (``kv_cache_memory_bytes``; vLLM's CPU
-default is a share of host RAM); on a GPU, ``gpu_memory_utilization`` of it unless ``kv_cache_gib``
-is set. ``device="cuda:k"`` (what generator ranks pass) runs the value copy there and starts vLLM's
+default is a share of host RAM), which wins over ``VLLM_CPU_KVCACHE_SPACE`` in the environment
+(vLLM's CPU build lets that variable override ``kv_cache_memory_bytes``; the sampler hides it while
+the engine starts); with ``kv_cache_gib`` unset, the variable's GiB if it is set, else 1 GiB. On a
+GPU, ``gpu_memory_utilization`` of it unless ``kv_cache_gib`` is set. ``device="cuda:k"`` (what generator ranks pass) runs the value copy there and starts vLLM's
 engine with ``CUDA_VISIBLE_DEVICES`` narrowed to that GPU (not run on a GPU yet).
 
 **Seeding.** ``seed`` seeds the engine (``LLM(seed=...)``), not each request: a per-request seed
@@ -82,10 +85,12 @@ and so does this class).
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence, Set
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +115,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOGITS_PROCESSOR = "tsd.samplers.vllm_logits:ExclusionLogitsProcessor"
 #: vLLM's switch between its model runners; the processor above is the V1 runner's interface
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+#: vLLM's CPU build takes the KV-cache size from this variable (GiB) over ``kv_cache_memory_bytes``
+CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+log = logging.getLogger(__name__)
 
 
 class WeightSyncWorkerExtension:
@@ -213,6 +222,35 @@ def use_v1_model_runner() -> None:
     os.environ[V2_RUNNER_ENV] = "0"
 
 
+def cpu_kv_cache_gib(kv_cache_gib: float | None) -> float:
+    """The KV cache on CPU, in GiB: ``kv_cache_gib`` when given (over :data:`CPU_KV_ENV`, which
+    vLLM's CPU build would let win), else :data:`CPU_KV_ENV` when set, else :data:`CPU_KV_CACHE_GIB`."""
+    env = os.environ.get(CPU_KV_ENV, "").strip()
+    if kv_cache_gib is not None:
+        if env:
+            log.info("VLLMSampler: sampler.kv_cache_gib=%g wins over %s=%s", kv_cache_gib, CPU_KV_ENV, env)
+        return float(kv_cache_gib)
+    if not env:
+        return CPU_KV_CACHE_GIB
+    try:
+        gib = float(env)
+    except ValueError:
+        gib = math.nan
+    require(math.isfinite(gib) and gib > 0, CPU_KV_ENV, "a number of GiB > 0 (or unset)", env)
+    return gib
+
+
+@contextmanager
+def hidden_env(name: str) -> Iterator[None]:
+    """``name`` out of the environment for the duration (vLLM reads it while its engine starts)."""
+    old = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[name] = old
+
+
 @contextmanager
 def visible_gpu(device: torch.device | None) -> Iterator[None]:
     """Narrow ``CUDA_VISIBLE_DEVICES`` to ``device`` while vLLM starts its engine process (vLLM
@@ -249,8 +287,9 @@ class VLLMSampler(Sampler):
             model's parameter dtype (a directory: its config's, vLLM's ``"auto"``).
         head_dtype: ``"float32"``: vLLM computes the LM head in fp32 (the article's fp32 logits);
             ``"model"``: in ``dtype`` (vLLM's default), cast to fp32 afterwards.
-        kv_cache_gib: KV-cache size in GiB, > 0; ``None``: 1 GiB on CPU, ``gpu_memory_utilization``
-            of the GPU on a GPU.
+        kv_cache_gib: KV-cache size in GiB, > 0 (on CPU it wins over ``VLLM_CPU_KVCACHE_SPACE``);
+            ``None``: on CPU ``VLLM_CPU_KVCACHE_SPACE`` GiB if set, else 1 GiB; on a GPU
+            ``gpu_memory_utilization`` of it.
         gpu_memory_utilization: vLLM's share of GPU memory in (0, 1] (leave room for the value
             copy and, in one process, the trainer). Unused on CPU.
         max_model_len: vLLM context limit (``None``: the model's).
@@ -403,9 +442,10 @@ class VLLMSampler(Sampler):
         }
         if head_dtype == "float32":
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
-        if on_cpu or kv_cache_gib is not None:
-            gib = CPU_KV_CACHE_GIB if kv_cache_gib is None else float(kv_cache_gib)
-            kwargs["kv_cache_memory_bytes"] = int(gib * (1 << 30))
+        if on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib(kv_cache_gib) * (1 << 30))
+        elif kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(float(kv_cache_gib) * (1 << 30))
         else:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         if seed is not None:
@@ -419,7 +459,8 @@ class VLLMSampler(Sampler):
         self.llm_kwargs = kwargs
         use_v1_model_runner()
         engine_in_own_process()  # a trainer rank's engine: vLLM would take the trainers' group for its own
-        with visible_gpu(dev):
+        # on CPU the size above is the one: vLLM's CPU build would let the environment replace it
+        with visible_gpu(dev), hidden_env(CPU_KV_ENV) if on_cpu else nullcontext():
             self.llm = vllm.LLM(**kwargs)
         if push:
             self._push_to_engine(value_model.state_dict())

@@ -1,0 +1,407 @@
+"""The plateau study: every method trained until its validation score stops improving (the
+article's protocol), each family at several shapes, compared at its validation-best policy and
+along the generated-token axis. The command line is ``scripts/study.py plateau``.
+
+    python scripts/study.py plateau plan               # the runs and their commands, nothing run
+    python scripts/study.py plateau run --parallel 2   # run what is missing (resumable)
+    python scripts/study.py plateau report [--doc docs/study.md]   # tables, curves, frontier
+    python scripts/study.py plateau all --parallel 2   # run, then report
+
+Design (docs/study.md says why):
+
+- every run is ``train.py ... stop=plateau`` (src/tsd/callbacks/stopping.py): validation mean@16
+  on the 256 validation problems every 250k generated tokens, stop after 4 evaluations without a
+  rise of more than 0.25 points, or at 2.5M generated tokens (the one long run before, CISPO's,
+  peaked at 1.4M and sat flat after it: its plateau and the patience fit under 2.5M); the
+  validation-best policy exported;
+- the study's batch rule: one optimiser step per rollout of 8 problems, on-policy (sync every
+  step, lag 0), each arm at its learning rate from the 150-step study's grid (``LRS``);
+- arms: CISPO at groups 16, 8 and 4 (fewer tokens per step, the same 8 problems), best-of-16,
+  the article's one-path MCTS (4 workers x 6 waves), the whole tree (TreeRL) at 4 x 4 and 4 x 2;
+  3 seeds each; a check at a lower rate for the two leading families (seed 0);
+- evaluation: the validation-best policy of every run on all 820 test problems at T=1.0 and 0.2
+  (mean@16), paired per problem on seed-averaged scores; the generated tokens to the best and to
+  90% of it; validation curves against generated tokens with seed bands; the frontier of each
+  family's best shape at equal tokens, paired per validation problem at each budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tsd.eval.paired import paired_by_id
+from tsd.eval.search_efficiency import ARTICLE_SEARCH
+from tsd.eval.study import ROOT, TEMPERATURES, Job, eval_job
+from tsd.fileio import write_text_atomic
+
+SEEDS = (0, 1, 2)
+BEGIN, END = "<!-- study.py plateau: begin -->", "<!-- study.py plateau: end -->"
+#: the stop rule's cadence (configs/stop/plateau.yaml); the frontier is read at its multiples
+EVAL_EVERY_TOKENS = 250_000
+MAX_TOKENS = 2_500_000
+
+COMMON = [
+    "stop=plateau",
+    "generation.problems_per_rollout=8",
+    "data.sync_every=1",
+    "data.max_lag=0",
+    "callbacks.eval=null",  # the test set is read once, by eval.py on the best policy
+    f"callbacks.val.every_n_tokens={EVAL_EVERY_TOKENS}",
+    f"callbacks.token_budget.max_generated_tokens={MAX_TOKENS}",
+]
+
+
+#: arm -> (family, label, learning rate, overrides on top of COMMON); rates: the 150-step study's picks
+ARMS: dict[str, tuple[str, str, str, list[str]]] = {
+    "cispo16": ("cispo", "CISPO, group 16", "3e-4",
+                ["experiment=cispo_countdown", "rollout.group_size=16", "data.batch_size=128"]),
+    "cispo8": ("cispo", "CISPO, group 8", "3e-4",
+               ["experiment=cispo_countdown", "rollout.group_size=8", "data.batch_size=64"]),
+    "cispo4": ("cispo", "CISPO, group 4", "3e-4",
+               ["experiment=cispo_countdown", "rollout.group_size=4", "data.batch_size=32"]),
+    "bon": ("bon", "best-of-16", "3e-5", ["experiment=bon_countdown", "rollout.n=16", "data.batch_size=8"]),
+    "mcts_article": ("mcts_article", "MCTS, the article's one path (4 x 6)", "1e-4",
+                     ["experiment=mcts_countdown", "data.batch_size=8", "rollout.workers=4",
+                      "rollout.iterations=6", *ARTICLE_SEARCH]),
+    "tree44": ("tree", "the whole tree, 4 x 4", "3e-4",
+               ["experiment=tree_countdown", "data.batch_size=1", "rollout.workers=4", "rollout.iterations=4"]),
+    "tree42": ("tree", "the whole tree, 4 x 2", "3e-4",
+               ["experiment=tree_countdown", "data.batch_size=1", "rollout.workers=4", "rollout.iterations=2"]),
+}  # fmt: skip
+#: the rate check at plateau: (arm, rate), seed 0 only
+RATE_CHECKS: tuple[tuple[str, str], ...] = (("cispo16", "1e-4"), ("tree44", "1e-4"))
+FAMILIES = {"cispo": "CISPO", "bon": "best-of-N", "mcts_article": "MCTS, one path", "tree": "the whole tree"}
+
+
+def run_dir(out: Path, arm: str, seed: int, lr: str | None = None) -> Path:
+    lr = lr or ARMS[arm][2]
+    tag = "" if lr == ARMS[arm][2] else f"_lr{lr}"
+    return out / "runs" / f"{arm}{tag}_s{seed}"
+
+
+def train_job(out: Path, arm: str, seed: int, lr: str | None = None) -> Job:
+    d = run_dir(out, arm, seed, lr)
+    lr = lr or ARMS[arm][2]
+    argv = [sys.executable, str(ROOT / "train.py"), *ARMS[arm][3], *COMMON, f"module.optimizer.lr={lr}",
+            f"seed={seed}", f"hydra.run.dir={d}"]  # fmt: skip
+    return Job(f"train {d.name}", argv, d / "results.json")
+
+
+def plan(out: Path) -> list[Job]:
+    """Seed 0 of every arm first (a study cut short compares every arm), then the rate checks,
+    then seeds 1 and 2; each run's evaluations right after it."""
+    jobs = [eval_job(out, "base", "tiny", t) for t in TEMPERATURES]
+    order = [(a, 0, None) for a in ARMS] + [(a, 0, lr) for a, lr in RATE_CHECKS]
+    order += [(a, s, None) for s in SEEDS[1:] for a in ARMS]
+    for arm, seed, lr in order:
+        job = train_job(out, arm, seed, lr)
+        jobs.append(job)
+        d = run_dir(out, arm, seed, lr)
+        for t in TEMPERATURES:
+            ev = eval_job(out, d.name, str(d / "policy_best"), t)
+            jobs.append(Job(ev.name, ev.argv, ev.done_file, after=[job.name]))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _json(f: Path) -> dict | None:
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _per_problem(res: dict) -> dict[str, float]:
+    k = res["samples_per_problem"]
+    return {p: c / k for p, c in res["per_problem_correct"].items()}
+
+
+def _verdict(d: dict, a: str, b: str) -> str:
+    lo, hi = d["ci95"]
+    return "no difference" if lo <= 0 <= hi else (f"{b} > {a}" if lo > 0 else f"{a} > {b}")
+
+
+def _journal(d: Path) -> list[dict]:
+    """The run's validation evaluations (val_evals.jsonl), one per step (a resumed run may repeat one)."""
+    f = d / "val_evals.jsonl"
+    if not f.exists():
+        return []
+    rows = {}
+    for line in f.read_text().splitlines():
+        r = json.loads(line)
+        rows[r["step"]] = r
+    return [rows[s] for s in sorted(rows)]
+
+
+def _curve(d: Path) -> list[tuple[float, float]]:
+    """(generated tokens, validation mean@16) of every evaluation of a run."""
+    return [(r["compute/generated_tokens"], r["val/mean@16"]) for r in _journal(d)]
+
+
+def _at(curve: Sequence[tuple[float, float]], x: float) -> float | None:
+    """The curve linearly interpolated at ``x`` (None past its last point)."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return curve[0][1] if curve and x == curve[0][0] else None
+
+
+def _tokens_to(curve: Sequence[tuple[float, float]], target: float) -> float | None:
+    """Generated tokens at the first evaluation whose score reaches ``target``."""
+    return next((x for x, y in curve if y >= target - 1e-12), None)
+
+
+def _ms(xs: Sequence[float], scale: float = 100.0, fmt: str = ".2f") -> str:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return "-"
+    m = statistics.fmean(xs) * scale
+    return f"{m:{fmt}} ± {statistics.stdev(xs) * scale:{fmt}}" if len(xs) > 1 else f"{m:{fmt}}"
+
+
+def _runs(out: Path, arm: str, lr: str | None = None, seeds: Sequence[int] = SEEDS) -> list[tuple[int, Path]]:
+    return [
+        (s, run_dir(out, arm, s, lr)) for s in seeds if (run_dir(out, arm, s, lr) / "results.json").exists()
+    ]
+
+
+def report(out: Path) -> dict:
+    summary: dict = {"arms": {}, "pairs": [], "frontier": [], "rate_checks": []}
+    per_arm: dict[str, dict[str, dict[str, float]]] = {}  # arm -> T -> seed-mean per test problem
+    base = {t: _json(out / "eval" / f"base_T{t}" / "results.json") for t in TEMPERATURES}
+    if all(base.values()):
+        per_arm["base"] = {t: _per_problem(r) for t, r in base.items() if r}
+        summary["arms"]["base"] = {"label": "base (bundled policy)", "family": "base",
+                                   **{f"T{t}": {"mean@16": [r["mean@16"]], "pass@16": [r["pass@16"]]}
+                                      for t, r in base.items() if r}}  # fmt: skip
+    for arm, (family, label, lr, _) in ARMS.items():
+        runs = _runs(out, arm)
+        if not runs:
+            continue
+        row: dict = {"label": label, "family": family, "lr": lr, "seeds": [s for s, _ in runs]}
+        res = [json.loads((d / "results.json").read_text()) for _, d in runs]
+        curves = [_curve(d) for _, d in runs]
+        row["curves"] = [{"seed": s, "points": c} for (s, _), c in zip(runs, curves)]
+        row["val_best"] = [max(y for _, y in c) if c else None for c in curves]
+        row["tokens_total"] = [r.get("compute/generated_tokens") for r in res]
+        row["tokens_to_best"] = [(r.get("best") or {}).get("generated_tokens") for r in res]
+        row["tokens_to_90"] = [_tokens_to(c, 0.9 * b) if b is not None else None
+                               for c, b in zip(curves, row["val_best"])]  # fmt: skip
+        row["stop_reasons"] = [r.get("stop_reason", "?").split(":")[0] for r in res]
+        row["train_minutes"] = [r.get("wall_seconds", math.nan) / 60 for r in res]
+        for t in TEMPERATURES:
+            found = [_json(out / "eval" / f"{d.name}_T{t}" / "results.json") for _, d in runs]
+            evals = [e for e in found if e is not None]
+            if evals:
+                row[f"T{t}"] = {
+                    "mean@16": [e["mean@16"] for e in evals],
+                    "pass@16": [e["pass@16"] for e in evals],
+                }
+                per = [_per_problem(e) for e in evals]
+                per_arm.setdefault(arm, {})[t] = {p: statistics.fmean(x[p] for x in per) for p in per[0]}
+        summary["arms"][arm] = row
+    # paired differences of the validation-best policies (820 test problems, seed-averaged)
+    names = [a for a in ["base", *ARMS] if a in per_arm]
+    for t in TEMPERATURES:
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if t in per_arm[a] and t in per_arm[b]:
+                    d = paired_by_id(per_arm[a][t], per_arm[b][t])
+                    summary["pairs"].append({"T": t, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
+                                             "verdict": _verdict(d, a, b)})  # fmt: skip
+    summary["frontier"] = frontier(out)
+    for arm, lr in RATE_CHECKS:
+        at, ref = _runs(out, arm, lr, (0,)), _runs(out, arm, None, (0,))
+        if at and ref:
+            ra, rr = (json.loads((d / "results.json").read_text()) for _, d in (at[0], ref[0]))
+            summary["rate_checks"].append({
+                "arm": arm, "lr": lr, "study_lr": ARMS[arm][2],
+                "val_best": (ra.get("best") or {}).get("score"), "study_val_best": (rr.get("best") or {}).get("score"),
+                "tokens_to_best": (ra.get("best") or {}).get("generated_tokens"),
+                "study_tokens_to_best": (rr.get("best") or {}).get("generated_tokens"),
+            })  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "plateau.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "plateau.md", markdown(summary))
+    plot(summary, out / "plateau.png")
+    print(markdown(summary))
+    return summary
+
+
+def _family_at(out: Path, family: str, tokens: float) -> tuple[str, float, dict[str, float]] | None:
+    """The family's best shape at ``tokens`` generated: (arm, seed-mean validation mean@16, its
+    seed-mean per-problem scores at the evaluation nearest ``tokens``); None if no shape of the
+    family reached ``tokens`` with every one of its seeds."""
+    best = None
+    for arm, (fam, *_rest) in ARMS.items():
+        if fam != family:
+            continue
+        runs = _runs(out, arm)
+        if not runs:
+            continue
+        journals = [_journal(d) for _, d in runs]
+        if any(not j or j[-1]["compute/generated_tokens"] < tokens * 0.999 for j in journals):
+            continue  # a seed stopped before this budget: no figure there
+        rows = [min(j, key=lambda r: abs(r["compute/generated_tokens"] - tokens)) for j in journals]
+        if any(abs(r["compute/generated_tokens"] - tokens) > 0.1 * tokens for r in rows):
+            continue  # no evaluation within 10% of these tokens
+        score = statistics.fmean(r["val/mean@16"] for r in rows)
+        per = [{p: c / r["samples_per_problem"] for p, c in r["per_problem_correct"].items()} for r in rows]
+        mean = {p: statistics.fmean(x[p] for x in per) for p in per[0]}
+        if best is None or score > best[1]:
+            best = (arm, score, mean)
+    return best
+
+
+def frontier(out: Path) -> list[dict]:
+    """At every multiple of the evaluation cadence: each family's best shape, and the whole tree's
+    best against CISPO's best, paired per validation problem (seed-averaged)."""
+    rows = []
+    for i in range(1, MAX_TOKENS // EVAL_EVERY_TOKENS + 1):
+        tokens = i * EVAL_EVERY_TOKENS
+        at = {f: _family_at(out, f, tokens) for f in FAMILIES}
+        row: dict = {"tokens": tokens, "best": {f: (v[0], v[1]) for f, v in at.items() if v}}
+        tree, cispo = at.get("tree"), at.get("cispo")
+        if tree and cispo:
+            d = paired_by_id(cispo[2], tree[2])
+            row["tree_vs_cispo"] = {"tree": tree[0], "cispo": cispo[0], "diff": d["diff"], "ci95": d["ci95"],
+                                    "verdict": _verdict(d, "cispo", "tree")}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "| arm | lr | seeds | validation best | test mean@16, T=1.0 | test mean@16, T=0.2 | pass@16, T=1.0 "
+        "| tokens to the best | tokens to 90% of it | tokens trained | stopped by | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    k = lambda xs: _ms([x for x in xs if x is not None], 1e-3, ",.0f") + "k" if any(xs) else "-"  # noqa: E731
+    for arm, r in summary["arms"].items():
+        t1, t2 = r.get("T1.0", {}), r.get("T0.2", {})
+        if arm == "base":
+            lines.append(f"| {r['label']} | - | - | - | {_ms(t1.get('mean@16', []))} | {_ms(t2.get('mean@16', []))} "
+                         f"| {_ms(t1.get('pass@16', []))} | - | - | - | - | - |")  # fmt: skip
+            continue
+        stops = ", ".join(sorted(set(r["stop_reasons"]))) or "-"
+        mins = [m for m in r["train_minutes"] if math.isfinite(m)]
+        wall = f"{statistics.fmean(mins):.0f}" if mins else "-"
+        lines.append(f"| {r['label']} | {r['lr']} | {len(r['seeds'])} | {_ms(r['val_best'])} "
+                     f"| {_ms(t1.get('mean@16', []))} | {_ms(t2.get('mean@16', []))} | {_ms(t1.get('pass@16', []))} "
+                     f"| {k(r['tokens_to_best'])} | {k(r['tokens_to_90'])} | {k(r['tokens_total'])} | {stops} "
+                     f"| {wall} |")  # fmt: skip
+    lines += [
+        "",
+        "Cells: percent, mean ± standard deviation over the seeds; validation: the best mean@16 on the 256"
+        " validation problems (drawn after the train split) at T=1.0 over the run's evaluations (every"
+        f" {EVAL_EVERY_TOKENS // 1000}k generated tokens); test: the validation-best policy on all 820 test"
+        " problems, 16 samples each; tokens to the best: generated tokens at the best evaluation; to 90% of"
+        " it: at the first evaluation scoring at least 0.9 x the run's best; tokens trained: generated"
+        f" tokens when the run stopped (cap {MAX_TOKENS / 1e6:g}M); train min: wall minutes, runs sharing"
+        " the 2 cores.",
+        "",
+        "Paired differences of the validation-best policies' test mean@16 (seed-averaged per problem, 820"
+        " problems, 95% CI):",
+        "",
+        "| T | b - a | difference (points) | verdict |",
+        "|---|---|---|---|",
+    ]
+    for p in summary["pairs"]:
+        lo, hi = p["ci95"]
+        lines.append(f"| {p['T']} | {p['b']} - {p['a']} | {100 * p['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                     f"| {p['verdict']} |")  # fmt: skip
+    fr = [r for r in summary["frontier"] if r["best"]]
+    if fr:
+        fams = [f for f in FAMILIES if any(f in r["best"] for r in fr)]
+        lines += [
+            "",
+            "The frontier: at each budget of generated tokens, each family's best shape on validation"
+            " (seed mean, mean@16 %; the shape in brackets), and the whole tree's best against CISPO's"
+            " best, paired per validation problem (256, seed-averaged, 95% CI):",
+            "",
+            "| generated tokens | " + " | ".join(FAMILIES[f] for f in fams) + " | tree - CISPO | verdict |",
+            "|---|" + "---|" * len(fams) + "---|---|",
+        ]
+        for r in fr:
+            cells = [
+                f"{100 * r['best'][f][1]:.2f} ({r['best'][f][0]})" if f in r["best"] else "-" for f in fams
+            ]
+            v = r.get("tree_vs_cispo")
+            diff = (
+                "-"
+                if v is None
+                else f"{100 * v['diff']:+.2f} [{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}]"
+            )
+            lines.append(f"| {r['tokens'] / 1e3:,.0f}k | " + " | ".join(cells)
+                         + f" | {diff} | {'-' if v is None else v['verdict']} |")  # fmt: skip
+    if summary["rate_checks"]:
+        lines += ["", "The rate at plateau (seed 0): validation best and the tokens to it, at the study's rate"
+                  " and a lower one:", "", "| arm | study rate | best | tokens | lower rate | best | tokens |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in summary["rate_checks"]:
+            f = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+            t = lambda v: "-" if v is None else f"{v / 1e3:,.0f}k"  # noqa: E731
+            lines.append(f"| {c['arm']} | {c['study_lr']} | {f(c['study_val_best'])} | {t(c['study_tokens_to_best'])} "
+                         f"| {c['lr']} | {f(c['val_best'])} | {t(c['tokens_to_best'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Left: validation mean@16 against generated tokens, seed mean and band (min..max), per arm.
+    Right: the frontier, each family's best shape at each budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, fx) = plt.subplots(1, 2, figsize=(15, 5))
+    grid = [i * EVAL_EVERY_TOKENS for i in range(0, MAX_TOKENS // EVAL_EVERY_TOKENS + 1)]
+    colors: dict[str, str] = {}
+    for arm, r in summary["arms"].items():
+        curves = [c["points"] for c in r.get("curves", []) if c["points"]]
+        if not curves:
+            continue
+        xs, mean, lo, hi = [], [], [], []
+        for x in grid:
+            at = [_at(c, x) for c in curves]
+            ys = [y for y in at if y is not None]
+            if len(ys) < len(at):
+                break
+            xs.append(x / 1e6)
+            mean.append(100 * statistics.fmean(ys))
+            lo.append(100 * min(ys))
+            hi.append(100 * max(ys))
+        dashed = r["family"] == "cispo" and arm != "cispo16" or arm == "tree42"
+        (line,) = ax.plot(xs, mean, "--" if dashed else "-", marker="o", ms=3,
+                          label=f"{r['label']} (lr {r['lr']}, {len(curves)} seeds)")  # fmt: skip
+        colors[arm] = line.get_color()
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("generated tokens (millions)")
+    ax.set_ylabel("validation mean@16 (%, 256 problems, T=1)")
+    ax.set_title("training to a plateau: seed mean, band = min..max over seeds", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fr = [r for r in summary["frontier"] if r["best"]]
+    for fam, name in FAMILIES.items():
+        pts = [
+            (r["tokens"] / 1e6, 100 * r["best"][fam][1], r["best"][fam][0]) for r in fr if fam in r["best"]
+        ]
+        if not pts:
+            continue
+        (line,) = fx.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for x, y, arm in pts:
+            fx.annotate(
+                arm, (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points", color=line.get_color()
+            )
+    fx.set_xlabel("generated tokens (millions)")
+    fx.set_ylabel("validation mean@16 of the family's best shape (%)")
+    fx.set_title("the frontier: each family's best shape at equal generated tokens", fontsize=10)
+    fx.grid(True, alpha=0.3)
+    if fx.get_legend_handles_labels()[0]:
+        fx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""The plateau study's report (src/tsd/eval/plateau.py) on hand-written run directories: pairing by
+problem id (never by list order), tokens to the best and to 90% of it, the frontier's choice of each
+family's best shape at a budget (the refusal of evaluations over different problems:
+test_sweep.py's test of ``paired_by_id``)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tsd.eval import plateau
+
+K = 16
+
+
+def _eval(path: Path, correct: dict[str, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(correct)
+    ids = list(correct)
+    random.Random(len(str(path))).shuffle(ids)  # the file's order is not the problems' order
+    path.write_text(json.dumps({
+        "mean@16": sum(correct.values()) / (n * K), "pass@16": sum(c > 0 for c in correct.values()) / n,
+        "samples_per_problem": K, "per_problem_correct": {i: correct[i] for i in ids},
+    }))  # fmt: skip
+
+
+def _run(
+    out: Path, arm: str, seed: int, curve: list[tuple[int, dict[str, int]]], stop: str = "plateau: x"
+) -> None:
+    """A finished run: its validation journal (tokens, per-problem correct counts) and results.json."""
+    d = plateau.run_dir(out, arm, seed)
+    d.mkdir(parents=True)
+    rows = []
+    for step, (tokens, correct) in enumerate(curve):
+        score = sum(correct.values()) / (len(correct) * K)
+        rows.append({"step": step * 10, "compute/generated_tokens": tokens, "val/mean@16": score,
+                     "per_problem_correct": correct, "samples_per_problem": K})  # fmt: skip
+    (d / "val_evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = max(rows[1:], key=lambda r: r["val/mean@16"])
+    (d / "results.json").write_text(json.dumps({
+        "compute/generated_tokens": rows[-1]["compute/generated_tokens"], "stop_reason": stop, "wall_seconds": 60,
+        "best": {"score": best["val/mean@16"], "step": best["step"],
+                 "generated_tokens": best["compute/generated_tokens"]},
+    }))  # fmt: skip
+
+
+VAL = [f"v{i}" for i in range(8)]
+TEST = [f"t{i}" for i in range(10)]
+
+
+def _scores(values: list[int], ids: list[str]) -> dict[str, int]:
+    return dict(zip(ids, values))
+
+
+def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
+    out = tmp_path / "plateau"
+    e = plateau.EVAL_EVERY_TOKENS
+    base_val = _scores([1, 0, 2, 0, 1, 0, 0, 1], VAL)
+    # cispo16: rises to its best (2 per problem more on v0..v3) at 2e, then falls back
+    up = _scores([3, 2, 4, 2, 1, 0, 0, 1], VAL)
+    for s in plateau.SEEDS:
+        _run(out, "cispo16", s, [(0, base_val), (e, base_val), (2 * e, up), (3 * e, base_val)])
+    # tree44: one better problem at e already, its best (v4..v7 up by 3) at 3e
+    tree_best = _scores([1, 0, 2, 0, 4, 3, 3, 4], VAL)
+    for s in plateau.SEEDS:
+        _run(out, "tree44", s, [(0, base_val), (e, _scores([2, 0, 2, 0, 1, 0, 0, 1], VAL)), (2 * e, base_val),
+                                (3 * e, tree_best)])  # fmt: skip
+    # test evaluations of the best policies: per-problem scores that differ, files in shuffled order
+    base_t = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    _eval(out / "eval" / "base_T1.0" / "results.json", _scores(base_t, TEST))
+    _eval(out / "eval" / "base_T0.2" / "results.json", _scores(base_t, TEST))
+    for arm, plus in (("cispo16", [2, 0] * 5), ("tree44", [1] * 10)):
+        for s in plateau.SEEDS:
+            for t in plateau.TEMPERATURES:
+                name = plateau.run_dir(out, arm, s).name
+                _eval(out / "eval" / f"{name}_T{t}" / "results.json",
+                      _scores([b + p for b, p in zip(base_t, plus)], TEST))  # fmt: skip
+    summary = plateau.report(out)
+
+    cispo = summary["arms"]["cispo16"]
+    assert cispo["tokens_to_best"] == [2 * e] * 3
+    best = (sum(up.values())) / (8 * K)
+    assert cispo["val_best"] == [pytest.approx(best)] * 3
+    # 90% of the best: the base (5/128) is below 0.9 x 15/128, so the first evaluation at or above is 2e
+    assert cispo["tokens_to_90"] == [2 * e] * 3
+    tree = summary["arms"]["tree44"]
+    assert tree["tokens_to_best"] == [3 * e] * 3 and tree["stop_reasons"] == ["plateau"] * 3
+    pairs = {(p["T"], p["a"], p["b"]): p for p in summary["pairs"]}
+    # cispo gains 2 on every other problem (+1/16 on average), the tree 1 on every problem: paired by
+    # problem the tree's difference is exactly 1/16 on each, a zero-width interval; paired by the
+    # order of the shuffled files it would be wide
+    assert pairs[("1.0", "base", "cispo16")]["diff"] == pytest.approx(1 / 16)
+    tree_vs_base = pairs[("1.0", "base", "tree44")]
+    assert tree_vs_base["diff"] == pytest.approx(1 / 16)
+    assert tree_vs_base["ci95"] == (pytest.approx(1 / 16), pytest.approx(1 / 16))
+    assert pairs[("1.0", "cispo16", "tree44")]["diff"] == pytest.approx(0.0)
+    # the frontier: at 2e CISPO's curve is at its best, the tree's at its base; at 3e the reverse
+    fr = {r["tokens"]: r for r in summary["frontier"]}
+    assert fr[2 * e]["best"]["cispo"] == ("cispo16", pytest.approx(best))
+    v2 = fr[2 * e]["tree_vs_cispo"]
+    assert v2["diff"] == pytest.approx(-8 / (8 * K)) and v2["verdict"] == "cispo > tree"
+    v3 = fr[3 * e]["tree_vs_cispo"]
+    assert v3["diff"] == pytest.approx(12 / (8 * K)) and v3["verdict"] == "tree > cispo"
+    assert 4 * e not in fr or not fr[4 * e]["best"]  # no run reached 4e: no figure there
+    md = (out / "plateau.md").read_text()
+    assert "| CISPO, group 16 | 3e-4 | 3 |" in md and "tree > cispo" in md
+    assert (out / "plateau.png").stat().st_size > 10_000
+
+
+def test_a_frontier_shape_counts_only_where_every_seed_reached_the_budget(tmp_path):
+    out = tmp_path / "plateau"
+    e = plateau.EVAL_EVERY_TOKENS
+    low, high = _scores([1] * 8, VAL), _scores([5] * 8, VAL)
+    for s in plateau.SEEDS:  # group 4: higher, but seed 2 stopped at e
+        _run(out, "cispo4", s, [(0, low), (e, high)] + ([(2 * e, high)] if s < 2 else []))
+        _run(out, "cispo16", s, [(0, low), (e, low), (2 * e, low)])
+    fr = {r["tokens"]: r for r in plateau.frontier(out)}
+    assert fr[e]["best"]["cispo"][0] == "cispo4"
+    assert fr[2 * e]["best"]["cispo"][0] == "cispo16"  # cispo4 has no figure at 2e
