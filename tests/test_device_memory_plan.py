@@ -56,8 +56,9 @@ def test_trainer_items_hand_computed(qwen):
     assert items["gradients"] == pytest.approx(P * 4 / 2 / GIB)
     assert items["AdamW moments"] == pytest.approx(P * 8 / 2 / GIB)
     assert items["KL reference"] == pytest.approx(qwen.lm_params * 2 / GIB)
-    assert items["gathered compute weights"] == pytest.approx(
-        (qwen.root_params + 2 * qwen.block_params) * 2 / GIB
+    unit = (qwen.root_params + 2 * qwen.block_params) * 2  # bf16 weights of the gathered units
+    assert items["gathered weights + unsharded gradients"] == pytest.approx(
+        (2 * unit + qwen.root_params * 4) / GIB
     )
     per_token = 28 * 1536 * 2 + (10 * 1536 + 3 * 8960) * 2  # checkpointed inputs + one block's inner
     assert items["activations"] == pytest.approx((1000 * per_token + 3 * 256 * 151_936 * 4) / GIB)

@@ -304,9 +304,15 @@ def trainer_items(
         ),
         PlanItem("gradients (shard)", gib(P * grad_bytes / T), "strategy.num_generators / trainer.devices"),
         PlanItem("AdamW moments (shard)", gib(P * 8 / T), "strategy.num_generators / trainer.devices"),
+        # FSDP2 gathers a unit's weights in the compute dtype (the root, the embedding, and the
+        # block running and the one prefetched), its backward holds the unit's unsharded gradient in
+        # that dtype and an fp32 copy for the fp32 reduce-scatter (the largest: the root's)
         PlanItem(
-            "gathered compute weights (root unit + 2 blocks)",
-            gib((shape.root_params + 2 * shape.block_params) * compute_bytes),
+            "gathered weights + unsharded gradients (root unit + 2 blocks)",
+            gib(
+                (shape.root_params + 2 * shape.block_params) * compute_bytes * 2
+                + (shape.root_params * 4 if compute_bytes != 4 else 0)
+            ),
         ),
         PlanItem(
             f"activations ({micro_tokens} tokens{', checkpointed' if checkpointing else ''})",

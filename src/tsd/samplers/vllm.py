@@ -629,6 +629,10 @@ class VLLMSampler(Sampler):
             kv_gib = CPU_KV_CACHE_GIB if kv is None else float(kv)
             items.append(PlanItem("vLLM KV cache", kv_gib, f"{setting}.kv_cache_gib", False))
             items.append(PlanItem("vLLM engine process", 2 * CPU_PROCESS_GIB, "", False))
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+                # a weight push into an engine process: the safetensors bytes, the tensors unpacked
+                # from them and the in-place reload's copy of a layer, all in host memory
+                items.append(PlanItem("vLLM weight push in flight", 3 * weights, "", False))
         return items
 
     @classmethod
