@@ -85,7 +85,7 @@ def one_run(
     signalled = [
         f"{p.stem}: {m.group(0)}" for p in logs for m in SIGNALLED.finditer(p.read_text(errors="replace"))
     ]
-    if codes != [0, 0] or signalled:
+    if codes != [0, 0] or signalled or i == 0:  # the first run's logs are kept to read the roles
         keep = out / f"run{i:03d}"
         keep.mkdir(parents=True, exist_ok=True)
         for p in logs:
@@ -117,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     with redis_server() as url:
         for i in range(a.runs):
             codes, seconds, signalled = one_run(i, a, url, a.out)
+            if i == 0:
+                roles = sorted(
+                    set(
+                        re.findall(
+                            r"(rank \d+ \((?:trainer|generator) \d+ of \d+\)): process groups ready",
+                            "".join(p.read_text(errors="replace") for p in (a.out / "run000").glob("*.log")),
+                        )
+                    )
+                )
+                print(f"roles (kept in {a.out / 'run000'}): {roles}", flush=True)
             ok = codes == [0, 0] and not signalled
             clean += ok
             print(
