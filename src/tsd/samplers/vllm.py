@@ -52,26 +52,41 @@ model: leave room with ``gpu_memory_utilization``.
 **Model directory.** vLLM loads *every* ``*.safetensors`` at the top of a model directory, so it is
 given one that holds only the LM's files: a saved policy keeps its value head in ``value_head/``
 (:mod:`tsd.models.policy_value`); an export in the older layout (``value_head.safetensors`` at the
-top) is refused with the fix. A :class:`PolicyValueModel` without ``checkpoint_dir`` is written
-to a temporary directory (the LM only). **Tokenizer.** vLLM is given the very tokenizer the states
+top) is refused with the fix. A :class:`PolicyValueModel` loaded from a directory
+(``policy.source``, set by :func:`~tsd.models.loading.load_policy`) starts vLLM from that directory,
+and its weights are pushed after the start only if they differ from it as the engine's dtype sees
+them (a checksum taken at load); one built in memory is written to a temporary directory (the LM
+only): each generator wrote its 3.1 GB copy to ``/tmp`` before. **Tokenizer.** vLLM is given the very tokenizer the states
 are written in (saved next to it, without the model's ``config.json``: with it, transformers picks
 the architecture's tokenizer class — Qwen2's for the tiny policy — which drops spaces and newlines).
 
-**Weights** (:meth:`load_weights`). The LM tensors are packed into safetensors blobs (bytes: vLLM's
-msgpack RPC channel carries bytes as they are, but turns tensors into plain lists; no pickle) and
-sent with ``llm.collective_rpc("tsd_load_weights", ...)`` to every worker, where
-:class:`WeightSyncWorkerExtension` unpacks them into the worker's ``reload_weights(weights_iterator=
-...)`` (vLLM's in-place reload; the model's ``load_weights`` after start-up fails on CPU). Then the
-prefix cache is reset: its KV entries were computed by the old weights (without the reset, states
-longer than one cache block are continued from stale KV). For multi-GPU generators an NCCL
-broadcast into the same reload is the faster path (vLLM's RLHF examples).
+**Weights** (:meth:`load_weights`), by the route vLLM 0.32 allows for each engine. An engine in
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's ``InprocClient``, whose
+``collective_rpc`` calls the worker directly) gets the tensors themselves,
+``collective_rpc("tsd_load_tensors", args=([(name, tensor), ...],))``: on a GPU a device-to-device
+copy into its parameters, no host round trip. An engine process gets safetensors blobs (bytes) with
+``collective_rpc("tsd_load_weights", ...)``: vLLM's msgpack channel encodes a tensor argument as a
+(dtype, shape, buffer index) triple that an untyped RPC argument decodes to a plain list, so only
+bytes cross it as they are (no pickle); a CUDA tensor would also be copied to the host by its
+encoder (``tensor_data``). vLLM's own ``distributed.weight_transfer`` engines (CUDA IPC handles,
+pickled; NCCL) are the route to an engine process without the host, not used here. Either way
+:class:`WeightSyncWorkerExtension` hands them to the worker's ``reload_weights(weights_iterator=
+...)`` (vLLM's in-place layerwise reload; the model's ``load_weights`` after start-up fails on CPU),
+then the prefix cache is reset: its KV entries were computed by the old weights (without the reset,
+states longer than one cache block are continued from stale KV). A tied LM head is not sent: it is
+the embedding's tensor in vLLM too (the reload logs ``ParallelLMHead: Failed to load weights`` and
+keeps that shared tensor, which the embedding's load has updated).
 
 **Device.** On CPU the KV cache is ``kv_cache_gib`` GiB (``kv_cache_memory_bytes``; vLLM's CPU
 default is a share of host RAM), which wins over ``VLLM_CPU_KVCACHE_SPACE`` in the environment
 (vLLM's CPU build lets that variable override ``kv_cache_memory_bytes``; the sampler hides it while
 the engine starts); with ``kv_cache_gib`` unset, the variable's GiB if it is set, else 1 GiB. On a
-GPU, ``gpu_memory_utilization`` of it unless ``kv_cache_gib`` is set. ``device="cuda:k"`` (what generator ranks pass) runs the value copy there and starts vLLM's
-engine with ``CUDA_VISIBLE_DEVICES`` narrowed to that GPU (not run on a GPU yet).
+GPU, ``gpu_memory_utilization`` of it unless ``kv_cache_gib`` is set; ``gpu_memory_utilization`` is
+passed either way, since vLLM starts only with that share of the GPU free, whatever the cache's
+size (its default, 0.9, fails on a GPU a trainer shares). ``device="cuda:k"`` (what generator ranks
+pass) runs the value copy there and starts vLLM's engine on that GPU: a generator rank has
+narrowed ``CUDA_VISIBLE_DEVICES`` to it before CUDA started (:mod:`tsd.distributed.placement`),
+and an engine process is spawned with the variable narrowed too (not run on a GPU yet).
 
 **Seeding.** ``seed`` seeds the engine (``LLM(seed=...)``), not each request: a per-request seed
 would give the same samples every time MCTS expands the same state.
@@ -444,10 +459,12 @@ class VLLMSampler(Sampler):
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
         if on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib(kv_cache_gib) * (1 << 30))
-        elif kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(float(kv_cache_gib) * (1 << 30))
         else:
+            # passed with kv_cache_gib too: vLLM starts only with this share of the GPU free
+            # (vllm/v1/worker/utils.py: request_memory), and its default (0.9) fails beside a trainer
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+            if kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(float(kv_cache_gib) * (1 << 30))
         if seed is not None:
             kwargs["seed"] = int(seed)
         if max_model_len is not None:
