@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl", action="store_true", help="keep the KL term and its reference (2.6 GB more here)")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one run may take")
     ap.add_argument(
-        "--plan-gib", type=float, default=32.0, help="strategy.device_memory_gib for the plan's check"
+        "--plan-gib", type=float, default=40.0, help="strategy.device_memory_gib for the plan's check"
     )
     ap.add_argument(
         "--min-free-gib", type=float, default=16.0, help="wait until the host has this much available"
