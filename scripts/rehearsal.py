@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         "--head-dtype", default="model", help="sampler.head_dtype (the paper's: float32; see below)"
     )
     ap.add_argument("--kl", action="store_true", help="keep the KL term and its reference (2.6 GB more here)")
+    ap.add_argument(
+        "--chunked", action="store_true", help="the paper's chunked log-probs (1.7 GiB more per trainer)"
+    )
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one run may take")
     ap.add_argument(
         "--plan-gib", type=float, default=40.0, help="strategy.device_memory_gib for the plan's check"
@@ -345,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         "generation.problems_per_rollout=2",
         "data.batch_size=2",
         "module.micro_batch_size=1",  # two micro-batches per optimiser step (the paper: 4 of 16)
-        "module.logprob_chunk_tokens=256",  # (B, T, V) never whole: 256 x 151,936 fp32 logits at a time
+        # the chunked log-probs upcast the LM head to fp32 in the backward (weight + gradient: 1.7 GiB per
+        # trainer at this vocabulary, tsd.models.logprobs); at micro-batches of one 300-token sequence the
+        # plain path's logits are less (0.2 GiB per copy). --chunked keeps the paper's 1024-token chunks
+        f"module.logprob_chunk_tokens={1024 if a.chunked else 0}",
         "+sampler.value_batch_size=8",  # the value forward's states at a time (a shared 24 GiB host)
         "data.sync_every=1",
         "data.max_lag=2",
@@ -379,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         # one checkpoint per run, the last (the full fp32 model + AdamW state gathered on rank 0: 3.7 GB)
         f"callbacks.checkpoint.every_n_train_steps={a.steps}",
         # the memory plan sums every item as if all coincided (the checkpoint's gather, the eval engine
-        # started at the run's end): more than this host's 23.5 GiB; it is printed in the run's log and
-        # compared with the peak measured here, and checked against this instead
+        # started at the run's end, each push in flight): 33 GiB, more than this host's 23.5; it is
+        # printed in the run's log, compared with the peak measured here, and checked against this instead
         f"strategy.device_memory_gib={a.plan_gib}",
         *a.set,
     ]

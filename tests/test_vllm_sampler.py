@@ -426,7 +426,7 @@ def test_load_weights_renames_syncs_and_resets_the_prefix_cache(fake_vllm, rando
     assert method == "tsd_load_weights" and hasattr(WeightSyncWorkerExtension, method)
     assert all(isinstance(b, bytes) for b in blobs)  # what vLLM's msgpack channel carries as it is
     names = dict(unpack_weights(blobs))
-    assert set(names) == {k[3:] for k in state_dict if k.startswith("lm.")} - {"lm_head.weight"}  # tied: once
+    assert set(names) == {k[3:] for k in state_dict if k.startswith("lm.")}
     assert "model.embed_tokens.weight" in names and not any("value_head" in k for k in names)
     torch.testing.assert_close(names["model.norm.weight"], state_dict["lm.model.norm.weight"])
     assert llm.resets == 1 and sampler.version == 4
@@ -448,12 +448,12 @@ def test_worker_extension_reloads_the_worker_in_place():
     torch.testing.assert_close(got["model.norm.weight"], torch.ones(2))
 
 
-def test_tied_embeddings_go_to_vllm_once(char_tokenizer):
+def test_a_tied_head_goes_to_vllm_under_both_names_as_one_tensor(char_tokenizer):
     policy = make_random_policy(char_tokenizer)  # tied embeddings: lm_head.weight is embed_tokens.weight
     named = dict(vllm_weights(policy.state_dict()))
-    assert "model.embed_tokens.weight" in named and "lm_head.weight" not in named  # vLLM ties them too
-    untied = {k: v.clone() for k, v in policy.state_dict().items()}  # separate tensors: both are sent
-    assert "lm_head.weight" in dict(vllm_weights(untied))
+    # vLLM's layerwise reload does not keep its own tie: a head left out stayed stale (the real-vLLM
+    # reload test below measured 1.09 nats); in this process it is the same tensor, not a copy
+    assert named["lm_head.weight"].data_ptr() == named["model.embed_tokens.weight"].data_ptr()
 
 
 def test_pack_weights_splits_blobs_and_copies_tied_tensors(char_tokenizer):
