@@ -292,7 +292,7 @@ def check_memory_plan(cfg: DictConfig, strategy, rollout, make_sampler, callback
         return
     ev = next((cb for cb in callbacks if isinstance(cb, MeanAtKEval)), None)
     plan = plan_run(cfg, rollout=rollout, make_sampler=make_sampler, eval_callback=ev)
-    if rank_zero_only.rank == 0:
+    if getattr(rank_zero_only, "rank", 0) == 0:
         log.info("%s", plan.table())
     plan.check()
 

@@ -552,6 +552,7 @@ def plan_run(cfg: Any, *, rollout: Any, make_sampler: Any, eval_callback: Any | 
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     on_gpu = accelerator in ("gpu", "cuda", "auto") and _gpu_visible()
     configured = cfg.strategy.get("device_memory_gib")
+    device_gib: float | None
     if configured is not None:
         device_gib, name = float(configured), "a device of strategy.device_memory_gib"
         on_gpu = accelerator != "cpu"

@@ -147,7 +147,7 @@ class WeightLayout:
         aliases: list[tuple[str, str]] = []
         first: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
         for k, t in state.items():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
             if t.numel() and key in first:
                 aliases.append((k, first[key]))
             else:

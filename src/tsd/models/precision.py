@@ -167,7 +167,7 @@ class Precision:
                 out[k] = v
                 continue
             dtype = self.dtype_of(k)
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), dtype)
+            key = (v.untyped_storage().data_ptr(), int(v.storage_offset()), tuple(v.shape), dtype)
             if key not in cast or not v.numel():
                 cast[key] = v.to(dtype)
             out[k] = cast[key]
