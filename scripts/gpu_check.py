@@ -13,8 +13,8 @@ is the bundled character tokenizer padded with filler tokens to the model's voca
 (``build_char_tokenizer(vocab_size=...)``), so every id a random model samples decodes. Random weights rarely stop early: the timings are of full-length
 continuations, an upper bound for a trained policy's.
 
-Parts (in this order: the vLLM ones first, the FSDP one last; an in-process vLLM engine starts its
-own one-rank process group, which the trainer step then reuses):
+Parts (in this order: the vLLM ones first, the FSDP one, then the plan and the node's processes;
+an in-process vLLM engine starts its own one-rank process group, which the trainer step then reuses):
 - ``sample``: :class:`VLLMSampler` (fp32 LM head, behaviour log-probs from its logits processor, on
   vLLM's V1 model runner), ``--states`` prompts x ``--n`` continuations of ``--tokens`` tokens;
   tokens/s of generated tokens, log-probs recorded.
@@ -29,8 +29,21 @@ own one-rank process group, which the trainer step then reuses):
   (:func:`~tsd.distributed.strategy.shard_policy`) over a one-rank mesh (NCCL on a GPU, gloo on CPU), on the
   trajectories the ``mcts`` part emitted (else random ones of the same shape).
 
+- ``plan``: the paper run's per-device memory plan (:mod:`tsd.distributed.memory_plan`) against
+  this device's memory (``torch.cuda.mem_get_info``), printed whole.
+- ``ranks``: the node's processes, spawned on this one device: a *trainer* (its own one-rank group
+  on NCCL: FSDP2 ``fully_shard`` and the bucketed gather; the sender of a gloo sync group, since
+  NCCL refuses two ranks of one communicator on one GPU; the evaluation callback, whose vLLM engine
+  runs in a process of its own beside the trainer; a Redis reader) and a *generator* (narrows
+  ``CUDA_VISIBLE_DEVICES`` before CUDA starts, receives the weights, loads them into its vLLM engine
+  in its own process, samples, writes MCTS trajectories to Redis); the tokenizer is Qwen's with its
+  chat template where its files are (``--tokenizer`` or the hub cache), else the rehearsal's
+  (``scripts/rehearsal.py``). Printed: the sync's time and MiB, the generator's load, tokens/s, the
+  evaluation's time, Redis, and the peak memory of each process (the allocator's peak, and every
+  process's use as NVML sees it, the engine processes included).
+
 Without a GPU this session could not run the GPU mode; its CPU mode runs in
-``tests/test_gpu_check.py`` so the code cannot rot.
+``tests/test_gpu_check.py`` so the code cannot rot (every part, in the vLLM venv).
 """
 
 from __future__ import annotations
