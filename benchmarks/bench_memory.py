@@ -31,8 +31,9 @@ The projection (per trainer GPU, FSDP2 over ``--trainers`` ranks; and one proces
   fp32 reduce-scatter buffer of the largest unit) and the chunked log-prob's fp32 copy of the
   gathered bf16 head, forward and backward;
 - what a forward pass leaves for its backward (the growth when the first backward starts, the
-  "held" column), fitted as ``c0 + cL * layers + cB * m + cLB * layers * m`` through (2 layers,
-  2 seqs), (2, 4), (4, 2), (4, 4) and evaluated at 28 layers and micro-batches of m sequences:
+  "held" column), fitted as ``c0 + cL * layers + cB * m + cLB * layers * m`` (least squares, the
+  slopes >= 0) over (2 layers, 2 seqs), (2, 4), (4, 2), (4, 4) and the micro-batched row, and
+  evaluated at 28 layers and micro-batches of m sequences:
   measured with fp32 residuals and autocast's bf16 copies of the weights (one process), which
   FSDP2's bf16 compute halves and frees: an over-estimate for the trainers;
 - the backward's working set on top of it, measured at 2 layers (the largest ``peak - held`` of the
@@ -227,19 +228,39 @@ def qwen_params(layers: int) -> dict[str, int]:
     return {"embed": V * H, "block": block, "norm": H, "value_head": H * H + H + H + 1, "layers": layers}
 
 
-#: the (layers, sequences) points the activations are fitted through
+#: the (layers, sequences) points the activations are fitted through (with the micro-batched rows'
+#: first micro-batch: 2 layers, its sequences)
 SLOPE_POINTS = ((2, 2), (2, 4), (4, 2), (4, 4))
 
 
-def fit_held(rows: dict[tuple[int, int], dict]) -> tuple[float, float, float, float]:
-    """``held(L, B) = c0 + cL * L + cB * B + cLB * L * B`` (GiB) through :data:`SLOPE_POINTS`:
-    what a forward pass leaves for its backward (activations saved by autograd; in one process
-    also autocast's bf16 copies of the weights, which grow with the layers alone)."""
-    h = {k: rows[k]["held_gib"] for k in SLOPE_POINTS}
-    cLB = (h[(4, 4)] - h[(4, 2)] - h[(2, 4)] + h[(2, 2)]) / (2 * 2)
-    cL = (h[(4, 2)] - h[(2, 2)]) / 2 - 2 * cLB
-    cB = (h[(2, 4)] - h[(2, 2)]) / 2 - 2 * cLB
-    c0 = h[(2, 2)] - 2 * cL - 2 * cB - 4 * cLB
+def fit_held(points: list[tuple[int, int, float]]) -> tuple[float, float, float, float]:
+    """``held(L, B) = c0 + cL * L + cB * B + cLB * L * B`` (GiB), least squares over ``points``
+    ``(L, B, held)`` with ``cL, cB, cLB >= 0`` (memory does not shrink with more layers or
+    sequences; at a few layers with activation checkpointing the per-sequence terms are a few MiB,
+    below the measurement's noise, and an unconstrained fit can turn them negative): the best of
+    the fits over every subset of the three, the others at 0. What a forward pass leaves for its
+    backward: the activations autograd saved and, in one process, autocast's bf16 copies of the
+    weights (which grow with the layers alone)."""
+    import itertools
+
+    import numpy as np
+
+    X = np.array([[1.0, L, B, L * B] for L, B, _ in points])
+    y = np.array([h for _, _, h in points])
+    best: tuple[float, np.ndarray] | None = None
+    for k in range(4):
+        for free in itertools.combinations((1, 2, 3), k):
+            cols = [0, *free]
+            coef, *_ = np.linalg.lstsq(X[:, cols], y, rcond=None)
+            if any(coef[i] < 0 for i in range(1, len(cols))):
+                continue
+            full = np.zeros(4)
+            full[cols] = coef
+            err = float(((X @ full - y) ** 2).sum())
+            if best is None or err < best[0] - 1e-12:
+                best = (err, full)
+    assert best is not None
+    c0, cL, cB, cLB = (float(v) for v in best[1])
     return c0, cL, cB, cLB
 
 
@@ -318,21 +339,20 @@ def print_projection(rows: list[dict], trainers: int, batch: int, seqs: int) -> 
     )
     proj: list[dict] = []
     for n in ("chunked", "chunked+ckpt"):
-        fit = {(r["layers"], r["seqs"]): r for r in rows if r["config"] == n}
-        if not set(SLOPE_POINTS) <= fit.keys():
+        ckpt = CONFIGS[n]["activation_checkpointing"]
+        family = [
+            r for r in rows if r["config"].startswith(n) and r["knobs"]["activation_checkpointing"] == ckpt
+        ]
+        if not set(SLOPE_POINTS) <= {(r["layers"], r["seqs"]) for r in family if r["config"] == n}:
             continue
-        c = fit_held(fit)
+        # a micro-batched row's "held" is its first micro-batch's: that many sequences
+        points = [(r["layers"], r["knobs"]["micro_batch_size"] or r["seqs"], r["held_gib"]) for r in family]
+        c = fit_held(points)
         # the backward's own working set on top of what the forward held: the largest measured
         # (peak - held) of this family at 2 layers and the measured batch, micro-batched rows included
         # (in one process a micro-batch's gradients add to the earlier ones'); the 2 layers' fp32
         # gradients in it are counted again under FSDP2 (in the sharded state): an over-estimate
-        extra = max(
-            r["peak_gib"] - r["held_gib"]
-            for r in rows
-            if r["config"].startswith(n)
-            and (r["layers"], r["seqs"]) == (2, seqs)
-            and r["knobs"]["activation_checkpointing"] == CONFIGS[n]["activation_checkpointing"]
-        )
+        extra = max(r["peak_gib"] - r["held_gib"] for r in family if (r["layers"], r["seqs"]) == (2, seqs))
         print(
             f"{n}: held by the forward = {c[0]:.2f} + {c[1]:.3f} x layers + {c[2]:.3f} x seqs + "
             f"{c[3]:.4f} x layers x seqs GiB; the backward's working set on top: {extra:.2f} GiB"
@@ -392,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         help="on a shared box: before each child, wait until this much memory is available (a child needs up to ~9 GiB)",
     )
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--from-json", default=None, help="print the tables of a run saved with --json (no measuring)"
+    )
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
@@ -400,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     def spec(config: str, layers: int = 2, seqs: int = args.seqs) -> dict:
         return {"config": config, "layers": layers, "seqs": seqs, "threads": args.threads}
 
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())["rows"]
+        print_measured(saved, args.seqs)
+        print_projection(saved, args.trainers, args.batch, args.seqs)
+        return 0
     names = args.only.split(",") if args.only else list(CONFIGS)
     specs = [spec(n) for n in names]
     if not args.only:  # the slopes of the projected configurations

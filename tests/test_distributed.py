@@ -383,6 +383,7 @@ def test_bf16_run_from_a_checkpoint_without_value_head_trains_fp32_masters(
             *_base(str(ckpt), redis_url, stream, rec),
             "model.dtype=bfloat16",
             "module.optimizer.lr=5e-6",  # the article's
+            "loss.c_value=1.0",  # the article's MCTS and best-of-N runs train the value head
             "module.activation_checkpointing=true",
             "module.micro_batch_size=2",
             "trainer.max_steps=3",

@@ -218,7 +218,7 @@ def train(cfg: DictConfig) -> dict:
     # a run (or its resume) starts from an empty buffer: what an interrupted incarnation of it left
     # behind was made by weights this checkpoint may not have. Rank zero empties it before any other
     # rank can read or write (under torchrun the others wait for it in the process-group setup).
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # Lightning sets it on its function
         dropped = buffer.clear()
         if dropped:
             log.warning(

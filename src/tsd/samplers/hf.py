@@ -276,8 +276,8 @@ class HFSampler(Sampler):
             raise ValueError(f"HFSampler.sample: max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop not in ("step", "answer"):
             raise ValueError(f"HFSampler.sample: stop must be 'step' or 'answer', got {stop!r}")
-        states = [list(s) for s in states]
-        if any(len(s) == 0 for s in states):
+        rows = [list(s) for s in states]  # (B,) token lists
+        if any(len(s) == 0 for s in rows):
             raise ValueError("HFSampler.sample: every state needs at least one token")
         if exclude is not None and len(exclude) != len(states):
             raise ValueError(f"HFSampler.sample: exclude has {len(exclude)} entries for {len(states)} states")
@@ -294,7 +294,7 @@ class HFSampler(Sampler):
         with self._eval_mode(), torch.inference_mode():
             for start in range(0, len(states), per_batch):
                 conts, vals = self._generate(
-                    states[start : start + per_batch],
+                    rows[start : start + per_batch],
                     n,
                     max_new_tokens,
                     stop,

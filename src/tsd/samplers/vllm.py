@@ -196,7 +196,7 @@ def pack_weights(named: Sequence[tuple[str, torch.Tensor]], blob_bytes: int = BL
     seen: set[tuple[int, int]] = set()
     for name, t in named:
         t = t.detach().cpu().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
         if key in seen:
             t = t.clone()
         seen.add(key)
