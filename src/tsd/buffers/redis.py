@@ -66,6 +66,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from tsd.buffers.base import (
     DEAD_LETTER_CAP,
@@ -491,8 +492,8 @@ class RedisBuffer(Buffer):
         one transaction; count and log each."""
         pipe = self._r.pipeline(transaction=True)
         for eid, data, why in bad:
-            record = data if isinstance(data, (bytes, str)) else b""
-            fields = {"id": eid, "reason": why, "consumer": self.consumer}
+            record: bytes | str = data if isinstance(data, (bytes, str)) else b""
+            fields: dict[FieldT, EncodableT] = {"id": eid, "reason": why, "consumer": self.consumer}
             fields["t"] = record[:DEAD_LETTER_RECORD_BYTES]
             pipe.xadd(self.dead_stream, fields, maxlen=DEAD_LETTER_CAP, approximate=True)
         pipe.pexpire(self.dead_stream, self._dead_ttl_ms)
