@@ -51,6 +51,7 @@ from tsd.samplers.vllm import (
     VLLMSampler,
     WeightSyncWorkerExtension,
     pack_weights,
+    push_batches,
     unpack_weights,
     vllm_weights,
 )
@@ -305,8 +306,7 @@ def test_a_loaded_policy_starts_vllm_from_its_directory_without_writing_a_copy(
     with torch.no_grad():
         policy.lm.model.norm.weight.add_(0.5)
     VLLMSampler(policy, tok, value_device="cpu")
-    ((method, (blobs,)),) = FakeLLM.last.rpc
-    got = dict(unpack_weights(blobs))
+    got = dict(unpack_weights([b for _, (blobs,) in FakeLLM.last.rpc for b in blobs]))
     torch.testing.assert_close(got["model.norm.weight"], policy.lm.model.norm.weight.detach())
     assert FakeLLM.last.resets == 1
 
@@ -422,8 +422,9 @@ def test_load_weights_renames_syncs_and_resets_the_prefix_cache(fake_vllm, rando
     state_dict = other.state_dict()
     sampler.load_weights(state_dict, version=4)
     llm = FakeLLM.last
-    ((method, (blobs,)),) = llm.rpc
-    assert method == "tsd_load_weights" and hasattr(WeightSyncWorkerExtension, method)
+    assert {method for method, _ in llm.rpc} == {"tsd_load_weights"}
+    assert hasattr(WeightSyncWorkerExtension, "tsd_load_weights")
+    blobs = [b for _, (bs,) in llm.rpc for b in bs]
     assert all(isinstance(b, bytes) for b in blobs)  # what vLLM's msgpack channel carries as it is
     names = dict(unpack_weights(blobs))
     assert set(names) == {k[3:] for k in state_dict if k.startswith("lm.")}
@@ -432,6 +433,56 @@ def test_load_weights_renames_syncs_and_resets_the_prefix_cache(fake_vllm, rando
     assert llm.resets == 1 and sampler.version == 4
     states = states_of(char_tokenizer)
     assert sampler.value(states) == pytest.approx(HFSampler(other, char_tokenizer).value(states), abs=1e-6)
+
+
+def test_an_engine_process_gets_the_weights_a_few_whole_blocks_per_call(
+    fake_vllm, monkeypatch, random_policy, char_tokenizer
+):
+    # each call's bytes are copied several times on the way into an engine process: the whole model
+    # at once held ~5 copies of it (the rehearsal's first run was killed for memory at a push)
+    import tsd.samplers.vllm as vllm_mod
+
+    other = make_random_policy(char_tokenizer, seed=1)
+    sampler = make(random_policy, char_tokenizer)
+    lm = {k[3:]: v for k, v in other.state_dict().items() if k.startswith("lm.")}
+    block = sum(v.nbytes for k, v in lm.items() if k.startswith("model.layers.0."))
+    monkeypatch.setattr(vllm_mod, "PUSH_BYTES", block)  # one block per call
+    FakeLLM.last.rpc.clear()
+    sampler.load_weights(other.state_dict(), version=1)
+    calls = [list(unpack_weights(blobs)) for _, (blobs,) in FakeLLM.last.rpc]
+    layers = {k.split(".")[2] for k in lm if k.startswith("model.layers.")}
+    assert len(calls) == 1 + len(layers) > 2
+    # first the tensors outside the blocks (a tied head beside its embedding), then one block a call
+    assert {n for n, _ in calls[0]} == {k for k in lm if not k.startswith("model.layers.")}
+    for i, call in enumerate(calls[1:]):
+        assert {n for n, _ in call} == {k for k in lm if k.startswith(f"model.layers.{i}.")}
+    got = dict(kv for call in calls for kv in call)
+    assert got.keys() == lm.keys() and all(torch.equal(got[k], lm[k]) for k in lm)
+    assert FakeLLM.last.resets >= 1  # once after the whole push
+
+
+def test_push_batches_never_split_a_block():
+    t = lambda n: torch.zeros(n)  # noqa: E731  n fp32 elements: 4n bytes
+    named = [
+        ("model.embed_tokens.weight", t(100)),
+        ("model.layers.0.q.weight", t(30)),
+        ("model.layers.0.k.weight", t(30)),
+        ("model.layers.1.q.weight", t(30)),
+        ("model.layers.10.q.weight", t(10)),
+        ("model.norm.weight", t(5)),
+        ("lm_head.weight", t(100)),
+    ]
+    got = [[n for n, _ in b] for b in push_batches(named, max_bytes=4 * 70)]
+    assert got == [
+        ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"],  # alone, whatever its size
+        ["model.layers.0.q.weight", "model.layers.0.k.weight"],  # 240 bytes: layer 1 would exceed 280
+        ["model.layers.1.q.weight", "model.layers.10.q.weight"],  # "layers.1" is not "layers.10"
+    ]
+    assert [[n for n, _ in b] for b in push_batches(named, max_bytes=1)][1:] == [
+        ["model.layers.0.q.weight", "model.layers.0.k.weight"],  # a block over the size stays whole
+        ["model.layers.1.q.weight"],
+        ["model.layers.10.q.weight"],
+    ]
 
 
 def test_worker_extension_reloads_the_worker_in_place():
@@ -618,6 +669,28 @@ def test_real_vllm_weight_reload_resets_the_prefix_cache(real, monkeypatch):
     assert sampler.llm.reset_prefix_cache()
     fresh = sampler.sample(states, n=4, max_new_tokens=16)
     assert max_logprob_error(fresh, states, real.first, tok, 1.0) < 1e-4
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_real_vllm_a_push_in_parts_gives_the_new_weights(real, monkeypatch):
+    # an engine process gets the weights a block per call (push_batches): vLLM's layerwise reload
+    # must keep the current weights of every layer a call does not carry. The bytes route, run here
+    # against the in-process engine (the worker's side is the same code), one block per call
+    import tsd.samplers.vllm as vllm_mod
+
+    tok, sampler, states = real.tok, real.sampler, long_states(real.tok)
+    monkeypatch.setattr(vllm_mod, "engine_in_this_process", lambda llm: False)
+    monkeypatch.setattr(vllm_mod, "PUSH_BYTES", 1)
+    calls = []
+    rpc = sampler.llm.collective_rpc
+    monkeypatch.setattr(sampler.llm, "collective_rpc", lambda m, *a, **k: calls.append(m) or rpc(m, *a, **k))
+    for weights, version in ((real.second, 1), (real.first, 2)):
+        calls.clear()
+        sampler.load_weights(weights.state_dict(), version=version)
+        assert calls.count("tsd_load_weights") > 2  # the non-block tensors, then a block per call
+        out = sampler.sample(states, n=4, max_new_tokens=16)
+        assert max_logprob_error(out, states, weights, tok, 1.0) < 1e-4
 
 
 # ---------------------------------------------------------------------------- real vLLM: without replacement

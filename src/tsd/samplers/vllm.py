@@ -65,7 +65,8 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's ``InprocClient``, who
 ``collective_rpc`` calls the worker directly) gets the tensors themselves,
 ``collective_rpc("tsd_load_tensors", args=([(name, tensor), ...],))``: on a GPU a device-to-device
 copy into its parameters, no host round trip. An engine process gets safetensors blobs (bytes) with
-``collective_rpc("tsd_load_weights", ...)``: vLLM's msgpack channel encodes a tensor argument as a
+``collective_rpc("tsd_load_weights", ...)``, a few blocks per call (:func:`push_batches`: each call's
+bytes are copied several times on the way, so that bounds the copies): vLLM's msgpack channel encodes a tensor argument as a
 (dtype, shape, buffer index) triple that an untyped RPC argument decodes to a plain list, so only
 bytes cross it as they are (no pickle); a CUDA tensor would also be copied to the host by its
 encoder (``tensor_data``). vLLM's own ``distributed.weight_transfer`` engines (CUDA IPC handles,
@@ -103,6 +104,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager, nullcontext
@@ -122,6 +124,14 @@ from tsd.samplers.hf import HFSampler, banned_token_ids, eos_token_ids, split_st
 BAN_BIAS = -1.0e4
 #: largest safetensors blob per RPC argument (msgpack's bin type holds at most 4 GiB)
 BLOB_BYTES = 1 << 30
+#: weights per RPC into an engine process: each push is copied several times on its way (the
+#: generator's blobs, msgpack to the engine core, its broadcast to the worker, the unpacked tensors),
+#: so the whole model at once held ~5 copies of it in host memory (the rehearsal's first run was
+#: killed for memory at that moment); pushed a few layers at a time, the copies are of those
+PUSH_BYTES = 256 << 20
+#: a transformer block's tensors (``model.layers.N.``): vLLM fuses q/k/v and gate/up into one layer,
+#: and its layerwise reload processes a layer once with what it got, so a block travels whole
+_BLOCK = re.compile(r"^(.*?\blayers\.\d+)\.")
 #: the vLLM KV cache on CPU when ``kv_cache_gib`` is not given
 CPU_KV_CACHE_GIB = 1.0
 HEAD_DTYPES = ("float32", "model")
@@ -145,10 +155,20 @@ class WeightSyncWorkerExtension:
     """
 
     def tsd_load_weights(self, blobs: Sequence[bytes]) -> int:
-        """Load the safetensors ``blobs`` (HF checkpoint names); returns the number of tensors."""
-        weights = list(unpack_weights(blobs))
-        self.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
-        return len(weights)
+        """Load the safetensors ``blobs`` (HF checkpoint names); returns the number of tensors.
+        Unpacked one blob at a time, as the reload asks for them. The reload may carry a part of the
+        model (:func:`push_batches`): vLLM's layerwise reload puts the current weights back into
+        every layer it was given nothing for."""
+        count = 0
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count
+            for named in unpack_weights(blobs):
+                count += 1
+                yield named
+
+        self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        return count
 
     def tsd_load_tensors(self, named: Sequence[tuple[str, torch.Tensor]]) -> int:
         """Load ``(HF name, tensor)`` pairs as they are: an engine in the caller's process gets the
@@ -208,6 +228,31 @@ def pack_weights(named: Sequence[tuple[str, torch.Tensor]], blob_bytes: int = BL
     if chunk:
         blobs.append(save(chunk))
     return blobs
+
+
+def push_batches(
+    named: Sequence[tuple[str, torch.Tensor]], max_bytes: int | None = None
+) -> list[list[tuple[str, torch.Tensor]]]:
+    """``named`` in batches of about ``max_bytes`` (default :data:`PUSH_BYTES`), one RPC each into an engine process, every
+    transformer block whole in one batch (vLLM fuses its projections; a fused layer given a part
+    would be processed with the rest missing) and the other tensors (embeddings, final norm, LM head:
+    a tied head and its embedding must arrive together) in one batch of their own, whatever its size."""
+    max_bytes = PUSH_BYTES if max_bytes is None else max_bytes
+    units: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        m = _BLOCK.match(name)
+        units.setdefault(m.group(1) if m else "", []).append((name, t))
+    rest = units.pop("", [])
+    batches: list[list[tuple[str, torch.Tensor]]] = [rest] if rest else []
+    size = max_bytes  # the first block opens a batch
+    for unit in units.values():
+        n = sum(t.nbytes for _, t in unit)
+        if size + n > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].extend(unit)
+        size += n
+    return batches
 
 
 def unpack_weights(blobs: Sequence[bytes]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -576,8 +621,9 @@ class VLLMSampler(Sampler):
         named = vllm_weights(state_dict)
         if engine_in_this_process(self.llm):  # the tensors themselves (no host copy on a GPU)
             self.llm.collective_rpc("tsd_load_tensors", args=(named,))
-        else:  # msgpack would turn tensors into lists: safetensors bytes (no pickle)
-            self.llm.collective_rpc("tsd_load_weights", args=(pack_weights(named),))
+        else:  # msgpack would turn tensors into lists: safetensors bytes (no pickle), a few layers a time
+            for batch in push_batches(named):
+                self.llm.collective_rpc("tsd_load_weights", args=(pack_weights(batch),))
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("VLLMSampler.load_weights: vLLM could not reset its prefix cache")
 
