@@ -146,6 +146,32 @@ CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
 log = logging.getLogger(__name__)
 
 
+#: vLLM's loggers that warn about the parts of the model a reload did not carry
+_PARTIAL_RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.inplace",
+    "vllm.model_executor.model_loader.reload.layerwise",
+)
+
+
+class _DropWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING
+
+
+@contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    """Drop the WARNING records of the loggers ``names`` meanwhile (errors still pass)."""
+    drop = _DropWarnings()
+    loggers = [logging.getLogger(n) for n in names]
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
 class WeightSyncWorkerExtension:
     """Mixed into every vLLM worker (``worker_extension_cls``) so the driver can push weights.
 
@@ -167,7 +193,10 @@ class WeightSyncWorkerExtension:
                 count += 1
                 yield named
 
-        self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        # each call carries a part of the model by design: vLLM's reload would warn, at every call,
+        # of the weights it was not given (the layers it kept) and of the layers it put back
+        with _quiet(_PARTIAL_RELOAD_LOGGERS):
+            self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
         return count
 
     def tsd_load_tensors(self, named: Sequence[tuple[str, torch.Tensor]]) -> int:
