@@ -262,18 +262,19 @@ def pack_weights(named: Sequence[tuple[str, torch.Tensor]], blob_bytes: int = BL
 def push_batches(
     named: Sequence[tuple[str, torch.Tensor]], max_bytes: int | None = None
 ) -> list[list[tuple[str, torch.Tensor]]]:
-    """``named`` in batches of about ``max_bytes`` (default :data:`PUSH_BYTES`), one RPC each into an engine process, every
-    transformer block whole in one batch (vLLM fuses its projections; a fused layer given a part
-    would be processed with the rest missing) and the other tensors (embeddings, final norm, LM head:
-    a tied head and its embedding must arrive together) in one batch of their own, whatever its size."""
+    """``named`` in batches of about ``max_bytes`` (default :data:`PUSH_BYTES`), one RPC each into
+    an engine process, in their order. A unit is never split: a transformer block whole (vLLM fuses
+    its projections; a fused layer given a part would be processed with the rest missing), any other
+    module's tensors together (the embedding, the final norm, the LM head: each a layer of vLLM's
+    own, a tied head included, which is why it is sent under its own name); a unit over the size
+    goes alone (at Qwen2.5-1.5B the embedding and the head, 0.47 GB each in bf16)."""
     max_bytes = PUSH_BYTES if max_bytes is None else max_bytes
     units: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:
         m = _BLOCK.match(name)
-        units.setdefault(m.group(1) if m else "", []).append((name, t))
-    rest = units.pop("", [])
-    batches: list[list[tuple[str, torch.Tensor]]] = [rest] if rest else []
-    size = max_bytes  # the first block opens a batch
+        units.setdefault(m.group(1) if m else name.rpartition(".")[0], []).append((name, t))
+    batches: list[list[tuple[str, torch.Tensor]]] = []
+    size = max_bytes  # the first unit opens a batch
     for unit in units.values():
         n = sum(t.nbytes for _, t in unit)
         if size + n > max_bytes:
