@@ -125,9 +125,10 @@ def build_tokenizer(out: Path, vocab_size: int, bpe_size: int, corpus: list[str]
     return fast
 
 
-def build_model(out: Path, tokenizer, layers: int, seed: int, dtype: str) -> int:
+def build_model(out: Path, tokenizer, layers: int, seed: int, dtype: str, hidden: int | None = None) -> int:
     """Qwen2.5-1.5B's configuration with ``layers`` layers and random weights, plus a fresh value
-    head, saved to ``out``; returns the parameter count."""
+    head, saved to ``out``; returns the parameter count. ``hidden``: a narrower model (CI's smaller
+    host), its MLP and heads scaled alike (head size 128, 2 KV heads), Qwen's vocabulary kept."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -138,6 +139,11 @@ def build_model(out: Path, tokenizer, layers: int, seed: int, dtype: str) -> int
     for k in ("architectures", "torch_dtype", "model_type"):
         cfg.pop(k, None)
     cfg.update(num_hidden_layers=layers, max_window_layers=layers, max_position_embeddings=4096)
+    if hidden is not None and hidden != cfg["hidden_size"]:
+        if hidden % 256:
+            raise SystemExit(f"--hidden must be a multiple of 256 (2 KV heads of 128), got {hidden}")
+        mlp = round(cfg["intermediate_size"] * hidden / cfg["hidden_size"] / 64) * 64
+        cfg.update(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=hidden // 128)
     cfg.update(bos_token_id=QWEN_SPECIAL["<|endoftext|>"], eos_token_id=QWEN_SPECIAL["<|im_end|>"])
     cfg.update(pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
@@ -274,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "rehearsal")
     ap.add_argument("--layers", type=int, default=2, help="of Qwen2.5-1.5B's 28")
+    ap.add_argument(
+        "--hidden", type=int, default=None, help="a narrower model (Qwen2.5-1.5B's: 1536); CI runs 512"
+    )
     ap.add_argument("--trainers", type=int, default=2)
     ap.add_argument("--generators", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4, help="optimiser steps of the first run")
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = build_tokenizer(model_dir, 151936, a.bpe, countdown_corpus(3000))
     step_ids = tok.encode("</step>", add_special_tokens=False)
     assert len(step_ids) > 1, step_ids  # several tokens, as with Qwen's tokenizer
-    params = build_model(model_dir, tok, a.layers, seed=0, dtype=a.dtype)
+    params = build_model(model_dir, tok, a.layers, seed=0, dtype=a.dtype, hidden=a.hidden)
     print(f"[rehearsal] {params / 1e6:.1f}M parameters, '</step>' is {len(step_ids)} tokens", flush=True)
 
     from redis_server import redis_server
@@ -446,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     syncs = first["syncs"] + resumed["syncs"]
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
     print(
-        f"\n## dress rehearsal: {a.layers} layers ({params / 1e6:.0f}M parameters, {a.dtype}), "
+        f"\n## dress rehearsal: {a.layers} layers of width {a.hidden or 1536} ({params / 1e6:.0f}M parameters, {a.dtype}), "
         f"{a.trainers} trainers + {a.generators} generator(s), engines in their own processes\n"
     )
     print("| run | wall s | steps | evaluations at | peak PSS GiB (all processes) | plan's host total GiB |")
@@ -470,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"total {time.monotonic() - t_all:.0f}s")
     if a.json:
-        a.json.write_text(json.dumps({"params": params, "layers": a.layers, "runs": runs}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {"params": params, "layers": a.layers, "hidden": a.hidden or 1536, "runs": runs}, indent=1
+            )
+        )
     if problems:
         print("[rehearsal] FAILED: " + "; ".join(problems))
         return 1
