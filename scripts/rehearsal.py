@@ -271,7 +271,9 @@ def sync_rows(run_dir: Path) -> list[dict[str, float]]:
         with open(path) as f:
             for r in csv.DictReader(f):
                 if r.get("perf/weight_sync_seconds"):
-                    rows.append({k: float(r[k]) for k in r if k.startswith("perf/weight_") and r[k]})
+                    rows.append(
+                        {k: float(r[k]) for k in r if (k.startswith("perf/weight_") or k == "step") and r[k]}
+                    )
     return rows
 
 
@@ -452,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("no exported policy")
     if not first["syncs"]:
         problems.append("no weight sync logged")
-    syncs = first["syncs"] + resumed["syncs"]
+    # the resumed run's CSV holds the first run's rows too: its own are the later steps
+    syncs = first["syncs"] + [r for r in resumed["syncs"] if r.get("step", 0) > a.steps]
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
     print(
         f"\n## dress rehearsal: {a.layers} layers of width {a.hidden or 1536} ({params / 1e6:.0f}M parameters, {a.dtype}), "
