@@ -2,10 +2,12 @@
 with Qwen2.5-1.5B's configuration cut to a few layers, random weights and a tokenizer made here, with
 every part the GPU run uses except CUDA and NCCL.
 
-    .venv-vllm/bin/python scripts/rehearsal.py               # ~5-10 min on 2 cores: build, 4 steps, resume to 6
+    .venv-vllm/bin/python scripts/rehearsal.py               # Qwen's width: 19-21 GiB at its peak, ~10-15 min on 2 cores
+    .venv-vllm/bin/python scripts/rehearsal.py --hidden 512  # CI's: 8.8 GiB, ~10 min (build, 4 steps, resume to 6)
     .venv-vllm/bin/python scripts/rehearsal.py --layers 4 --steps 4 --resume-steps 2 --json rehearsal.json
 
-What runs (``.ci/run`` runs it after the tests, in the vLLM venv):
+What runs (``.ci/run`` runs it 512 wide after the tests, in the vLLM venv; figures in
+docs/paper_scale.md, "The dress rehearsal"):
 
 - **the model**: ``Qwen2ForCausalLM`` with ``src/tsd/assets/qwen2_5_1_5b_config.json`` (hidden 1536,
   12/2 heads, vocabulary 151,936, tied embeddings) but ``--layers`` layers, random weights, bf16,
@@ -20,7 +22,7 @@ What runs (``.ci/run`` runs it after the tests, in the vLLM venv):
   engines in processes of their own (``VLLM_ENABLE_V1_MULTIPROCESSING=1``), FSDP2 trainers on gloo,
   the Redis buffer (a ``redis-server`` started here), the weight sync at the real tensor sizes
   (the 233M-parameter embedding included), the evaluation callback (its own vLLM engine on trainer
-  rank 0), W&B offline and a CSV log, checkpoints every 2 steps, the HF export; then a second run
+  rank 0), W&B offline and a CSV log, a checkpoint at the run's last step, the HF export; then a second run
   resumes from the last checkpoint. The search budget is cut by overrides (``--workers``,
   ``--iterations``, short steps); everything else is the experiment's.
 
