@@ -331,6 +331,9 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
             cb._run(trainer, SimpleNamespace(device=device, trained_tokens=0))
             out["eval"] = {"seconds": time.perf_counter() - t0, "mean": cb.history[-1]["eval/mean@4"]}
             out["eval_in_own_process"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
+            # its engine process goes now, as the callback's teardown does in a run: left to vLLM's
+            # finaliser, the rank's exit waited for it forever (the test timed out at 600 s)
+            cb.teardown(trainer, None, "fit")
             if args.redis_url:
                 from tsd.buffers.redis import RedisBuffer
 
@@ -379,6 +382,7 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
                 buf.close()
                 out["redis"] = f"{len(trajs)} trajectories written"
             receiver.stopped.wait(600)
+            sampler.close()  # its engine process with it, as the generator loop does in a run
         out["peak"] = _peak_gib(args.device)
         from tsd.distributed.weight_sync import shutdown_group
 
