@@ -49,6 +49,7 @@ Without a GPU this session could not run the GPU mode; its CPU mode runs in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -263,6 +264,7 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
     )
 
     out: dict = {"role": role}
+    engines: list = []  # the samplers whose engine processes this rank must shut down, error or not
     try:
         on_gpu = args.device.startswith("cuda")
         if role == "generator" and on_gpu:
@@ -322,8 +324,10 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
                 num_problems=4, k=4, max_new_tokens=args.tokens, draw_tree=False, problems_per_batch=4
             )
             cb.setup_eval(env, tokenizer, make)
+            engines.append(cb)
             trainer = SimpleNamespace(
-                global_step=1, strategy=SimpleNamespace(full_policy=lambda m: shadow), is_global_zero=True,
+                global_step=1, is_global_zero=True,
+                strategy=SimpleNamespace(full_policy=lambda m: shadow, broadcast=lambda obj, src=0: obj),
                 loggers=[], datamodule=SimpleNamespace(generation=SimpleNamespace(
                     generated_tokens=lambda: 0, prefill_tokens=lambda: 0)),
             )  # fmt: skip
@@ -331,9 +335,6 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
             cb._run(trainer, SimpleNamespace(device=device, trained_tokens=0))
             out["eval"] = {"seconds": time.perf_counter() - t0, "mean": cb.history[-1]["eval/mean@4"]}
             out["eval_in_own_process"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
-            # its engine process goes now, as the callback's teardown does in a run: left to vLLM's
-            # finaliser, the rank's exit waited for it forever (the test timed out at 600 s)
-            cb.teardown(trainer, None, "fit")
             if args.redis_url:
                 from tsd.buffers.redis import RedisBuffer
 
@@ -354,6 +355,7 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
             t0 = time.perf_counter()
             sampler = VLLMSampler(policy, tokenizer, temperature=0.8, seed=args.seed, device=device,
                                   **_engine_kwargs(args, kv=args.kv_cache_gib))  # fmt: skip
+            engines.append(sampler)
             out["engine_start_s"] = time.perf_counter() - t0
             deadline = time.monotonic() + 600
             while (staged := receiver.take()) is None:
@@ -382,7 +384,6 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
                 buf.close()
                 out["redis"] = f"{len(trajs)} trajectories written"
             receiver.stopped.wait(600)
-            sampler.close()  # its engine process with it, as the generator loop does in a run
         out["peak"] = _peak_gib(args.device)
         from tsd.distributed.weight_sync import shutdown_group
 
@@ -394,6 +395,12 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
     finally:
         if role == "trainer" and "control" in locals():
             control.stop("done" if "error" not in out else "error")  # the generator leaves either way
+        # the engine processes go with the rank, as the callback's teardown and the generator loop
+        # do in a run: left to vLLM's finaliser, the spawned rank's exit joined its engine process
+        # forever (an error in the trainer hung the vLLM-venv test until its 600 s timeout)
+        for e in engines:
+            with contextlib.suppress(Exception):
+                e.teardown(None, None, "fit") if hasattr(e, "teardown") else e.close()
     queue.put(out)
 
 
