@@ -326,7 +326,7 @@ def _rank(role: str, port: int, args: argparse.Namespace, queue) -> None:
             cb.setup_eval(env, tokenizer, make)
             engines.append(cb)
             trainer = SimpleNamespace(
-                global_step=1, is_global_zero=True,
+                global_step=1, is_global_zero=True, callback_metrics={},
                 strategy=SimpleNamespace(full_policy=lambda m: shadow, broadcast=lambda obj, src=0: obj),
                 loggers=[], datamodule=SimpleNamespace(generation=SimpleNamespace(
                     generated_tokens=lambda: 0, prefill_tokens=lambda: 0)),

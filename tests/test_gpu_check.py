@@ -66,8 +66,8 @@ def test_unknown_parts_are_refused():
 def test_cpu_mode_every_part_with_real_vllm(tmp_path):
     res = run("--device", "cpu", "--json", str(tmp_path / "table.json"))
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = table(res.stdout)
-    assert set(rows) == {
+    rows = table(res.stdout)  # the results' rows, and the memory plan's (printed whole) beside them
+    assert set(rows) >= {
         "vLLM engine start-up",
         "vLLM sampling + behaviour log-probs",
         "MCTS wave batch (vLLM)",
