@@ -272,7 +272,7 @@ def test_redis_consumer_killed_mid_batch_is_reclaimed(make_redis, redis_url, str
     entries via XAUTOCLAIM. Nothing lost, nothing acked twice."""
     producer = make_redis()
     put_ids = producer.put([traj(i) for i in range(8)])
-    cfg = dict(producer.config(), consumer="c1")
+    cfg = dict(producer.config(), consumer="c1", heartbeat_s=1.0)
     child_code = (
         "import json, sys, time\n"
         "from tsd.buffers.redis import RedisBuffer\n"
@@ -300,6 +300,9 @@ def test_redis_consumer_killed_mid_batch_is_reclaimed(make_redis, redis_url, str
 
     c2 = make_redis(consumer="c2", claim_idle_ms=100)
     time.sleep(0.15)
+    assert c2.get(10, timeout=0.1) == []  # c1's heartbeat has not expired yet: its entries are its own
+    time.sleep(1.1)  # now it has: c1 is dead
+    c2._next_claim = 0.0  # (the scan's own pacing: claim_idle_ms / 4)
     reclaimed = c2.get(10, timeout=1.0)
     assert [it.id for it in reclaimed] == c1_ids
     assert [it.trajectory.problem_id for it in reclaimed] == [0, 1, 2, 3, 4]
@@ -308,6 +311,47 @@ def test_redis_consumer_killed_mid_batch_is_reclaimed(make_redis, redis_url, str
     acked = put_ids[5:] + c1_ids
     assert sorted(acked) == sorted(put_ids) and len(set(acked)) == len(acked)
     assert c2.pending() == 0 and len(c2) == 0 and c2.get(10) == []
+
+
+@pytest.mark.redis
+def test_redis_a_stalled_live_trainer_keeps_its_batch(make_redis):
+    """Trainer A (a real process) reads a batch ahead, then stalls for 3 s (rank 0's evaluation or
+    checkpoint: minutes at paper scale), ten times the claim time (claim_idle_ms 0.3 s here, 30 s in
+    the config); trainer B reads and trains all along. A keeps its batch: no record is trained twice
+    (before, B took A's idle entries over and both trained them)."""
+    producer = make_redis()
+    put_ids = producer.put([traj(i) for i in range(12)])
+    cfg = dict(producer.config(), consumer="A", claim_idle_ms=300, heartbeat_s=1.0)
+    child_code = (
+        "import json, sys, time\n"
+        "from tsd.buffers.redis import RedisBuffer\n"
+        "buf = RedisBuffer(**json.loads(sys.argv[1]))\n"
+        "items = buf.get(4, timeout=10)\n"
+        "print(json.dumps([it.id for it in items]), flush=True)\n"
+        "time.sleep(3.0)  # stalled, alive\n"
+        "buf.ack([it.id for it in items])\n"
+        "buf.close()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", child_code, json.dumps(cfg)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        trained_a = json.loads(child.stdout.readline())
+        b = make_redis(consumer="B", claim_idle_ms=300, heartbeat_s=1.0)
+        trained_b: list[str] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4.0:  # past A's stall: B polls ~20 times for idle entries
+            items = b.get(4, timeout=0.2)
+            trained_b += [it.id for it in items]
+            b.ack([it.id for it in items])
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()
+    assert len(trained_a) == 4 and not set(trained_a) & set(trained_b), (trained_a, trained_b)
+    assert sorted(trained_a + trained_b, key=stream_id_key) == put_ids  # each record trained once
+    assert b.stats["reclaimed"] == 0 and b.pending() == 0
 
 
 @pytest.mark.redis
@@ -574,6 +618,8 @@ def test_admin_command_lists_the_runs_on_a_server_and_cleans_them(redis_url, str
     client = redis.Redis.from_url(redis_url)
     client.xadd(f"{stream}:old", {"t": "{}"}, id="1000-0")  # 1970: idle for decades, no expiry
     client.set(f"{stream}:not-a-stream", "x")  # not a run's: never listed, never deleted
+    live.close()  # (the consumers leave: their heartbeat keys go with them)
+    rejected.close()
     try:
         out = admin("list", "--stream", stream)
         assert "3 runs under" in out

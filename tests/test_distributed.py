@@ -619,6 +619,39 @@ def _compose(overrides, tmp_path):
     return compose_train(overrides, tmp_path)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table (Linux)")
+def test_what_a_dead_rank_started_is_ended_with_its_process_group():
+    """A forked rank leads its own process group; an engine process it started (vLLM's, in its own
+    process) stays in that group when the rank dies, re-parented to init and holding its memory
+    (the rehearsal found two such engines of 3.3 GB each after OOM-killed ranks); the launcher ends
+    the group at the end, however the rank ended."""
+    from types import SimpleNamespace
+
+    from tsd.distributed.launcher import GeneratorTrainerLauncher
+
+    code = (
+        "import os, subprocess, time\n"
+        "os.setpgid(0, 0)  # as GeneratorTrainerLauncher._wrapping_function does\n"
+        "engine = subprocess.Popen(['sleep', '120'])\n"
+        "print(engine.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    engine = int(rank.stdout.readline())
+    rank.kill()  # the OOM killer's SIGKILL
+    rank.wait()
+    rank.stdout.close()
+    time.sleep(0.2)
+    assert _alive(engine)  # orphaned: nothing else would end it
+    launcher = GeneratorTrainerLauncher.__new__(GeneratorTrainerLauncher)
+    launcher.procs = [SimpleNamespace(pid=rank.pid)]
+    launcher._end_rank_groups()
+    deadline = time.monotonic() + 10
+    while _alive(engine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(engine)
+
+
 @pytest.mark.redis
 def test_redis_down_at_start_fails_fast_with_the_url(policy_dir, tmp_path):
     from tsd.config import ConfigError
@@ -728,13 +761,20 @@ def test_sync_protocol_stages_the_newest_version_then_stops(random_policy):
     receiver.start()
     new = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     nbytes = sender.send(new, 3, control)  # blocks until the receiver thread took it
-    assert nbytes == sum(v.numel() * v.element_size() for v in state.values())
+    # the tied embedding (lm_head.weight is embed_tokens.weight) crosses the wire once
+    tied = state["lm.model.embed_tokens.weight"]
+    assert sender.layout.aliases == (("lm.lm_head.weight", "lm.model.embed_tokens.weight"),)
+    assert (
+        nbytes
+        == sum(v.numel() * v.element_size() for v in state.values()) - tied.numel() * tied.element_size()
+    )
     deadline = time.monotonic() + 30
     while (staged := receiver.take()) is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert staged is not None
     got, version = staged
     assert version == 3 and all(torch.equal(got[k], new[k]) for k in new)
+    assert got["lm.lm_head.weight"].data_ptr() == got["lm.model.embed_tokens.weight"].data_ptr()  # tied again
     assert receiver.take() is None  # taken once
     control.stop("done")
     assert receiver.stopped.wait(30) and receiver.stop_reason == "done"

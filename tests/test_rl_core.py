@@ -7,6 +7,8 @@ import copy
 import csv
 import json
 import statistics
+import threading
+import time
 
 import pytest
 import torch
@@ -246,6 +248,23 @@ def test_datamodule_without_generator_fails_clearly_instead_of_hanging(env):
     dm = _dm(MemoryBuffer(), env, batch_size=2, max_wait=0.3, get_timeout=0.05)
     with pytest.raises(RuntimeError, match="generators alive"):
         dm.next_batch()
+
+
+def test_the_first_trajectory_may_take_start_wait_then_max_wait_holds(env):
+    """The generators' start-up (vLLM compiles, the first 100-wave searches) is waited for
+    data.start_wait; after the first trajectory a silence of data.max_wait stops the run."""
+    buf = MemoryBuffer()
+    dm = _dm(buf, env, batch_size=1, max_wait=0.2, start_wait=1.0, get_timeout=0.05)
+    threading.Timer(0.6, lambda: buf.put([_traj(0)])).start()  # later than max_wait, within start_wait
+    t0 = time.monotonic()
+    assert dm.next_batch().input_ids.shape[0] == 1 and time.monotonic() - t0 >= 0.5
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"no trajectory arrived for 0s \(data.max_wait\)"):
+        dm.next_batch()
+    assert time.monotonic() - t0 < 0.9  # max_wait now, not start_wait
+    fresh = _dm(MemoryBuffer(), env, batch_size=1, max_wait=0.2, start_wait=0.5, get_timeout=0.05)
+    with pytest.raises(RuntimeError, match="data.start_wait, before the first one"):
+        fresh.next_batch()
 
 
 def test_local_generation_refills_the_buffer_and_its_problem_stream_is_resumable(policy, env):

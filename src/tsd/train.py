@@ -82,6 +82,8 @@ def _validate(cfg: DictConfig) -> None:
         check_int(d.get(k), f"data.{k}", low=1)
     check_int(d.get("max_lag"), "data.max_lag", low=0)
     check_number(d.get("max_wait"), "data.max_wait", low=0, low_open=True)
+    if d.get("start_wait") is not None:
+        check_number(d.start_wait, "data.start_wait", low=0, low_open=True)
     check_int(cfg.generation.get("problems_per_rollout"), "generation.problems_per_rollout", low=1)
     check_int(cfg.trainer.get("max_steps", -1), "trainer.max_steps", low=1)
     m = cfg.module
@@ -166,6 +168,7 @@ def train(cfg: DictConfig) -> dict:
     if loggers:
         run_callbacks.append(LogRunConfig(logged_config(cfg)))
     strategy = build(cfg.strategy, "strategy")  # refuses a world it cannot run, with the trainer
+    check_memory_plan(cfg, strategy, rollout, make_sampler, callbacks.values())
     trainer = build(
         cfg.trainer, "trainer", strategy=strategy, callbacks=run_callbacks, logger=loggers or False
     )
@@ -273,6 +276,25 @@ def train(cfg: DictConfig) -> dict:
         for line in summary_lines(result, out_dir):
             log.info("%s", line)
     return result
+
+
+def check_memory_plan(cfg: DictConfig, strategy, rollout, make_sampler, callbacks) -> None:
+    """Generator and trainer ranks: what each puts on its device must fit it
+    (:mod:`tsd.distributed.memory_plan`), checked before any model is loaded or rank started; a
+    plan that does not fit is refused with one line naming the settings to change."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from tsd.callbacks import MeanAtKEval
+    from tsd.distributed.memory_plan import plan_run
+    from tsd.distributed.strategy import GeneratorTrainerStrategy
+
+    if not isinstance(strategy, GeneratorTrainerStrategy):
+        return
+    ev = next((cb for cb in callbacks if isinstance(cb, MeanAtKEval)), None)
+    plan = plan_run(cfg, rollout=rollout, make_sampler=make_sampler, eval_callback=ev)
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        log.info("%s", plan.table())
+    plan.check()
 
 
 def _points(x: float) -> str:

@@ -226,6 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"would delete {len(keys)} keys of {len(victims)} runs (dry run)")
         elif keys:
             deleted = int(client.delete(*keys))
+            # the runs' consumer heartbeats (strings that expire by themselves within buffer.heartbeat_s)
+            beats = [
+                k
+                for r in victims
+                for k in client.scan_iter(f"{_glob_escape(args.stream)}:{r.run_id}:alive:*")
+            ]
+            if beats:
+                client.delete(*beats)
             print(f"deleted {deleted} keys of {len(victims)} runs")
         else:
             print("nothing to delete")

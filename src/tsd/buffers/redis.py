@@ -21,15 +21,22 @@ Nothing stays on the server for good (a shared server sees a run a day for weeks
 
 Delivery semantics: **at-least-once**, the same as :mod:`tsd.buffers.base`:
 
-- ``get`` = ``XAUTOCLAIM`` (entries of *other* consumers idle for more than ``claim_idle_ms``,
-  i.e. delivered to a trainer that died before acking) then ``XREADGROUP >``. Delivered entries
-  sit in the group's pending list (PEL) until acked.
+- ``get`` = claim (entries of *other* consumers that are dead, see below) then ``XREADGROUP >``.
+  Delivered entries sit in the group's pending list (PEL) until acked.
+- **A live consumer's entries are never claimed.** Each consumer that reads keeps a heartbeat key,
+  ``<stream>:alive:<consumer>``, which a thread of its process refreshes every ``heartbeat_s / 4``
+  seconds and which expires ``heartbeat_s`` after the last refresh: while the process lives, its
+  entries are its own, however long it holds them (a trainer that reads a batch ahead, then waits
+  minutes while rank 0 evaluates or checkpoints). Only the entries of a consumer whose heartbeat
+  has expired, and that have been idle for ``claim_idle_ms``, are claimed (``XPENDING`` of that
+  consumer, then ``XCLAIM``). Before, any entry idle for ``claim_idle_ms`` (30 s) was taken over
+  (``XAUTOCLAIM``): the read-ahead batches of the trainers that waited for rank 0's evaluation were
+  trained twice, once by each.
 - ``ack`` = ``XACK`` + ``XDEL`` in one transaction, after the optimiser step that used them: the
   stream holds only undelivered and pending entries, so its length is the buffer's occupancy.
-- A consumer that holds an entry longer than ``claim_idle_ms`` without calling ``get`` may see it
-  reclaimed by another trainer, so an entry can be trained on twice; ``get`` refreshes the idle
-  time of this consumer's own pending entries, so a live trainer that keeps calling ``get`` keeps
-  them. Set ``claim_idle_ms`` well above the longest optimiser step.
+- An entry is trained twice only if its consumer's process froze for longer than ``heartbeat_s``
+  (its thread could not refresh the key) and came back; a killed trainer's entries are taken over
+  ``heartbeat_s`` after its death.
 - Back-pressure instead of trimming: ``put`` waits while undelivered + pending >= ``maxlen``.
 - A malformed entry (corrupt or hostile) is logged, counted in ``stats["dropped_invalid"]``,
   copied to the dead-letter stream with its reason, and acked + deleted so no trainer sees it
@@ -46,7 +53,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -57,6 +66,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from tsd.buffers.base import (
     DEAD_LETTER_CAP,
@@ -135,8 +145,11 @@ class RedisBuffer(Buffer):
         consumer: this process's name in the group; default ``<host>-<pid>-<random>``.
         maxlen: most entries held, undelivered plus pending; ``put`` waits above it.
         block_ms: longest single ``XREADGROUP BLOCK`` (``get`` loops up to its ``timeout``).
-        claim_idle_ms: a pending entry idle this long is taken over from its (presumed dead)
-            consumer by the next ``get``.
+        claim_idle_ms: a pending entry idle this long is taken over by the next ``get`` when its
+            consumer is dead (its heartbeat expired); a live consumer's are never taken.
+        heartbeat_s: a reading consumer's heartbeat key expires this long after its last refresh
+            (every ``heartbeat_s / 4`` s, from a thread of its own): how long after a consumer's
+            death its entries may be claimed.
         connect_timeout: seconds to connect (and to answer the first PING) before raising
             :class:`BufferConnectionError`.
         put_timeout: seconds ``put`` waits for room before raising :class:`BufferFullError`.
@@ -162,6 +175,7 @@ class RedisBuffer(Buffer):
         put_timeout: float = 60.0,
         ttl_s: float = 86400.0,
         dead_ttl_s: float = 604800.0,
+        heartbeat_s: float = 30.0,
     ) -> None:
         super().__init__()
         check_int(maxlen, "RedisBuffer.maxlen", low=1)
@@ -171,6 +185,7 @@ class RedisBuffer(Buffer):
         check_number(put_timeout, "RedisBuffer.put_timeout", low=0, low_open=True)
         check_number(ttl_s, "RedisBuffer.ttl_s", low=0.001)
         check_number(dead_ttl_s, "RedisBuffer.dead_ttl_s", low=0.001)
+        check_number(heartbeat_s, "RedisBuffer.heartbeat_s", low=0.01)
         self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
         self.safe_url = redact_url(self.url)
         self._stream_prefix, self.run_id = stream, run_id
@@ -189,7 +204,10 @@ class RedisBuffer(Buffer):
         # ids delivered to this handle and not acked by it: XAUTOCLAIM also returns our own idle
         # entries (refreshing their idle time); those are not handed out a second time
         self._outstanding: set[str] = set()
-        self._next_claim = 0.0  # monotonic time of the next XAUTOCLAIM scan
+        self._next_claim = 0.0  # monotonic time of the next scan for a dead consumer's entries
+        self.heartbeat_s = float(heartbeat_s)
+        self._heartbeat: threading.Thread | None = None
+        self._heartbeat_stop = threading.Event()
 
         # First contact through a probe without retries, so an unreachable server fails within
         # ~connect_timeout instead of after the main client's retries and backoff.
@@ -301,6 +319,7 @@ class RedisBuffer(Buffer):
             "put_timeout": self.put_timeout,
             "ttl_s": self.ttl_s,
             "dead_ttl_s": self.dead_ttl_s,
+            "heartbeat_s": self.heartbeat_s,
         }
 
     # ------------------------------------------------------------------ producer side
@@ -336,6 +355,7 @@ class RedisBuffer(Buffer):
     def get(self, n: int, timeout: float | None = None) -> list[BufferItem]:
         if n <= 0:
             return []
+        self._beat()
         deadline = time.monotonic() + (timeout or 0.0)
         while True:
             raw = self._claim(n)
@@ -348,42 +368,90 @@ class RedisBuffer(Buffer):
             if items or time.monotonic() >= deadline:
                 return items
 
+    def alive_key(self, consumer: str) -> str:
+        """The heartbeat key of ``consumer``: present while its process lives."""
+        return f"{self.stream}:alive:{consumer}"
+
+    def _beat(self) -> None:
+        """Start this consumer's heartbeat (once, at its first read): a daemon thread with a
+        connection of its own refreshes the key every ``heartbeat_s / 4`` s, whatever the main
+        thread is doing (an evaluation, a checkpoint, a collective)."""
+        if self._heartbeat is not None:
+            return
+        client = self._client(retry=Retry(NoBackoff(), 0), socket_timeout=max(1.0, self.heartbeat_s / 4))
+        key, ttl_ms = self.alive_key(self.consumer), max(1, round(self.heartbeat_s * 1000))
+        value = f"{socket.gethostname()}:{os.getpid()}"
+        client.set(key, value, px=ttl_ms)  # alive before its first entry is delivered
+
+        def run() -> None:
+            while not self._heartbeat_stop.wait(self.heartbeat_s / 4):
+                try:
+                    client.set(key, value, px=ttl_ms)
+                except redis.RedisError as e:  # the server is away: the main thread will say so
+                    log.debug("RedisBuffer: heartbeat of %s failed: %s", self.consumer, self._scrub(e))
+            with suppress(redis.RedisError):
+                client.delete(key)  # a consumer that leaves says so
+            client.close()
+
+        self._heartbeat = threading.Thread(target=run, name="tsd-redis-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _stop_beating(self) -> None:
+        if self._heartbeat is not None and self._pid == os.getpid():
+            self._heartbeat_stop.set()
+            self._heartbeat.join(timeout=max(2.0, self.heartbeat_s))
+
     def _claim(self, n: int) -> list[tuple[Any, Any]]:
-        """Entries idle > claim_idle_ms in any consumer's PEL, now ours. Scans at most every
-        claim_idle_ms / 4 (nothing can become claimable faster than that matters)."""
+        """Entries idle > claim_idle_ms in the PEL of a consumer whose heartbeat has expired (it
+        died), now ours. Scans at most every claim_idle_ms / 4 (nothing can become claimable
+        faster than that matters)."""
         now = time.monotonic()
         if now < self._next_claim:
             return []
         out: list[tuple[Any, Any]] = []
-        start: Any = "0-0"
-        while True:
-            resp = self._grouped(
-                self._r.xautoclaim,
+        summary = self._grouped(self._r.xpending, self.stream, self.group)
+        full = True
+        for c in summary.get("consumers") or []:
+            name = _s(c["name"])
+            if name == self.consumer or int(c["pending"]) == 0:
+                continue
+            if self._call(self._r.exists, self.alive_key(name)):
+                continue  # alive: what it holds is its own, however long it holds it
+            rows = self._call(
+                self._r.xpending_range,
                 self.stream,
                 self.group,
-                self.consumer,
-                self.claim_idle_ms,
-                start_id=start,
+                min="-",
+                max="+",
                 count=n - len(out),
+                consumername=name,
+                idle=self.claim_idle_ms,
             )
-            start, entries = resp[0], resp[1]
-            for eid, fields in entries:
-                if fields is None:  # deleted while pending (Redis 6.2 reports it like this)
-                    self._call(self._r.xack, self.stream, self.group, eid)
-                elif _s(eid) not in self._outstanding:  # our own: still ours, don't hand out again
-                    out.append((eid, fields))
-            if _s(start) == "0-0" or len(out) >= n:
+            ids = [r["message_id"] for r in rows]
+            if not ids:
+                continue
+            claimed = self._call(
+                self._r.xclaim, self.stream, self.group, self.consumer, self.claim_idle_ms, ids
+            )
+            got = {_s(eid) for eid, fields in claimed if fields is not None}
+            gone = [eid for eid in ids if _s(eid) not in got]  # deleted while pending
+            if gone:
+                self._call(self._r.xack, self.stream, self.group, *gone)
+            out += [(eid, fields) for eid, fields in claimed if fields is not None]
+            log.warning(
+                "RedisBuffer: consumer %s took over %d entries of %s (no heartbeat for %g s: its process is gone)",
+                self.consumer,
+                len(got),
+                name,
+                self.heartbeat_s,
+            )
+            if len(out) >= n:
+                full = False
                 break
-        if len(out) < n:  # PEL fully scanned; if it was full, scan again on the next call
+        if full:  # every dead consumer's PEL scanned; if one was cut short, scan again next call
             self._next_claim = now + self.claim_idle_ms / 4000
         if out:
             self.stats["reclaimed"] += len(out)
-            log.warning(
-                "RedisBuffer: consumer %s reclaimed %d entries idle > %d ms from other consumers",
-                self.consumer,
-                len(out),
-                self.claim_idle_ms,
-            )
         return out
 
     def _read(self, count: int, block: int | None) -> list[tuple[Any, Any]]:
@@ -424,8 +492,8 @@ class RedisBuffer(Buffer):
         one transaction; count and log each."""
         pipe = self._r.pipeline(transaction=True)
         for eid, data, why in bad:
-            record = data if isinstance(data, (bytes, str)) else b""
-            fields = {"id": eid, "reason": why, "consumer": self.consumer}
+            record: bytes | str = data if isinstance(data, (bytes, str)) else b""
+            fields: dict[FieldT, EncodableT] = {"id": eid, "reason": why, "consumer": self.consumer}
             fields["t"] = record[:DEAD_LETTER_RECORD_BYTES]
             pipe.xadd(self.dead_stream, fields, maxlen=DEAD_LETTER_CAP, approximate=True)
         pipe.pexpire(self.dead_stream, self._dead_ttl_ms)
@@ -478,6 +546,11 @@ class RedisBuffer(Buffer):
         pipe.pexpire(self.dead_stream, self._dead_ttl_ms)
         left, _, dead, _ = self._call(pipe.execute)
         self._outstanding.clear()
+        self._stop_beating()
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.stream) + ":alive:*"
+        alive = list(self._r.scan_iter(match=pattern, count=1000))
+        if alive:
+            self._call(self._r.delete, *alive)  # the run is over: nobody's entries are held
         return {"buffer/produced": produced, "buffer/left": int(left), "buffer/dead_letters": int(dead)}
 
     def ack(self, ids: Sequence[str]) -> None:
@@ -512,6 +585,7 @@ class RedisBuffer(Buffer):
 
     def close(self) -> None:
         if not self._closed:
+            self._stop_beating()
             self._closed = True
             self._drops.flush()
             self._r.close()

@@ -18,6 +18,7 @@ seeds its engine once: its evaluations draw fresh samples each time (mean@k stay
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -144,8 +145,12 @@ class MeanAtKEval(L.Callback):
         if self.make_sampler is None:
             raise RuntimeError("MeanAtKEval: setup_eval() was not called (train.py does it)")
         if self.sampler is None:
+            # on another device the sampler gets a copy of its own: it moves its model to its
+            # device (HFSampler, the value copy of VLLMSampler), and the policy handed over may be
+            # the trainers' CPU copy (GeneratorTrainerStrategy's shadow), which must stay on the host
+            on_its_device = next(policy.parameters()).device == torch.device(device)
             self.sampler = self.make_sampler(
-                policy,
+                policy if on_its_device else copy.deepcopy(policy),
                 self.tokenizer,
                 device=device,
                 seed=self.seed,
@@ -297,6 +302,13 @@ class MeanAtKEval(L.Callback):
         if self.at_start and trainer.global_step == 0:
             self._run(trainer, pl_module)
 
+    @staticmethod
+    def _ends_after(trainer) -> bool:
+        """The run ends after this step: max_steps reached, or a stop rule said stop."""
+        return bool(
+            trainer.should_stop or (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
+        )
+
     def _due(self, trainer) -> bool:
         step = trainer.global_step
         if step <= 0:
@@ -311,14 +323,29 @@ class MeanAtKEval(L.Callback):
                 due = True
         # the run's last step evaluates here, not in on_train_end, so that a best checkpoint (which
         # Lightning saves in this hook) can hold it: max_steps reached, or a stop rule said stop
-        return due or trainer.should_stop or (trainer.max_steps > 0 and step >= trainer.max_steps)
+        return due or self._ends_after(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._due(trainer):
             self._run(trainer, pl_module)
+            if self._ends_after(trainer):
+                # no evaluation comes after the last step's (on_train_end finds this step done):
+                # the engine goes now, before the checkpoint Lightning saves next in this hook
+                # gathers the full model and optimiser state on this host (the rehearsal's rank 0
+                # was killed for memory with both at once)
+                self._close_sampler()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._run(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # the eval engine (vLLM: a process of its own) goes with the run, not with the interpreter
+        self._close_sampler()
+
+    def _close_sampler(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
 
     def state_dict(self) -> dict:
         return {"history": self.history, "token_mark": self._token_mark}

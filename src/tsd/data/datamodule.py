@@ -76,6 +76,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         sync_every: int = 8,
         max_lag: int = 16,
         max_wait: float = 600.0,
+        start_wait: float | None = None,
         pad_id: int = 0,
         get_timeout: float = 1.0,
         record_check: RecordCheck | None = None,
@@ -94,6 +95,9 @@ class TrajectoryDataModule(L.LightningDataModule):
                 would train them.
             max_wait: seconds without any trajectory before the run stops with an error (a dead
                 generator must not hang the trainers; a generation that refills never waits).
+            start_wait: the same before the first trajectory of this process, which waits for the
+                generators' start-up (vLLM engines load, compile and capture their CUDA graphs)
+                and their first whole rollouts (an MCTS search of 100 waves); None: ``max_wait``.
             pad_id: the tokenizer's pad id.
             get_timeout: seconds one buffer read waits when the generation cannot refill.
             record_check: the model-dependent checks every record passes before a batch (None: the
@@ -115,6 +119,10 @@ class TrajectoryDataModule(L.LightningDataModule):
             whole_rollouts,
         )
         self.max_wait = check_number(max_wait, "data.max_wait", low=0, low_open=True)
+        if start_wait is not None:
+            check_number(start_wait, "data.start_wait", low=0, low_open=True)
+        self.start_wait = self.max_wait if start_wait is None else float(start_wait)
+        self._arrived = False  # a trajectory has arrived in this process (start_wait is over)
         self.get_timeout = check_number(get_timeout, "data.get_timeout", low=0)
         self.buffer, self.generation = buffer, generation
         self.clock = PolicyClock(sync_every, max_lag)
@@ -197,15 +205,21 @@ class TrajectoryDataModule(L.LightningDataModule):
             need = self.batch_size - len(items)
             got = self._admit(self.buffer.get(need, timeout=0 if refills else self.get_timeout))
             items += got
+            self._arrived = self._arrived or bool(got)
             if len(items) >= self.batch_size:
                 break
             if got or self.generation.refill():  # progress: read some, or produced one more rollout
                 waited_since = time.monotonic()
-            elif time.monotonic() - waited_since > self.max_wait:
-                raise RuntimeError(
-                    f"no trajectory arrived for {self.max_wait:.0f}s (data.max_wait): "
-                    "are the generators alive?"
+                self._arrived = True
+            else:
+                limit, field = (
+                    (self.max_wait, "max_wait") if self._arrived else (self.start_wait, "start_wait")
                 )
+                if time.monotonic() - waited_since > limit:
+                    raise RuntimeError(
+                        f"no trajectory arrived for {limit:.0f}s (data.{field}"
+                        f"{'' if self._arrived else ', before the first one'}): are the generators alive?"
+                    )
         if self.whole_rollouts:  # the rest of the last rollout: everything the buffer holds now
             while True:
                 more = self.buffer.get(self.WHOLE_ROLLOUT_READ, timeout=0)

@@ -21,6 +21,7 @@ Two modes, chosen by the cluster environment Lightning detected:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import logging
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.multiprocessing as mp
@@ -44,8 +45,6 @@ from torch.multiprocessing.spawn import ProcessException
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-    from tsd.distributed.strategy import GeneratorTrainerStrategy
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +86,38 @@ def die_with_parent(parent_pid: int, poll_s: float = WATCHDOG_S) -> None:
     threading.Thread(target=watch, name="tsd-parent-watchdog", daemon=True).start()
 
 
+class SplitRanks(Protocol):
+    """What the launcher needs of its strategy (:class:`~tsd.distributed.strategy.GeneratorTrainerStrategy`
+    is one): which rank this process is, what a generator rank runs, how the groups are torn down.
+    The strategy imports the launcher; the launcher knows the strategy only through this."""
+
+    cluster_environment: Any
+    checkpoint_io: Any
+
+    @property
+    def is_generator(self) -> bool: ...
+
+    @property
+    def num_processes(self) -> int: ...
+
+    @property
+    def global_rank(self) -> int: ...
+
+    def set_world_ranks(self) -> None: ...
+
+    def describe_rank(self, rank: int) -> str: ...
+
+    def run_generator(self) -> None: ...
+
+    def destroy_groups(self) -> None: ...
+
+    def lightning_module_state_dict(self) -> dict[str, Any]: ...
+
+
 class GeneratorTrainerLauncher(_MultiProcessingLauncher):
     """Runs trainer ranks through Lightning's fit and generator ranks through the generator loop."""
 
-    def __init__(self, strategy: GeneratorTrainerStrategy, start_method: str = "fork") -> None:
+    def __init__(self, strategy: SplitRanks, start_method: str = "fork") -> None:
         super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
         self._gt = strategy
         self._parent_pid = os.getpid()  # the process that forks the ranks (set again in _fork)
@@ -148,12 +175,20 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
         finally:
             if not had_port:  # a Hydra multirun's next job picks its own port
                 os.environ.pop("MASTER_PORT", None)
+            self._end_rank_groups()
         worker_output = return_queue.get()
         if trainer is None:
             return worker_output
         self._already_fit |= trainer.state.fn == TrainerFn.FITTING
         self._recover_results_in_main_process(worker_output, trainer)
         return worker_output.trainer_results
+
+    def _end_rank_groups(self) -> None:
+        """Every process left in a rank's process group (an engine process a killed rank could not
+        shut down: re-parented to init, it held its memory for good) is killed."""
+        for proc in getattr(self, "procs", []):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def _wrapping_function(  # type: ignore[override]
         self,
@@ -166,6 +201,9 @@ class GeneratorTrainerLauncher(_MultiProcessingLauncher):
         global_states: Any = None,
     ) -> None:
         die_with_parent(self._parent_pid)  # a rank must not outlive train.py
+        # a process group of its own: what it starts (a vLLM engine process and its workers) is in
+        # it, so that the launcher can end them with the rank, however the rank ended
+        os.setpgid(0, 0)
         _set_num_threads_if_needed(num_processes=self._gt.num_processes)
         os.environ["LOCAL_RANK"] = str(process_idx)
         self._gt.set_world_ranks()

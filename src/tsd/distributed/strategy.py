@@ -97,7 +97,9 @@ from tsd.config import ConfigError, check_choice, check_int, check_number
 from tsd.distributed.gather import gather_full_state
 from tsd.distributed.launcher import GeneratorTrainerLauncher
 from tsd.distributed.peers import PeerWatch
-from tsd.distributed.weight_sync import ControlChannel, sync_group
+from tsd.distributed.placement import narrow_to_rank_gpu
+from tsd.distributed.roles import LAYOUTS, logical_ranks
+from tsd.distributed.weight_sync import ControlChannel, shutdown_group, sync_group
 from tsd.models.policy_value import PolicyValueModel
 from tsd.models.precision import Precision
 
@@ -119,6 +121,8 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         start_method: str = "fork",
         gather_bucket_mb: float = 64.0,
         peer_timeout_s: float = 30.0,
+        device_memory_gib: float | None = None,
+        layout: str = "blocked",
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -144,6 +148,12 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
                 sign of life for this long, or a job store that cannot be reached, stops every
                 other rank with one line naming it (:mod:`tsd.distributed.peers`); 0 turns the
                 watch off. On one machine the launcher watches its forked ranks itself.
+            device_memory_gib: the memory of one rank's device, in GiB, that the run's memory plan
+                (:mod:`tsd.distributed.memory_plan`, checked by ``train.py`` before anything is
+                loaded) must fit; None: the GPU's own (NVML), on CPU the host's.
+            layout: which ranks train (:mod:`tsd.distributed.roles`): ``"blocked"``, the first
+                ones (all trainers on the first node(s)); ``"per_node"``, the first ones of every
+                node (each node the same mix of trainers and generators).
             accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin:
                 set by Lightning from ``trainer.*``.
         """
@@ -165,6 +175,11 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         check_choice(start_method, "strategy.start_method", ("fork", "spawn", "forkserver"))
         self.gather_bucket_mb = check_number(gather_bucket_mb, "strategy.gather_bucket_mb", low=0)
         self.peer_timeout_s = check_number(peer_timeout_s, "strategy.peer_timeout_s", low=0)
+        if device_memory_gib is not None:
+            check_number(device_memory_gib, "strategy.device_memory_gib", low=0, low_open=True)
+        self.device_memory_gib = device_memory_gib
+        self.layout = check_choice(layout, "strategy.layout", LAYOUTS)
+        self._logical: list[int] | None = None  # job rank -> logical rank (roles.logical_ranks)
         self.num_generators = num_generators
         self._backend = backend
         self.timeout_s, self.sync_timeout_s, self.stop_timeout_s = timeout_s, sync_timeout_s, stop_timeout_s
@@ -187,12 +202,30 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         #: buffer the trajectories go through, which names the run); checked on the job's store
         self.job_identity: dict[str, str] | None = None
         self._peers: PeerWatch | None = None
+        #: a generator rank narrowed CUDA_VISIBLE_DEVICES to its GPU (:mod:`tsd.distributed.placement`)
+        self._own_gpu = False
 
     # ------------------------------------------------------------------ ranks
     @property
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
+        device = self.parallel_devices[self.local_rank]
+        if self._own_gpu and device.type == "cuda":
+            return torch.device("cuda", 0)  # the only GPU this process sees: its own
+        return device
+
+    @property
+    def global_rank(self) -> int:
+        """This rank's logical rank: trainers ``0..T-1``, generators ``T..W-1``, whatever the
+        launcher numbered it (:mod:`tsd.distributed.roles`); what Lightning and tsd call its rank."""
+        job = self.cluster_environment.global_rank() if self.cluster_environment is not None else 0
+        if self.layout == "blocked":
+            return job
+        if self._logical is None:
+            self._logical = logical_ranks(
+                self.job_world_size, self.num_generators, self.num_nodes, self.layout
+            )
+        return self._logical[job]
 
     @property
     def num_nodes(self) -> int:
@@ -260,6 +293,9 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
                 f"{self.job_world_size} processes; set trainer.devices (x trainer.num_nodes) to at least "
                 f"{self.num_generators + 1}"
             )
+        logical_ranks(
+            self.job_world_size, self.num_generators, self.num_nodes, self.layout
+        )  # refuses a bad mix
         self._launcher = GeneratorTrainerLauncher(self, start_method=self._start_method)
 
     # ------------------------------------------------------------------ process groups
@@ -332,12 +368,23 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
         log.info("%s: agrees with rank 0 on %s", self.describe_rank(self.global_rank), mine)
 
     def destroy_groups(self) -> None:
+        """Tear this rank's groups down, in order, before the interpreter exits: torch shuts down
+        the groups in its registry (the trainers' default group, the FSDP mesh's) in
+        ``destroy_process_group``, but not the sync group, which is built outside it
+        (:func:`~tsd.distributed.weight_sync.sync_group`) and which the weight sender or receiver
+        still held: it was destroyed only at interpreter exit, where its gloo threads (NCCL: its
+        communicator and watchdog) met libtorch's exit-time teardown and could abort the process
+        (SIGABRT, "terminate called without an active exception") after a run that had finished."""
         if self._peers is not None:
             self._peers.stop()  # this rank is done: its peers stop watching it
             self._peers = None
+        group, self.sync_group = self.sync_group, None
+        if group is not None:
+            shutdown_group(group)
+        self._mesh = None
         if _distributed_is_initialized():
             dist.destroy_process_group()
-        self.sync_group = self._mesh = self._store = None
+        self._store = None
 
     def _policy(self) -> PolicyValueModel:
         module = self.lightning_module
@@ -358,6 +405,9 @@ class GeneratorTrainerStrategy(AtomicCheckpointDefault, ParallelStrategy):  # ty
                 "train.py) before trainer.fit"
             )
         assert self.accelerator is not None
+        if self.parallel_devices is not None and self.parallel_devices[self.local_rank].type == "cuda":
+            # before CUDA starts: this process (its vLLM engine, in-process or not) sees its GPU only
+            self._own_gpu = narrow_to_rank_gpu(self.local_rank) is not None
         self.accelerator.setup_device(self.root_device)  # before the first NCCL call
         self._init_groups()
         assert self.control is not None

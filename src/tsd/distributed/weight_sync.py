@@ -66,6 +66,17 @@ def sync_group(store: dist.Store, rank: int, size: int, backend: str, timeout: t
     raise ValueError(f"weight sync: backend must be 'gloo' or 'nccl', got {backend!r}")
 
 
+def shutdown_group(group: Any) -> None:
+    """Shut a group made by :func:`sync_group` down now (its threads joined, NCCL's communicator
+    destroyed), as ``destroy_process_group`` does for the groups in torch's registry; any later
+    collective on it fails. A group left to the interpreter's exit is destroyed during libtorch's
+    own teardown, which can abort the process."""
+    try:
+        group.shutdown()
+    except Exception as e:  # noqa: BLE001 - leaving anyway; a peer may be gone
+        log.debug("sync group shutdown: %s", e)
+
+
 def broadcast(group: Any, tensor: torch.Tensor) -> None:
     """Broadcast ``tensor`` in place from the group's rank 0 (trainer rank 0); blocks until done."""
     opts = dist.BroadcastOptions()
@@ -119,16 +130,36 @@ class ControlChannel:
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """What a sync carries: the names, shapes and dtypes of a ``state_dict``, in sorted key order."""
+    """What a sync carries: the names, shapes and dtypes of a ``state_dict``, in sorted key order;
+    a tensor that aliases another one (tied embeddings: ``lm_head.weight`` *is*
+    ``embed_tokens.weight``) is carried once, and the receiver's state has the alias point at the
+    same tensor (``aliases``: alias name -> the name it shares with)."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, state: Mapping[str, torch.Tensor]) -> WeightLayout:
-        names = tuple(sorted(state))
-        return cls(names, tuple(tuple(state[k].shape) for k in names), tuple(state[k].dtype for k in names))
+        # the first name of a shared tensor in the module's own order is kept (embed_tokens before
+        # lm_head: the name vLLM loads a tied embedding by), the later ones are its aliases
+        aliases: list[tuple[str, str]] = []
+        first: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+        for k, t in state.items():
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
+            if t.numel() and key in first:
+                aliases.append((k, first[key]))
+            else:
+                first[key] = k
+        aliased = {a for a, _ in aliases}
+        names = sorted(k for k in state if k not in aliased)
+        return cls(
+            tuple(names),
+            tuple(tuple(state[k].shape) for k in names),
+            tuple(state[k].dtype for k in names),
+            tuple(sorted(aliases)),
+        )
 
     @property
     def numel(self) -> int:
@@ -138,6 +169,7 @@ class WeightLayout:
     def fingerprint(self) -> int:
         """A 62-bit digest of the layout (same on every process for the same model)."""
         text = "|".join(f"{n}:{s}:{d}" for n, s, d in zip(self.names, self.shapes, self.dtypes))
+        text += "|" + ",".join(f"{a}={b}" for a, b in self.aliases)
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
 
     @property
@@ -146,7 +178,7 @@ class WeightLayout:
         return list(dict.fromkeys(self.dtypes))
 
     def flatten(self, state: Mapping[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        """``state`` as one flat tensor per dtype, on ``device``."""
+        """``state`` as one flat tensor per dtype, on ``device`` (an alias is not sent again)."""
         missing = [n for n in self.names if n not in state]
         if missing:
             raise KeyError(f"weight sync: state dict lacks {missing[:5]} (of {len(missing)})")
@@ -163,7 +195,8 @@ class WeightLayout:
         return [torch.empty(sizes[d], dtype=d, device=device) for d in self.bucket_dtypes]
 
     def unflatten(self, buckets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Inverse of :meth:`flatten`: views into ``buckets`` by name."""
+        """Inverse of :meth:`flatten`: views into ``buckets`` by name, an alias the same view as
+        the tensor it shares."""
         offsets = dict.fromkeys(self.bucket_dtypes, 0)
         by_dtype = dict(zip(self.bucket_dtypes, buckets))
         out: dict[str, torch.Tensor] = {}
@@ -171,6 +204,8 @@ class WeightLayout:
             k = int(torch.Size(s).numel())
             out[n] = by_dtype[d][offsets[d] : offsets[d] + k].view(s)
             offsets[d] += k
+        for alias, target in self.aliases:
+            out[alias] = out[target]
         return out
 
 

@@ -173,6 +173,8 @@ class RemoteGeneration(Generation):
         finally:
             with suppress(Exception):
                 buffer.close()
+            with suppress(Exception):
+                sampler.close()  # its engine process must not outlive this rank
 
     # ------------------------------------------------------------------ trainer ranks
     def setup(self, trainer: Any) -> None:

@@ -18,7 +18,7 @@ from tsd.config import ConfigError
 from tsd.config_checks import check_policy_source
 from tsd.models.char_tokenizer import CHAR_TOKENIZER_MARKER, load_char_tokenizer
 from tsd.models.policy_value import PolicyValueModel, UnsupportedModelError
-from tsd.models.source import TINY_ALIASES, resolve_policy_path  # noqa: F401  (re-exported)
+from tsd.models.source import TINY_ALIASES, WeightsSource, resolve_policy_path  # noqa: F401  (re-exported)
 
 
 def is_char_tokenizer_dir(path: Path | str) -> bool:
@@ -52,6 +52,20 @@ def load_tokenizer(name_or_path: str | Path):
     return tokenizer
 
 
+def saved_dtype(path: Path | str) -> torch.dtype | None:
+    """The dtype a model directory's ``config.json`` says its weights are saved in (None: unknown)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved.removeprefix("torch."), None)
+    return saved if isinstance(saved, torch.dtype) else None
+
+
 def load_policy(
     name_or_path: str | Path = "tiny",
     dtype: torch.dtype = torch.float32,
@@ -77,4 +91,8 @@ def load_policy(
         raise ConfigError(
             f"model.name_or_path: {str(name_or_path)!r} is refused: {e} (accepted: a decoder-only causal LM)"
         ) from None
+    # where its weights are on disk: a vLLM engine starts from there instead of a written copy, in
+    # the dtype it was loaded in or the checkpoint's own (the paper's: bf16 on disk, fp32 masters)
+    dtypes = [dtype, *([saved] if (saved := saved_dtype(path)) is not None else [])]
+    model.source = WeightsSource.of(path, model.lm, dtypes)
     return model.eval(), tokenizer

@@ -115,6 +115,14 @@ def output_head(lm: PreTrainedModel) -> nn.Linear:
     return cast(nn.Linear, head)
 
 
+def head_params(lm: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's ``weight`` (V, H) and its ``bias`` (V,) or None (:func:`output_head` checks them)."""
+    head = output_head(lm)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+    return weight, bias
+
+
 def _cache_kwarg(module: nn.Module) -> str:
     """The KV-cache argument of ``module.forward``: transformers >= 5.2x renamed ``past_key_values``
     to ``cache``; older releases (and vLLM's pins) use the old name."""
@@ -158,10 +166,11 @@ def final_hidden(
 def fp32_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Logits (..., V) in float32 from the final hidden state (..., H): the head's product with both
     operands upcast, outside autocast, then the final-logit transform the config declares."""
-    head = output_head(lm)
+    weight, bias = head_params(lm)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-        logits = F.linear(hidden.float(), head.weight.float(), bias)  # (..., V) fp32
+        logits = F.linear(
+            hidden.float(), weight.float(), None if bias is None else bias.float()
+        )  # (..., V) fp32
         # Cohere's logit_scale, Granite's logits_scaling, Gemma's final_logit_softcapping
         logits = LogitTransform.of(lm.config)(logits)
     return logits
@@ -181,9 +190,7 @@ def lm_target_logprobs(
     (:func:`~tsd.models.logprobs.chunked_token_logprobs`); 0 is the plain path."""
     if chunk_tokens <= 0:
         return token_logprobs(fp32_logits(lm, hidden), targets, temperature, banned_ids)  # (B, T)
-    head = output_head(lm)
-    weight, bias = head.weight, getattr(head, "bias", None)
-    assert isinstance(weight, torch.Tensor)  # output_head checked it
+    weight, bias = head_params(lm)
     return chunked_token_logprobs(
         hidden,
         weight,
@@ -218,8 +225,8 @@ def check_causal_lm(lm: PreTrainedModel, probe_len: int = 8) -> None:
     was_training = lm.training
     lm.eval()
     try:
-        vocab = output_head(lm).weight.shape[0]
-        dev = output_head(lm).weight.device
+        head_weight = head_params(lm)[0]  # (V, H)
+        vocab, dev = head_weight.shape[0], head_weight.device
         ids = (torch.arange(probe_len, device=dev) * 7 + 3) % vocab  # (T,)
         ids = ids[None]  # (1, T)
         changed = ids.clone()
@@ -235,7 +242,7 @@ def check_causal_lm(lm: PreTrainedModel, probe_len: int = 8) -> None:
                 f"{name} is not causal: changing the last token changed the logits of earlier positions "
                 f"by {leak:.3g} (it attends both ways, as an encoder does)"
             )
-        eps = torch.finfo(output_head(lm).weight.dtype).eps
+        eps = torch.finfo(head_weight.dtype).eps
         tol = 1e-4 + 8 * eps * own.abs().max().item()
         err = (ours - own).abs().max().item()
         if not err <= tol:
@@ -256,11 +263,15 @@ class PolicyValueModel(nn.Module):
         value_head: the value head (default: a fresh one as wide as the LM head's input).
     """
 
+    #: where the LM's weights were loaded from, with their checksum (:class:`tsd.models.source.WeightsSource`,
+    #: set by ``load_policy``; None: built in memory): a vLLM engine starts from that directory
+    source: Any = None
+
     def __init__(self, lm: PreTrainedModel, value_head: ValueHead | None = None) -> None:
         super().__init__()
         decoder_of(lm)  # structural checks, cheap; the behavioural ones are check_causal_lm's
         self.lm = lm
-        self.value_head = value_head or ValueHead(output_head(lm).weight.shape[1])
+        self.value_head = value_head or ValueHead(head_params(lm)[0].shape[1])
 
     @property
     def config(self):
@@ -363,5 +374,5 @@ class PolicyValueModel(nn.Module):
             head = ValueHead(int(cfg["hidden_size"]), int(cfg["mlp_size"]))
             head.load_state_dict(load_file(str(weights)))
         else:
-            head = ValueHead(output_head(lm).weight.shape[1])
+            head = ValueHead(head_params(lm)[0].shape[1])
         return cls(lm, head).to(device)

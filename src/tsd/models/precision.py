@@ -156,8 +156,22 @@ class Precision:
         return self.compute_(copy.deepcopy(policy)).eval().requires_grad_(False)
 
     def compute_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A policy's ``state_dict`` in its compute dtypes (what a weight sync sends)."""
-        return {k: v.to(self.dtype_of(k)) if v.is_floating_point() else v for k, v in state.items()}
+        """A policy's ``state_dict`` in its compute dtypes (what a weight sync sends). Entries that
+        share a tensor (tied embeddings) still share one after the cast, as they do in a policy
+        cast by :meth:`compute_` (the weight sync sends such a tensor once, and its layout must be
+        the generators')."""
+        out: dict[str, torch.Tensor] = {}
+        cast: dict[tuple[int, int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        for k, v in state.items():
+            if not v.is_floating_point():
+                out[k] = v
+                continue
+            dtype = self.dtype_of(k)
+            key = (v.untyped_storage().data_ptr(), int(v.storage_offset()), tuple(v.shape), dtype)
+            if key not in cast or not v.numel():
+                cast[key] = v.to(dtype)
+            out[k] = cast[key]
+        return out
 
     def reference(self, lm: M) -> M:
         """The frozen reference policy of the KL term: a copy of the trained ``lm`` (fp32), which

@@ -55,3 +55,65 @@ def missing_policy_reason(name_or_path: str | Path) -> str | None:
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
             return f"{name} is neither a local directory nor in the hub cache (offline)"
     return None
+
+
+#: elements checksummed at a time (their int64 copies: 128 MiB)
+CHECKSUM_CHUNK = 1 << 24
+
+
+class WeightsSource:
+    """Where a loaded policy's LM weights are on disk, and checksums of them as loaded, in the
+    dtypes an engine may hold them in: a vLLM engine can start from ``path`` instead of a copy
+    written to a temporary directory, and knows whether the weights it is given are still those,
+    as its dtype sees them (:func:`weights_checksum`). Set by :func:`tsd.models.loading.load_policy`
+    as ``policy.source``; copies of the policy carry it."""
+
+    def __init__(self, path: str, checksums: dict[str, str]) -> None:
+        self.path, self.checksums = path, checksums
+
+    @classmethod
+    def of(cls, path: str | Path, lm, dtypes) -> WeightsSource:
+        """Checksums of ``lm``'s weights cast to each of ``dtypes`` (torch dtypes)."""
+        return cls(str(path), {str(d): weights_checksum(lm, d) for d in dict.fromkeys(dtypes)})
+
+    def matches(self, lm, dtype=None) -> bool:
+        """Whether ``lm``'s weights, cast to ``dtype`` (default: its parameters'), are exactly the
+        ones loaded from :attr:`path` cast the same way: what an engine loading ``path`` in that
+        dtype would hold (False when no checksum of that dtype was taken)."""
+        dtype = dtype or next(lm.parameters()).dtype
+        want = self.checksums.get(str(dtype))
+        return want is not None and weights_checksum(lm, dtype) == want
+
+    def __repr__(self) -> str:
+        return f"WeightsSource({self.path!r}, {sorted(self.checksums)})"
+
+
+def weights_checksum(module, dtype=None) -> str:
+    """An exact checksum of a module's floating tensors cast to ``dtype`` (default: as they are), and
+    of its names, shapes and other tensors: per tensor the sum and the sum of squares of its bit
+    patterns as integers, on the tensor's own device, a chunk at a time; any optimiser step that
+    changes what ``dtype`` holds changes it. Tied tensors count once."""
+    import hashlib
+
+    import torch
+
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    h = hashlib.sha256()
+    seen: set[tuple[int, int]] = set()
+    with torch.no_grad():
+        for name, t in sorted(module.state_dict().items()):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            h.update(f"{name}:{tuple(t.shape)}:{target}".encode())
+            if key in seen or t.numel() == 0:
+                continue
+            seen.add(key)
+            flat = t.detach().reshape(-1)  # (n,)
+            total = squares = 0
+            for start in range(0, flat.numel(), CHECKSUM_CHUNK):  # int64 copies of a chunk at a time
+                part = flat[start : start + CHECKSUM_CHUNK].to(target).contiguous()
+                bits = part.view(ints[part.element_size()]).long()
+                total += int(bits.sum())
+                squares += int((bits * bits).sum())
+            h.update(f"{total}:{squares}".encode())
+    return h.hexdigest()

@@ -29,6 +29,13 @@ class Rollout(ABC):
     #: short name recorded on each trajectory (for logging only; never branched on)
     name: str = "rollout"
 
+    @property
+    def sequences_per_problem(self) -> int:
+        """Sequences one problem keeps in the sampler at once (a wave of MCTS: workers x K; best-of-N:
+        N): what the memory plan fits into a generator's KV cache
+        (:mod:`tsd.distributed.memory_plan`)."""
+        return 1
+
     @abstractmethod
     def run(self, problems: Sequence[Problem], sampler: Sampler, env: Env) -> RolloutOutput:
         """Produce graded trajectories for ``problems`` with the sampler's current weights."""

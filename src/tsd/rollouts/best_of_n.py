@@ -29,6 +29,11 @@ class BestOfNRollout(Rollout):
         self.n = check_int(n, "BestOfNRollout.n", low=1)
         self.max_new_tokens = check_int(max_new_tokens, "BestOfNRollout.max_new_tokens", low=1)
 
+    @property
+    def sequences_per_problem(self) -> int:
+        """N samples (the memory plan's unit)."""
+        return self.n
+
     def run(self, problems: Sequence[Problem], sampler: Sampler, env: Env) -> RolloutOutput:
         groups = sample_and_grade(problems, sampler, env, self.n, self.max_new_tokens)
         trajs, tokens, all_r, best_r = [], 0, [], []

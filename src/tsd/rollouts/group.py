@@ -50,6 +50,11 @@ class GroupRollout(Rollout):
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.scale_by_std, self.drop_zero_variance, self.eps = scale_by_std, drop_zero_variance, eps
 
+    @property
+    def sequences_per_problem(self) -> int:
+        """The group (the memory plan's unit)."""
+        return self.group_size
+
     def run(self, problems: Sequence[Problem], sampler: Sampler, env: Env) -> RolloutOutput:
         groups = sample_and_grade(problems, sampler, env, self.group_size, self.max_new_tokens)
         trajs: list[Trajectory] = []

@@ -236,6 +236,11 @@ class MCTSRollout(Rollout):
         self.trees: list[SearchTree] = []
 
     # ------------------------------------------------------------------ public API
+    @property
+    def sequences_per_problem(self) -> int:
+        """A wave: N workers, K samples each (the memory plan's unit)."""
+        return self.workers * self.completions_per_node
+
     def run(
         self,
         problems: Sequence[Problem],

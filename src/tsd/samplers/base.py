@@ -152,6 +152,12 @@ class Sampler(ABC):
         its own calls ran and a resumed run samples exactly what the uninterrupted one did."""
         return None
 
+    def close(self) -> None:
+        """Release what the sampler started outside this process (VLLMSampler: its engine process);
+        nothing by default. A rank that leaves through ``os._exit`` (a forked rank) runs no exit
+        handlers, so an engine process nobody shut down outlives it."""
+        return None
+
     def split_steps(self, continuation: Continuation) -> list[Continuation]:
         """Cut a ``stop="answer"`` continuation into the reasoning steps that ``stop="step"`` calls
         would have returned one after the other: each piece ends after a step stop (finish
@@ -182,3 +188,42 @@ class Sampler(ABC):
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Swap in new policy + value-head weights (keys as in ``PolicyValueModel.state_dict()``);
         ``version`` is the optimiser step they are the weights of (:mod:`tsd.data.policy_clock`)."""
+
+    # ------------------------------------------------------------------ the memory plan
+    @classmethod
+    def device_memory(
+        cls,
+        shape: Any,
+        kwargs: Mapping[str, Any],
+        *,
+        model_dtype: str,
+        device_gib: float | None,
+        on_gpu: bool,
+        setting: str,
+        seq_tokens: int,
+    ) -> list[Any]:
+        """What a sampler built with ``kwargs`` puts on its device besides the model it is given
+        (:mod:`tsd.distributed.memory_plan`: ``shape`` is a ``ModelShape``, the result a list of
+        ``PlanItem``; ``setting``: where ``kwargs`` come from in the config). A sampler that samples
+        with the model itself (HFSampler): the KV cache of one batch of ``max_batch_size`` rows of
+        ``seq_tokens`` tokens and their fp32 logits."""
+        from tsd.distributed.memory_plan import DTYPE_BYTES, PlanItem, gib
+
+        rows = int(kwargs.get("max_batch_size", 64))
+        kv = rows * seq_tokens * shape.kv_bytes_per_token(DTYPE_BYTES[model_dtype])
+        return [
+            PlanItem(
+                "sampler KV cache + logits",
+                gib(kv + rows * shape.vocab * 4),
+                f"{setting}.max_batch_size",
+                False,
+            )
+        ]
+
+    @classmethod
+    def startup_need(
+        cls, kwargs: Mapping[str, Any], device_gib: float | None, on_gpu: bool, setting: str
+    ) -> tuple[float, str] | None:
+        """Free device memory the sampler demands when it starts, and the setting that asks for it
+        (vLLM: ``gpu_memory_utilization x total``); None: no such check."""
+        return None

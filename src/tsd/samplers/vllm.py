@@ -52,26 +52,42 @@ model: leave room with ``gpu_memory_utilization``.
 **Model directory.** vLLM loads *every* ``*.safetensors`` at the top of a model directory, so it is
 given one that holds only the LM's files: a saved policy keeps its value head in ``value_head/``
 (:mod:`tsd.models.policy_value`); an export in the older layout (``value_head.safetensors`` at the
-top) is refused with the fix. A :class:`PolicyValueModel` without ``checkpoint_dir`` is written
-to a temporary directory (the LM only). **Tokenizer.** vLLM is given the very tokenizer the states
+top) is refused with the fix. A :class:`PolicyValueModel` loaded from a directory
+(``policy.source``, set by :func:`~tsd.models.loading.load_policy`) starts vLLM from that directory,
+and its weights are pushed after the start only if they differ from it as the engine's dtype sees
+them (a checksum taken at load); one built in memory is written to a temporary directory (the LM
+only): each generator wrote its 3.1 GB copy to ``/tmp`` before. **Tokenizer.** vLLM is given the very tokenizer the states
 are written in (saved next to it, without the model's ``config.json``: with it, transformers picks
 the architecture's tokenizer class — Qwen2's for the tiny policy — which drops spaces and newlines).
 
-**Weights** (:meth:`load_weights`). The LM tensors are packed into safetensors blobs (bytes: vLLM's
-msgpack RPC channel carries bytes as they are, but turns tensors into plain lists; no pickle) and
-sent with ``llm.collective_rpc("tsd_load_weights", ...)`` to every worker, where
-:class:`WeightSyncWorkerExtension` unpacks them into the worker's ``reload_weights(weights_iterator=
-...)`` (vLLM's in-place reload; the model's ``load_weights`` after start-up fails on CPU). Then the
-prefix cache is reset: its KV entries were computed by the old weights (without the reset, states
-longer than one cache block are continued from stale KV). For multi-GPU generators an NCCL
-broadcast into the same reload is the faster path (vLLM's RLHF examples).
+**Weights** (:meth:`load_weights`), by the route vLLM 0.32 allows for each engine. An engine in
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's ``InprocClient``, whose
+``collective_rpc`` calls the worker directly) gets the tensors themselves,
+``collective_rpc("tsd_load_tensors", args=([(name, tensor), ...],))``: on a GPU a device-to-device
+copy into its parameters, no host round trip. An engine process gets safetensors blobs (bytes) with
+``collective_rpc("tsd_load_weights", ...)``, a few blocks per call (:func:`push_batches`: each call's
+bytes are copied several times on the way, so that bounds the copies): vLLM's msgpack channel encodes a tensor argument as a
+(dtype, shape, buffer index) triple that an untyped RPC argument decodes to a plain list, so only
+bytes cross it as they are (no pickle); a CUDA tensor would also be copied to the host by its
+encoder (``tensor_data``). vLLM's own ``distributed.weight_transfer`` engines (CUDA IPC handles,
+pickled; NCCL) are the route to an engine process without the host, not used here. Either way
+:class:`WeightSyncWorkerExtension` hands them to the worker's ``reload_weights(weights_iterator=
+...)`` (vLLM's in-place layerwise reload; the model's ``load_weights`` after start-up fails on CPU),
+then the prefix cache is reset: its KV entries were computed by the old weights (without the reset,
+states longer than one cache block are continued from stale KV). A tied LM head is given under both
+names (the weight sync between processes carries it once): the reload does not keep vLLM's tie,
+and a head left out stayed stale.
 
 **Device.** On CPU the KV cache is ``kv_cache_gib`` GiB (``kv_cache_memory_bytes``; vLLM's CPU
 default is a share of host RAM), which wins over ``VLLM_CPU_KVCACHE_SPACE`` in the environment
 (vLLM's CPU build lets that variable override ``kv_cache_memory_bytes``; the sampler hides it while
 the engine starts); with ``kv_cache_gib`` unset, the variable's GiB if it is set, else 1 GiB. On a
-GPU, ``gpu_memory_utilization`` of it unless ``kv_cache_gib`` is set. ``device="cuda:k"`` (what generator ranks pass) runs the value copy there and starts vLLM's
-engine with ``CUDA_VISIBLE_DEVICES`` narrowed to that GPU (not run on a GPU yet).
+GPU, ``gpu_memory_utilization`` of it unless ``kv_cache_gib`` is set; ``gpu_memory_utilization`` is
+passed either way, since vLLM starts only with that share of the GPU free, whatever the cache's
+size (its default, 0.9, fails on a GPU a trainer shares). ``device="cuda:k"`` (what generator ranks
+pass) runs the value copy there and starts vLLM's engine on that GPU: a generator rank has
+narrowed ``CUDA_VISIBLE_DEVICES`` to it before CUDA started (:mod:`tsd.distributed.placement`),
+and an engine process is spawned with the variable narrowed too (not run on a GPU yet).
 
 **Seeding.** ``seed`` seeds the engine (``LLM(seed=...)``), not each request: a per-request seed
 would give the same samples every time MCTS expands the same state.
@@ -88,6 +104,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager, nullcontext
@@ -97,6 +114,7 @@ from typing import Any
 import torch
 
 from tsd.config import require
+from tsd.distributed.placement import engine_in_own_process
 from tsd.models.policy_value import LEGACY_VALUE_HEAD_FILES, PolicyValueModel
 from tsd.samplers.base import Continuation, FinishReason, Sampler, StopMode
 from tsd.samplers.exclusion import FlatTrie, row_args, trie_payload
@@ -106,6 +124,14 @@ from tsd.samplers.hf import HFSampler, banned_token_ids, eos_token_ids, split_st
 BAN_BIAS = -1.0e4
 #: largest safetensors blob per RPC argument (msgpack's bin type holds at most 4 GiB)
 BLOB_BYTES = 1 << 30
+#: weights per RPC into an engine process: each push is copied several times on its way (the
+#: generator's blobs, msgpack to the engine core, its broadcast to the worker, the unpacked tensors),
+#: so the whole model at once held ~5 copies of it in host memory (the rehearsal's first run was
+#: killed for memory at that moment); pushed a few layers at a time, the copies are of those
+PUSH_BYTES = 256 << 20
+#: a transformer block's tensors (``model.layers.N.``): vLLM fuses q/k/v and gate/up into one layer,
+#: and its layerwise reload processes a layer once with what it got, so a block travels whole
+_BLOCK = re.compile(r"^(.*?\blayers\.\d+)\.")
 #: the vLLM KV cache on CPU when ``kv_cache_gib`` is not given
 CPU_KV_CACHE_GIB = 1.0
 HEAD_DTYPES = ("float32", "model")
@@ -120,6 +146,32 @@ CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
 log = logging.getLogger(__name__)
 
 
+#: vLLM's loggers that warn about the parts of the model a reload did not carry
+_PARTIAL_RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.inplace",
+    "vllm.model_executor.model_loader.reload.layerwise",
+)
+
+
+class _DropWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING
+
+
+@contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    """Drop the WARNING records of the loggers ``names`` meanwhile (errors still pass)."""
+    drop = _DropWarnings()
+    loggers = [logging.getLogger(n) for n in names]
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
 class WeightSyncWorkerExtension:
     """Mixed into every vLLM worker (``worker_extension_cls``) so the driver can push weights.
 
@@ -129,22 +181,57 @@ class WeightSyncWorkerExtension:
     """
 
     def tsd_load_weights(self, blobs: Sequence[bytes]) -> int:
-        """Load the safetensors ``blobs`` (HF checkpoint names); returns the number of tensors."""
-        weights = list(unpack_weights(blobs))
-        self.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
-        return len(weights)
+        """Load the safetensors ``blobs`` (HF checkpoint names); returns the number of tensors.
+        Unpacked one blob at a time, as the reload asks for them. The reload may carry a part of the
+        model (:func:`push_batches`): vLLM's layerwise reload puts the current weights back into
+        every layer it was given nothing for."""
+        count = 0
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count
+            for named in unpack_weights(blobs):
+                count += 1
+                yield named
+
+        # each call carries a part of the model by design: vLLM's reload would warn, at every call,
+        # of the weights it was not given (the layers it kept) and of the layers it put back
+        with _quiet(_PARTIAL_RELOAD_LOGGERS):
+            self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        return count
+
+    def tsd_load_tensors(self, named: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Load ``(HF name, tensor)`` pairs as they are: an engine in the caller's process gets the
+        caller's tensors (on its GPU: a device-to-device copy into the parameters, no host copy)."""
+        self.reload_weights(weights_iterator=iter(named))  # type: ignore[attr-defined]
+        return len(named)
 
 
 def vllm_weights(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """``PolicyValueModel`` keys -> HF checkpoint names for vLLM: ``lm.model.x`` -> ``model.x``,
-    ``lm.lm_head.weight`` -> ``lm_head.weight``; the value head stays out (vLLM has none)."""
+    ``lm.lm_head.weight`` -> ``lm_head.weight``; the value head stays out (vLLM has none). A tied
+    LM head goes under both names (the same tensor: no copy in this process): vLLM's in-place
+    layerwise reload does not keep the tie, and a head left out kept the old weights (measured:
+    log-probs 1.09 nats off after a reload, ``tests/test_vllm_sampler.py``). The tensors stay where
+    they are (a GPU's weights are not copied to the host here)."""
     out = []
     for name, tensor in state_dict.items():
         if name.startswith("lm."):
-            out.append((name[len("lm.") :], tensor.detach().cpu()))
+            out.append((name[len("lm.") :], tensor.detach()))
         elif not name.startswith("value_head."):
             raise KeyError(f"vllm_weights: unexpected key {name!r} (expected 'lm.*' or 'value_head.*')")
     return out
+
+
+def engine_in_this_process(llm: Any) -> bool:
+    """Whether ``llm``'s engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
+    vLLM's ``InprocClient``, whose ``collective_rpc`` calls the worker directly, so its arguments
+    are passed by reference; an engine process gets them through msgpack, where only bytes travel
+    as they are)."""
+    try:
+        from vllm.v1.engine.core_client import InprocClient
+    except ImportError:  # pragma: no cover - another vLLM layout: the bytes path works everywhere
+        return False
+    return isinstance(getattr(getattr(llm, "llm_engine", None), "engine_core", None), InprocClient)
 
 
 def pack_weights(named: Sequence[tuple[str, torch.Tensor]], blob_bytes: int = BLOB_BYTES) -> list[bytes]:
@@ -170,6 +257,32 @@ def pack_weights(named: Sequence[tuple[str, torch.Tensor]], blob_bytes: int = BL
     if chunk:
         blobs.append(save(chunk))
     return blobs
+
+
+def push_batches(
+    named: Sequence[tuple[str, torch.Tensor]], max_bytes: int | None = None
+) -> list[list[tuple[str, torch.Tensor]]]:
+    """``named`` in batches of about ``max_bytes`` (default :data:`PUSH_BYTES`), one RPC each into
+    an engine process, in their order. A unit is never split: a transformer block whole (vLLM fuses
+    its projections; a fused layer given a part would be processed with the rest missing), any other
+    module's tensors together (the embedding, the final norm, the LM head: each a layer of vLLM's
+    own, a tied head included, which is why it is sent under its own name); a unit over the size
+    goes alone (at Qwen2.5-1.5B the embedding and the head, 0.47 GB each in bf16)."""
+    max_bytes = PUSH_BYTES if max_bytes is None else max_bytes
+    units: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        m = _BLOCK.match(name)
+        units.setdefault(m.group(1) if m else name.rpartition(".")[0], []).append((name, t))
+    batches: list[list[tuple[str, torch.Tensor]]] = []
+    size = max_bytes  # the first unit opens a batch
+    for unit in units.values():
+        n = sum(t.nbytes for _, t in unit)
+        if size + n > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].extend(unit)
+        size += n
+    return batches
 
 
 def unpack_weights(blobs: Sequence[bytes]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -360,6 +473,7 @@ class VLLMSampler(Sampler):
         # removed when this sampler is garbage-collected
         self._tmpdir = tempfile.TemporaryDirectory(prefix="tsd-vllm-")
         tmp = Path(self._tmpdir.name)
+        push = False  # the model's weights differ from the directory vLLM starts from
         if isinstance(model, (str, os.PathLike)):
             model_path = str(model)
             vdev = value_device or dev or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -369,7 +483,13 @@ class VLLMSampler(Sampler):
         else:
             value_model = model
             vdev = value_device or dev or next(model.parameters()).device
-            if checkpoint_dir is None:
+            if checkpoint_dir is None and model.source is not None:
+                # vLLM starts from the directory the policy was loaded from (nothing written); the
+                # weights it is given are pushed after start unless they are still those
+                checkpoint_dir = model.source.path
+                engine_dtype = getattr(torch, dtype) if dtype else next(model.lm.parameters()).dtype
+                push = not model.source.matches(model.lm, engine_dtype)
+            elif checkpoint_dir is None:
                 # vLLM loads weights from disk only: the LM alone, no value head
                 model.lm.save_pretrained(tmp / "model", safe_serialization=True)
                 checkpoint_dir = tmp / "model"
@@ -409,10 +529,12 @@ class VLLMSampler(Sampler):
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
         if on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib(kv_cache_gib) * (1 << 30))
-        elif kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(float(kv_cache_gib) * (1 << 30))
         else:
+            # passed with kv_cache_gib too: vLLM starts only with this share of the GPU free
+            # (vllm/v1/worker/utils.py: request_memory), and its default (0.9) fails beside a trainer
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+            if kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(float(kv_cache_gib) * (1 << 30))
         if seed is not None:
             kwargs["seed"] = int(seed)
         if max_model_len is not None:
@@ -423,9 +545,12 @@ class VLLMSampler(Sampler):
         #: what ``vllm.LLM`` was given
         self.llm_kwargs = kwargs
         use_v1_model_runner()
+        engine_in_own_process()  # a trainer rank's engine: vLLM would take the trainers' group for its own
         # on CPU the size above is the one: vLLM's CPU build would let the environment replace it
         with visible_gpu(dev), hidden_env(CPU_KV_ENV) if on_cpu else nullcontext():
             self.llm = vllm.LLM(**kwargs)
+        if push:
+            self._push_to_engine(value_model.state_dict())
 
     # ------------------------------------------------------------------ public API
     def sample(
@@ -509,11 +634,28 @@ class VLLMSampler(Sampler):
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self._value.load_weights(state_dict, version)  # strict: checks the keys first
-        self.llm.collective_rpc("tsd_load_weights", args=(pack_weights(vllm_weights(state_dict)),))
-        # cached KV belongs to the old weights
+        self._push_to_engine(state_dict)
+        self.version = int(version)
+
+    def close(self) -> None:
+        """Shut the engine down now (its process and workers, if it has them): vLLM does it in a
+        finaliser at interpreter exit, which a forked rank leaving through ``os._exit`` never runs."""
+        engine = getattr(getattr(self, "llm", None), "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+    def _push_to_engine(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """The LM's weights into the engine, then its prefix cache emptied (its KV entries were
+        computed by the old weights)."""
+        named = vllm_weights(state_dict)
+        if engine_in_this_process(self.llm):  # the tensors themselves (no host copy on a GPU)
+            self.llm.collective_rpc("tsd_load_tensors", args=(named,))
+        else:  # msgpack would turn tensors into lists: safetensors bytes (no pickle), a few layers a time
+            for batch in push_batches(named):
+                self.llm.collective_rpc("tsd_load_weights", args=(pack_weights(batch),))
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("VLLMSampler.load_weights: vLLM could not reset its prefix cache")
-        self.version = int(version)
 
     # ------------------------------------------------------------------ internals
     def _finish_reason(
@@ -531,3 +673,62 @@ class VLLMSampler(Sampler):
         if last in step_ids or stop_reason in step_texts:
             return "step"
         return "length"
+
+    # ------------------------------------------------------------------ the memory plan
+    @classmethod
+    def device_memory(
+        cls,
+        shape: Any,
+        kwargs: Mapping[str, Any],
+        *,
+        model_dtype: str,
+        device_gib: float | None,
+        on_gpu: bool,
+        setting: str,
+        seq_tokens: int,
+    ) -> list[Any]:
+        """The engine: its weights, its workspace and its KV cache (``kv_cache_gib``, or on a GPU
+        what ``gpu_memory_utilization`` leaves of its share), and an engine process of its own
+        (:mod:`tsd.distributed.memory_plan`). The value copy is the caller's."""
+        from tsd.distributed.memory_plan import (
+            CPU_PROCESS_GIB,
+            DTYPE_BYTES,
+            VLLM_PROCESS_GIB,
+            VLLM_WORKSPACE_GIB,
+            PlanItem,
+            gib,
+        )
+
+        dtype = kwargs.get("dtype") or model_dtype
+        weights = gib(shape.lm_params * DTYPE_BYTES[dtype])
+        items = [PlanItem("vLLM weights", weights, f"{setting}.dtype", False)]
+        kv = kwargs.get("kv_cache_gib")
+        if on_gpu:
+            items.append(PlanItem("vLLM workspace (activations, CUDA graphs)", VLLM_WORKSPACE_GIB, "", False))
+            if kv is None:  # vLLM sizes its cache to fill its share of the device
+                share = float(kwargs.get("gpu_memory_utilization", 0.5)) * (device_gib or 0.0)
+                kv_gib, kv_setting = max(0.0, share - weights - VLLM_WORKSPACE_GIB), "gpu_memory_utilization"
+            else:
+                kv_gib, kv_setting = float(kv), "kv_cache_gib"
+            items.append(PlanItem("vLLM KV cache", kv_gib, f"{setting}.{kv_setting}", False))
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+                items.append(PlanItem("vLLM engine process", VLLM_PROCESS_GIB, "", False))
+        else:
+            kv_gib = CPU_KV_CACHE_GIB if kv is None else float(kv)
+            items.append(PlanItem("vLLM KV cache", kv_gib, f"{setting}.kv_cache_gib", False))
+            items.append(PlanItem("vLLM engine process", 2 * CPU_PROCESS_GIB, "", False))
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+                # a weight push into an engine process: the safetensors bytes, the tensors unpacked
+                # from them and the in-place reload's copy of a layer, all in host memory
+                items.append(PlanItem("vLLM weight push in flight", 3 * weights, "", False))
+        return items
+
+    @classmethod
+    def startup_need(
+        cls, kwargs: Mapping[str, Any], device_gib: float | None, on_gpu: bool, setting: str
+    ) -> tuple[float, str] | None:
+        """vLLM starts only with ``gpu_memory_utilization x total`` free (``kv_cache_gib`` or not)."""
+        if not on_gpu or device_gib is None:
+            return None
+        share = float(kwargs.get("gpu_memory_utilization", 0.5))
+        return share * device_gib, f"{setting}.gpu_memory_utilization"
