@@ -84,9 +84,15 @@ def test_a_generator_rank_narrows_before_cuda_and_runs_on_its_gpu(monkeypatch, r
     """GeneratorTrainerStrategy.run_generator on local rank ``rank`` of an 8-GPU node: it narrows
     CUDA_VISIBLE_DEVICES to its GPU before its first CUDA call, and then uses cuda:0 (that GPU)."""
     from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
     from tsd.distributed.strategy import GeneratorTrainerStrategy
 
+    # the strategy sets Lightning's process-wide rank (it runs as rank `rank`): put it back after,
+    # or every later in-process run of the session believes it is not rank 0 and logs nothing
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0), raising=False)
+    monkeypatch.setattr(utils_rank_zero_only, "rank", getattr(utils_rank_zero_only, "rank", 0), raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("LOCAL_RANK", str(rank))
