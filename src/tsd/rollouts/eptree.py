@@ -53,7 +53,7 @@ from tsd.rollouts.forks import ForkRule, SampledPath, SurpriseForks
 from tsd.rollouts.path_tree import tree_from_paths
 from tsd.rollouts.tree import SearchTree
 from tsd.rollouts.tree_stats import nonzero_advantage_fraction, shape_stats
-from tsd.rollouts.tree_targets import TreePaths, TreeRLAdvantage, graded_terminals
+from tsd.rollouts.tree_targets import TreePaths, TreeRLAdvantage, graded_terminals, tree_trajectories
 from tsd.samplers.base import Continuation, Sampler
 
 
@@ -272,29 +272,7 @@ class EPTreeRollout(Rollout):
     def _emit(self, problem: Problem, tree: SearchTree, version: int) -> list[Trajectory]:
         """Every target of the emission as a trajectory (as :class:`~tsd.rollouts.mcts.MCTSRollout`'s
         tree emission writes them)."""
-        out = []
-        targets = self.emission(tree)
-        tree.chosen = targets[0].path if targets else []
-        for target in targets:
-            end = target.path[-1]
-            assert end.reward is not None and end.correct is not None
-            out.append(
-                Trajectory(
-                    problem_id=problem.id,
-                    prompt_ids=list(tree.prompt_ids),
-                    completion_ids=end.completion_ids(),
-                    behaviour_logprobs=[float(v) for v in end.completion_logprobs()],
-                    reward=float(end.reward),
-                    correct=bool(end.correct),
-                    policy_version=version,
-                    rollout=self.name,
-                    token_advantages=target.token_advantages(),
-                    finish_reason=str(end.terminal_reason),
-                    group_id=problem.id,
-                    stats={"search/path_depth": float(end.depth)},
-                )
-            )
-        return out
+        return tree_trajectories(problem, tree, self.emission, version, self.name)
 
     def _stats(
         self,

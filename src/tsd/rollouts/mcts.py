@@ -73,7 +73,7 @@ from tsd.rollouts.base import (
 )
 from tsd.rollouts.selection import MaxVisit
 from tsd.rollouts.tree import Node, SearchTree
-from tsd.rollouts.tree_targets import TreePaths, graded_terminals
+from tsd.rollouts.tree_targets import TreePaths, graded_terminals, tree_trajectories
 from tsd.samplers.base import Continuation, Sampler
 
 
@@ -605,36 +605,11 @@ class MCTSRollout(Rollout):
     def _emit_tree(
         self, problems: Sequence[Problem], trees: Sequence[SearchTree], emission: TreePaths, version: int
     ) -> list[Trajectory]:
-        """Every tree's graded answers as trajectories (:class:`~tsd.rollouts.tree_targets.TreePaths`):
-        each the path root ... terminal with the behaviour log-probs its nodes recorded and one
-        advantage per token. No completion is sampled: only graded terminals are emitted, and a
-        tree without one emits nothing (``search/trees_without_answer``)."""
+        """Every tree's graded answers as trajectories (:func:`~tsd.rollouts.tree_targets.tree_trajectories`);
+        a tree without one emits nothing (``search/trees_without_answer``)."""
         trajectories = []
         for problem, tree in zip(problems, trees):
-            targets = emission(tree)
-            tree.chosen = targets[0].path if targets else []
-            for target in targets:
-                end = target.path[-1]
-                assert end.reward is not None and end.correct is not None
-                trajectories.append(
-                    Trajectory(
-                        problem_id=problem.id,
-                        prompt_ids=list(tree.prompt_ids),
-                        completion_ids=end.completion_ids(),
-                        behaviour_logprobs=[float(v) for v in end.completion_logprobs()],
-                        reward=float(end.reward),
-                        correct=bool(end.correct),
-                        policy_version=version,
-                        rollout=self.name,
-                        token_advantages=target.token_advantages(),
-                        finish_reason=str(end.terminal_reason),
-                        group_id=problem.id,
-                        stats={
-                            "search/path_depth": float(end.depth),
-                            "search/path_visits": float(end.visits),
-                        },
-                    )
-                )
+            trajectories += tree_trajectories(problem, tree, emission, version, self.name, visits=True)
         return trajectories
 
     def _stats(

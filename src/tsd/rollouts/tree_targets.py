@@ -63,6 +63,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tsd.config import check_bool, check_choice, check_int, check_number, require
+from tsd.envs.base import Problem
+from tsd.rl.trajectory import Trajectory
 from tsd.rollouts.tree import Node, SearchTree
 
 SHARED_PREFIX = ("per_path", "once")
@@ -252,3 +254,38 @@ class TreePaths:
             for t in targets:
                 t.step_advantages = [a / values[n.id].paths for n, a in zip(t.path[1:], t.step_advantages)]
         return targets
+
+
+def tree_trajectories(
+    problem: Problem, tree: SearchTree, emission: TreePaths, version: int, rollout: str, visits: bool = False
+) -> list[Trajectory]:
+    """A tree's graded answers as trajectories (``emission`` picks them and gives each token its
+    advantage): each the path root ... terminal with the behaviour log-probs its nodes recorded.
+    No completion is sampled: only graded terminals are emitted, and a tree without one emits
+    nothing. ``visits``: also log the terminal's visit count (a search's; path trees have none)."""
+    targets = emission(tree)
+    tree.chosen = targets[0].path if targets else []
+    out = []
+    for target in targets:
+        end = target.path[-1]
+        assert end.reward is not None and end.correct is not None
+        stats = {"search/path_depth": float(end.depth)}
+        if visits:
+            stats["search/path_visits"] = float(end.visits)
+        out.append(
+            Trajectory(
+                problem_id=problem.id,
+                prompt_ids=list(tree.prompt_ids),
+                completion_ids=end.completion_ids(),
+                behaviour_logprobs=[float(v) for v in end.completion_logprobs()],
+                reward=float(end.reward),
+                correct=bool(end.correct),
+                policy_version=version,
+                rollout=rollout,
+                token_advantages=target.token_advantages(),
+                finish_reason=str(end.terminal_reason),
+                group_id=problem.id,
+                stats=stats,
+            )
+        )
+    return out
