@@ -497,27 +497,13 @@ def part_ranks(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 def part_plan(args: argparse.Namespace) -> dict:
     """The paper run's memory plan against this device (``torch.cuda.mem_get_info``'s total)."""
-    from hydra import compose, initialize_config_dir
-
-    from tsd.callbacks import MeanAtKEval
-    from tsd.config import build, config_dir
-    from tsd.distributed.memory_plan import plan_run
+    from tsd.distributed.memory_plan import plan_overrides
 
     total = torch.cuda.mem_get_info()[1] / 2**30 if args.device.startswith("cuda") else 80.0
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=["experiment=mcts_countdown_paper", "trainer.devices=8", f"strategy.device_memory_gib={total}",
-                       f"paths.output_dir={Path(os.environ.get('TMPDIR', '/tmp')) / 'tsd-gpu-check'}"],
-        )  # fmt: skip
-    ev = build(cfg.callbacks.eval, "callbacks.eval")
-    assert isinstance(ev, MeanAtKEval)
-    plan = plan_run(
-        cfg,
-        rollout=build(cfg.rollout, "rollout"),
-        make_sampler=build(cfg.sampler, "sampler"),
-        eval_callback=ev,
-    )
+    plan = plan_overrides(
+        ["experiment=mcts_countdown_paper", "trainer.devices=8", f"strategy.device_memory_gib={total}",
+         f"paths.output_dir={Path(os.environ.get('TMPDIR', '/tmp')) / 'tsd-gpu-check'}"]
+    )  # fmt: skip
     print(plan.table())
     problems = plan.problems()
     return {

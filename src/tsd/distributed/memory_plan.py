@@ -580,27 +580,28 @@ def _gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists() or bool(os.environ.get("TSD_ASSUME_GPU"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the plan of ``train.py``'s config with these overrides (and whether it fits)."""
+def plan_overrides(overrides: Sequence[str]) -> MemoryPlan:
+    """The plan of ``train.py``'s config composed with these overrides (nothing is built but the
+    rollout, the sampler's factory and the evaluation callback; no model is loaded)."""
     from hydra import compose, initialize_config_dir
 
+    from tsd.callbacks import MeanAtKEval
     from tsd.config import build, config_dir
 
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    overrides = list(overrides)
     if not any(o.startswith("paths.output_dir=") for o in overrides):  # nothing is written
         overrides.append(f"paths.output_dir={Path.cwd() / 'outputs' / 'memory_plan'}")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    from tsd.callbacks import MeanAtKEval
-
     callbacks = {k: build(v, f"callbacks.{k}") for k, v in (cfg.get("callbacks") or {}).items() if v}
     ev = next((cb for cb in callbacks.values() if isinstance(cb, MeanAtKEval)), None)
-    plan = plan_run(
-        cfg,
-        rollout=build(cfg.rollout, "rollout"),
-        make_sampler=build(cfg.sampler, "sampler"),
-        eval_callback=ev,
-    )
+    return plan_run(cfg, rollout=build(cfg.rollout, "rollout"), make_sampler=build(cfg.sampler, "sampler"),
+                    eval_callback=ev)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the plan of ``train.py``'s config with these overrides (and whether it fits)."""
+    plan = plan_overrides(sys.argv[1:] if argv is None else argv)
     print(plan.table())
     problems = plan.problems()
     print("\nfits" if not problems else "\nDOES NOT FIT: " + "; ".join(problems))
