@@ -141,3 +141,18 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_a_restarted_one_keeps_onl
     lines += [row(0, 0, 0.03), row(10, 100, 0.04), row(20, 200, 0.07), row(20, 200, 0.071)]  # again; a repeat
     (d / "val_evals.jsonl").write_text("\n".join(lines) + "\n")
     assert plateau._curve(d) == [(0, 0.03), (100, 0.04), (200, 0.071)]
+
+
+def test_the_plan_holds_every_run_once_and_puts_the_headline_seeds_before_the_rest(tmp_path):
+    trains = [j.name.removeprefix("train ") for j in plateau.plan(tmp_path) if j.name.startswith("train ")]
+    want = {f"{a}_s{s}" for a in plateau.ARMS for s in plateau.SEEDS}
+    want |= {f"{a}_lr{lr}_s0" for a, lr in plateau.RATE_CHECKS}
+    assert sorted(trains) == sorted(want)  # each once, none missing
+    # a study cut short compares every arm
+    assert trains[: len(plateau.ARMS)] == [f"{a}_s0" for a in plateau.ARMS]
+    last_headline = max(trains.index(f"{a}_s{s}") for a in plateau.HEADLINE for s in plateau.SEEDS)
+    others = [a for a in plateau.ARMS if a not in plateau.HEADLINE]
+    first_other = min(trains.index(f"{a}_s{s}") for a in others for s in (1, 2))
+    assert last_headline < first_other
+    evals = [j for j in plateau.plan(tmp_path) if j.name.startswith("eval ") and j.after]
+    assert all(len(j.after) == 1 and j.after[0].removeprefix("train ") in trains for j in evals)
