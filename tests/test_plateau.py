@@ -104,3 +104,25 @@ def test_plateau_config_names_what_a_bad_value_breaks(tmp_path):
         PlateauStop(monitor="mean16")
     with pytest.raises(ConfigError, match="callbacks.token_budget.max_generated_tokens"):
         TokenBudget(0)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_the_budget_goes_on_from_its_checkpoint_under_a_higher_one(policy_dir, tmp_path):
+    """The plateau study raises its cap: a run the old cap stopped resumes in its own directory
+    from its last checkpoint, keeps its validation history and best, and stops at the new cap."""
+    common = [*PLATEAU, f"model.name_or_path={policy_dir}", "trainer.max_steps=20",
+              "callbacks.early_stop.patience=10"]  # fmt: skip
+    first = _run([*common, "callbacks.token_budget.max_generated_tokens=1000"], tmp_path)
+    gen1, step1 = int(first["compute/generated_tokens"]), first["global_step"]
+    assert first["stop_reason"].startswith("token budget") and first["val_history"][-1]["step"] == step1
+    more = _run([*common, "callbacks.token_budget.max_generated_tokens=3000",
+                 f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"], tmp_path)  # fmt: skip
+    gen2 = int(more["compute/generated_tokens"])
+    assert more["stop_reason"] == f"token budget: {gen2:,} generated tokens >= 3,000"
+    assert gen2 > gen1 and more["global_step"] > step1
+    steps = [r["step"] for r in more["val_history"]]
+    assert steps[: len(first["val_history"])] == [r["step"] for r in first["val_history"]]  # kept
+    assert (
+        steps == sorted(set(steps)) and steps[-1] == more["global_step"]
+    )  # none repeated, the last evaluated
+    assert more["best"]["score"] >= first["best"]["score"]

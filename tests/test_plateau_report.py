@@ -156,3 +156,39 @@ def test_the_plan_holds_every_run_once_and_puts_the_headline_seeds_before_the_re
     assert last_headline < first_other
     evals = [j for j in plateau.plan(tmp_path) if j.name.startswith("eval ") and j.after]
     assert all(len(j.after) == 1 and j.after[0].removeprefix("train ") in trains for j in evals)
+
+
+def test_a_run_a_lower_cap_stopped_goes_on_and_its_evaluations_are_redone(tmp_path):
+    import os
+
+    out = tmp_path / "plateau"
+    d = plateau.run_dir(out, "cispo8", 0)
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "last.ckpt").write_bytes(b"")
+    ev = out / "eval" / f"{d.name}_T1.0" / "results.json"
+    ev.parent.mkdir(parents=True)
+    ev.write_text("{}")
+    os.utime(ev, (1e9, 1e9))  # written before the run's results below
+
+    def jobs() -> dict:
+        return {j.name: j for j in plateau.plan(out)}
+
+    old_cap = plateau.MAX_TOKENS - 1_000_000
+    (d / "results.json").write_text(json.dumps({
+        "stop_reason": f"token budget: {old_cap + 1864:,} generated tokens >= {old_cap:,}",
+        "compute/generated_tokens": old_cap + 1864}))  # fmt: skip
+    train = jobs()[f"train {d.name}"]
+    assert not train.done() and train.argv[-1] == f"ckpt_path={d / 'checkpoints' / 'last.ckpt'}"
+    assert not jobs()[f"eval {d.name} T=1.0"].done()  # older than the run: its best may change
+    # the run went on to the plateau rule: done, and not resumed again
+    (d / "results.json").write_text(
+        json.dumps({"stop_reason": "plateau: x", "compute/generated_tokens": 3e6})
+    )
+    train = jobs()[f"train {d.name}"]
+    assert train.done() and not any(a.startswith("ckpt_path=") for a in train.argv)
+    ev.write_text("{}")  # evaluated again after it
+    assert jobs()[f"eval {d.name} T=1.0"].done()
+    # a run the current cap stopped is done too
+    (d / "results.json").write_text(json.dumps({
+        "stop_reason": "token budget: x", "compute/generated_tokens": plateau.MAX_TOKENS + 5}))  # fmt: skip
+    assert jobs()[f"train {d.name}"].done()

@@ -5,6 +5,9 @@ the docs/study.md block it regenerates. The runs themselves are ordinary train.p
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,45 @@ def test_the_doc_block_is_regenerated_between_its_markers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="no '<!-- study.py report: begin -->'"):
         study.write_doc_block(readme, "t")
+
+
+def _job(name: str, d: Path, log: Path, after: tuple[str, ...] = (), accept=None) -> study.Job:
+    """A real command that notes when it ran and writes its done file."""
+    done = d / "results.json"
+    code = (f"import pathlib, time; pathlib.Path({str(d)!r}).mkdir(parents=True, exist_ok=True); "
+            f"open({str(log)!r}, 'a').write({name!r} + ' ' + repr(time.time()) + '\\n'); "
+            f"pathlib.Path({str(done)!r}).write_text('{{}}')")  # fmt: skip
+    return study.Job(name, [sys.executable, "-c", code], done, after=list(after), accept=accept)
+
+
+def test_the_runner_waits_for_runs_an_earlier_runner_left_going_and_redoes_what_it_no_longer_accepts(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(study, "POLL_SECONDS", 0.1)
+    log, runs = tmp_path / "ran", tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "train.log").write_text("step 3\n")  # "a" is being trained by a runner stopped earlier
+    (runs / "d").mkdir()
+    (runs / "d" / "results.json").write_text('{"stale": true}')  # done under an old rule
+    jobs = [
+        _job("a", runs / "a", log),
+        _job("b", runs / "b", log),
+        _job("c", runs / "c", log, after=("a",)),
+        _job("d", runs / "d", log, accept=lambda f: "stale" not in f.read_text()),
+    ]
+    a_ended = []
+
+    def earlier_runner_finishes_a() -> None:
+        time.sleep(1.0)
+        a_ended.append(time.time())
+        (runs / "a" / "results.json").write_text("{}")
+
+    t = threading.Thread(target=earlier_runner_finishes_a)
+    t.start()
+    study.run_jobs(tmp_path, parallel=1, planner=lambda: jobs)
+    t.join()
+    ran = dict(line.split() for line in log.read_text().splitlines())
+    assert set(ran) == {"b", "c", "d"}  # "a" never started twice; "d" redone
+    # with one place, "a" held it: nothing started before it ended
+    assert min(float(x) for x in ran.values()) >= a_ended[0]
+    assert all(j.done() for j in jobs)

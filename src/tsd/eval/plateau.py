@@ -11,9 +11,10 @@ Design (docs/study.md says why):
 
 - every run is ``train.py ... stop=plateau`` (src/tsd/callbacks/stopping.py): validation mean@16
   on the 256 validation problems every 250k generated tokens, stop after 4 evaluations without a
-  rise of more than 0.25 points, or at 2.5M generated tokens (the one long run before, CISPO's,
-  peaked at 1.4M and sat flat after it: its plateau and the patience fit under 2.5M); the
-  validation-best policy exported;
+  rise of more than 0.25 points, or at 3.5M generated tokens (first 2.5M: the one long run
+  before, CISPO's, peaked at 1.4M and sat flat after it; raised when seed 0's CISPO-8 was still
+  rising at 2.5M; the runs that cap stopped went on from their checkpoints); the validation-best
+  policy exported;
 - the study's batch rule: one optimiser step per rollout of 8 problems, on-policy (sync every
   step, lag 0), each arm at its learning rate from the 150-step study's grid (``LRS``);
 - arms: CISPO at groups 16, 8 and 4 (fewer tokens per step, the same 8 problems), best-of-16,
@@ -31,7 +32,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tsd.eval.paired import paired_by_id
@@ -43,7 +44,9 @@ SEEDS = (0, 1, 2)
 BEGIN, END = "<!-- study.py plateau: begin -->", "<!-- study.py plateau: end -->"
 #: the stop rule's cadence (configs/stop/plateau.yaml); the frontier is read at its multiples
 EVAL_EVERY_TOKENS = 250_000
-MAX_TOKENS = 2_500_000
+#: the token cap; 2.5M until seed 0's CISPO-8 was still rising there (a run the old cap stopped
+#: goes on from its checkpoint: ``train_job``); a run the plateau rule stopped is not touched
+MAX_TOKENS = 3_500_000
 
 COMMON = [
     "stop=plateau",
@@ -87,17 +90,32 @@ def run_dir(out: Path, arm: str, seed: int, lr: str | None = None) -> Path:
     return out / "runs" / f"{arm}{tag}_s{seed}"
 
 
+def under_the_cap(results: Path) -> bool:
+    """A run's results count unless a token cap below ``MAX_TOKENS`` stopped it."""
+    res = json.loads(results.read_text())
+    budget = str(res.get("stop_reason", "")).startswith("token budget")
+    return not budget or res.get("compute/generated_tokens", 0) >= MAX_TOKENS
+
+
 def train_job(out: Path, arm: str, seed: int, lr: str | None = None) -> Job:
     """The run's command; a run that was stopped part-way (its ``last.ckpt`` there, no
-    ``results.json``) resumes from its checkpoint instead of starting again from step 0."""
+    ``results.json``), or by a lower token cap than ``MAX_TOKENS``, resumes from its checkpoint
+    instead of starting again from step 0."""
     d = run_dir(out, arm, seed, lr)
     lr = lr or ARMS[arm][2]
     argv = [sys.executable, str(ROOT / "train.py"), *ARMS[arm][3], *COMMON, f"module.optimizer.lr={lr}",
             f"seed={seed}", f"hydra.run.dir={d}"]  # fmt: skip
+    job = Job(f"train {d.name}", argv, d / "results.json", accept=under_the_cap)
     last = d / "checkpoints" / "last.ckpt"
-    if last.exists() and not (d / "results.json").exists():
+    if last.exists() and not job.done():
         argv.append(f"ckpt_path={last}")
-    return Job(f"train {d.name}", argv, d / "results.json")
+    return job
+
+
+def _newer_than(results: Path) -> Callable[[Path], bool]:
+    """An evaluation counts only if written after the run's results (a run that went on since may
+    have a new best policy)."""
+    return lambda f: not results.exists() or f.stat().st_mtime >= results.stat().st_mtime
 
 
 def plan(out: Path) -> list[Job]:
@@ -115,7 +133,9 @@ def plan(out: Path) -> list[Job]:
         d = run_dir(out, arm, seed, lr)
         for t in TEMPERATURES:
             ev = eval_job(out, d.name, str(d / "policy_best"), t)
-            jobs.append(Job(ev.name, ev.argv, ev.done_file, after=[job.name]))
+            jobs.append(
+                Job(ev.name, ev.argv, ev.done_file, after=[job.name], accept=_newer_than(job.done_file))
+            )
     return jobs
 
 

@@ -113,15 +113,21 @@ LABELS = {
 
 @dataclass
 class Job:
-    """One command of the study; done when ``done_file`` exists."""
+    """One command of the study; done when ``done_file`` exists (and ``accept`` holds of it)."""
 
     name: str
     argv: list[str]
     done_file: Path
     after: list[str] = field(default_factory=list)
+    #: a test the done file must also pass: e.g. a run's results written under a token cap the
+    #: study has since raised, or an evaluation older than the policy it evaluated, are to be redone
+    accept: Callable[[Path], bool] | None = None
 
     def command(self) -> str:
         return " ".join(shlex.quote(a) for a in self.argv)
+
+    def done(self) -> bool:
+        return self.done_file.exists() and (self.accept is None or self.accept(self.done_file))
 
 
 def train_dir(out: Path, method: str, lr: str, seed: int) -> Path:
@@ -192,7 +198,8 @@ def plan(out: Path) -> list[Job]:
 
 def run_jobs(out: Path, parallel: int, planner: Callable[[], list[Job]] | None = None) -> None:
     """Run every missing job, ``parallel`` at a time, re-planning as the grid's choices appear
-    (``planner``: :func:`plan` of ``out`` unless given)."""
+    (``planner``: :func:`plan` of ``out`` unless given). Runs still going from an earlier, stopped
+    ``study.py run`` take their places in the ``parallel`` and are waited for, not started twice."""
     planner = planner or (lambda: plan(out))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     started: set[str] = set()
@@ -211,26 +218,31 @@ def run_jobs(out: Path, parallel: int, planner: Callable[[], list[Job]] | None =
         running: dict[str, Future] = {}
         while True:
             jobs = planner()  # once a round: the grid's choices may have appeared
-            finished = {j.name for j in jobs if j.done_file.exists()}
-            ready = [
-                j for j in jobs
-                if j.name not in started and j.name not in finished
-                and all(a in finished for a in j.after) and not _live_elsewhere(j)
-            ]  # fmt: skip
-            while ready and len(running) < parallel:
+            finished = {j.name for j in jobs if j.done()}
+            todo = [j for j in jobs if j.name not in started and j.name not in finished]
+            elsewhere = [j for j in todo if _live_elsewhere(j)]
+            ready = [j for j in todo if j not in elsewhere and all(a in finished for a in j.after)]
+            while ready and len(running) + len(elsewhere) < parallel:
                 j = ready.pop(0)
                 started.add(j.name)
                 running[j.name] = pool.submit(run, j)
                 print(f"[{time.strftime('%H:%M:%S')}] start  {j.name}", flush=True)
-            if not running:
+            if not running and not elsewhere:
                 break
-            future = next(iter(_wait_any(running.values())))
-            job, rc, dt = future.result()
-            del running[job.name]
-            status = "ok" if rc == 0 and job.done_file.exists() else f"FAILED (exit {rc}; see {logs})"
-            print(f"[{time.strftime('%H:%M:%S')}] {status:<6} {job.name} in {dt / 60:.1f} min", flush=True)
-            if status != "ok":
-                raise SystemExit(f"study: {job.name} failed; rerun 'study.py run' after fixing it")
+            # an earlier runner's jobs hold places too: look again every POLL_SECONDS while they do
+            for future in _wait_any(running.values(), timeout=POLL_SECONDS if elsewhere else None):
+                job, rc, dt = future.result()
+                del running[job.name]
+                status = "ok" if rc == 0 and job.done() else f"FAILED (exit {rc}; see {logs})"
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {status:<6} {job.name} in {dt / 60:.1f} min", flush=True
+                )
+                if status != "ok":
+                    raise SystemExit(f"study: {job.name} failed; rerun 'study.py run' after fixing it")
+
+
+#: how often the runner looks whether an earlier runner's jobs have ended
+POLL_SECONDS = 30.0
 
 
 def _live_elsewhere(job: Job) -> bool:
@@ -240,10 +252,15 @@ def _live_elsewhere(job: Job) -> bool:
     return log.exists() and time.time() - log.stat().st_mtime < 120
 
 
-def _wait_any(futures):
+def _wait_any(futures, timeout: float | None = None):
+    """The futures done once the first is (or ``timeout`` seconds have passed; then maybe none)."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+    futures = list(futures)
+    if not futures:
+        time.sleep(timeout or 0)
+        return set()
+    done, _ = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
     return done
 
 
@@ -533,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         pout = out / "plateau" if a.out == ROOT / "outputs" / "study" else out
         if action == "plan":
             for j in plateau.plan(pout):
-                print(f"{'done' if j.done_file.exists() else 'todo'}  {j.name}\n      {j.command()}")
+                print(f"{'done' if j.done() else 'todo'}  {j.name}\n      {j.command()}")
             return 0
         if action in ("run", "all"):
             run_jobs(pout, a.parallel, lambda: plateau.plan(pout))
@@ -544,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.what == "plan":
         for j in plan(out):
-            print(f"{'done' if j.done_file.exists() else 'todo'}  {j.name}\n      {j.command()}")
+            print(f"{'done' if j.done() else 'todo'}  {j.name}\n      {j.command()}")
         print("(the seed runs and their evaluations appear once the grid's validation picked a rate)")
         return 0
     if a.what in ("run", "all"):
