@@ -72,7 +72,11 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     base_t = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
     _eval(out / "eval" / "base_T1.0" / "results.json", _scores(base_t, TEST))
     _eval(out / "eval" / "base_T0.2" / "results.json", _scores(base_t, TEST))
-    for arm, plus in (("cispo16", [2, 0] * 5), ("tree44", [1] * 10)):
+    # cispo8: never above the base on validation, far above everyone on test: the README's table
+    # picks a family's shape on validation, never on test
+    for s in plateau.SEEDS:
+        _run(out, "cispo8", s, [(0, base_val), (e, base_val), (2 * e, base_val)])
+    for arm, plus in (("cispo16", [2, 0] * 5), ("tree44", [1] * 10), ("cispo8", [5] * 10)):
         for s in plateau.SEEDS:
             for t in plateau.TEMPERATURES:
                 name = plateau.run_dir(out, arm, s).name
@@ -107,6 +111,17 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     assert 4 * e not in fr or not fr[4 * e]["best"]  # no run reached 4e: no figure there
     md = (out / "plateau.md").read_text()
     assert "| CISPO, group 16 | 3e-4 | 3 |" in md and "tree > cispo" in md
+    assert plateau.family_best(summary) == {"cispo": "cispo16", "tree": "tree44"}
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in plateau.readme_table(summary).splitlines()}
+    assert "CISPO, group 8" not in rows
+    assert rows["CISPO, group 16"].endswith("| - | - | 8.4 |")  # the reference row; the article's CISPO
+    # the tree against CISPO-16, paired: -1/16 and +1/16 alternately, so 0 and no difference
+    assert (
+        "| +0.00 [" in rows["the whole tree, 4 x 4"] and ": no difference |" in rows["the whole tree, 4 x 4"]
+    )
+    assert (
+        "| -6.25 [-10.33, -2.17]: behind |" in rows["base (bundled policy)"]
+    )  # -2/16 on every other problem
     assert (out / "plateau.png").stat().st_size > 10_000
 
 

@@ -42,6 +42,10 @@ from tsd.fileio import write_text_atomic
 
 SEEDS = (0, 1, 2)
 BEGIN, END = "<!-- study.py plateau: begin -->", "<!-- study.py plateau: end -->"
+#: the README's short table (``readme_table``)
+README_BEGIN, README_END = "<!-- study.py plateau readme: begin -->", "<!-- study.py plateau readme: end -->"
+#: the article's plateaus (mean@16 %, Qwen-2.5-1.5B; its MCTS distils the search's one path)
+ARTICLE = {"base": 3.1, "cispo": 8.4, "bon": 7.7, "mcts_article": 11.3}
 #: the stop rule's cadence (configs/stop/plateau.yaml); the frontier is read at its multiples
 EVAL_EVERY_TOKENS = 250_000
 #: the token cap; 2.5M until seed 0's CISPO-8 was still rising there (a run the old cap stopped
@@ -380,6 +384,63 @@ def markdown(summary: dict) -> str:
             t = lambda v: "-" if v is None else f"{v / 1e3:,.0f}k"  # noqa: E731
             lines.append(f"| {c['arm']} | {c['study_lr']} | {f(c['study_val_best'])} | {t(c['study_tokens_to_best'])} "
                          f"| {c['lr']} | {f(c['val_best'])} | {t(c['tokens_to_best'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def family_best(summary: dict) -> dict[str, str]:
+    """Each family's shape with the highest seed-mean validation best (never chosen on test)."""
+    best: dict[str, str] = {}
+    for arm, r in summary["arms"].items():
+        if arm == "base" or not [v for v in r["val_best"] if v is not None]:
+            continue
+        score = statistics.fmean(v for v in r["val_best"] if v is not None)
+        cur = best.get(r["family"])
+        if cur is None or score > statistics.fmean(
+            v for v in summary["arms"][cur]["val_best"] if v is not None
+        ):
+            best[r["family"]] = arm
+    return best
+
+
+def readme_table(summary: dict) -> str:
+    """The README's table: each family's best shape at its plateau beside the article's plateau,
+    and its paired difference from CISPO's best shape on the 820 test problems."""
+    best = family_best(summary)
+    pairs = {(p["T"], p["a"], p["b"]): p for p in summary["pairs"]}
+    cispo = best.get("cispo")
+
+    def vs_cispo(arm: str, t: str) -> str:
+        if cispo is None or arm == cispo:
+            return "-"
+        p = pairs.get((t, arm, cispo)) or pairs.get((t, cispo, arm))
+        if p is None:
+            return "-"
+        sign = 1 if p["b"] == arm else -1
+        lo, hi = sorted((sign * p["ci95"][0], sign * p["ci95"][1]))
+        d = sign * p["diff"]
+        verdict = "no difference" if lo <= 0 <= hi else ("ahead" if lo > 0 else "behind")
+        return f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]: {verdict}"
+
+    lines = [
+        "| method (its best shape on validation) | seeds | test mean@16, T=1.0 | T=0.2 | tokens to the best "
+        "| vs CISPO's best, T=1.0 (paired) | T=0.2 | the article's plateau (1.5B) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if "base" in summary["arms"]:
+        r = summary["arms"]["base"]
+        lines.append(f"| {r['label']} | - | {_ms(r['T1.0']['mean@16'])} | {_ms(r['T0.2']['mean@16'])} | - "
+                     f"| {vs_cispo('base', '1.0')} | {vs_cispo('base', '0.2')} | {ARTICLE['base']} |")  # fmt: skip
+    for fam in FAMILIES:
+        arm = best.get(fam)
+        if arm is None:
+            continue
+        r = summary["arms"][arm]
+        tok = [x for x in r["tokens_to_best"] if x is not None]
+        art = ARTICLE.get(fam, "- (not in the article)")
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | {_ms(r.get('T1.0', {}).get('mean@16', []))} "
+                     f"| {_ms(r.get('T0.2', {}).get('mean@16', []))} "
+                     f"| {_ms(tok, 1e-6, '.2f') + 'M' if tok else '-'} | {vs_cispo(arm, '1.0')} "
+                     f"| {vs_cispo(arm, '0.2')} | {art} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -525,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="report: regenerate the report's block of this page (docs/study.md)",
     )
+    ap.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="plateau report: regenerate the short plateau table of this page (README.md)",
+    )
     a = ap.parse_args(argv)
     if a.what == "_validate":
         validate(*a.args)
@@ -558,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = plateau.report(pout)
             if a.doc is not None:
                 write_doc_block(a.doc, plateau.markdown(summary), plateau.BEGIN, plateau.END)
+            if a.readme is not None:
+                table = plateau.readme_table(summary)
+                write_doc_block(a.readme, table, plateau.README_BEGIN, plateau.README_END)
         return 0
     if a.what == "plan":
         for j in plan(out):
