@@ -158,7 +158,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_a_restarted_one_keeps_onl
     assert plateau._curve(d) == [(0, 0.03), (100, 0.04), (200, 0.071)]
 
 
-def test_the_plan_holds_every_run_once_and_puts_the_headline_seeds_before_the_rest(tmp_path):
+def test_the_plan_holds_every_run_once_rate_checks_then_the_headline_seeds_before_the_rest(tmp_path):
     trains = [j.name.removeprefix("train ") for j in plateau.plan(tmp_path) if j.name.startswith("train ")]
     want = {f"{a}_s{s}" for a in plateau.ARMS for s in plateau.SEEDS}
     want |= {f"{a}_lr{lr}_s0" for a, lr in plateau.RATE_CHECKS}
@@ -169,6 +169,9 @@ def test_the_plan_holds_every_run_once_and_puts_the_headline_seeds_before_the_re
     others = [a for a in plateau.ARMS if a not in plateau.HEADLINE]
     first_other = min(trains.index(f"{a}_s{s}") for a in others for s in (1, 2))
     assert last_headline < first_other
+    # the rate checks before any seed 1 or 2: they say at which rate those should run
+    last_check = max(trains.index(f"{a}_lr{lr}_s0") for a, lr in plateau.RATE_CHECKS)
+    assert last_check < min(trains.index(f"{a}_s{s}") for a in plateau.ARMS for s in (1, 2))
     evals = [j for j in plateau.plan(tmp_path) if j.name.startswith("eval ") and j.after]
     assert all(len(j.after) == 1 and j.after[0].removeprefix("train ") in trains for j in evals)
 
