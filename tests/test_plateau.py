@@ -107,18 +107,23 @@ def test_plateau_config_names_what_a_bad_value_breaks(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_the_budget_goes_on_from_its_checkpoint_under_a_higher_one(policy_dir, tmp_path):
+def test_a_run_stopped_by_the_budget_goes_on_from_where_it_stopped_under_a_higher_one(policy_dir, tmp_path):
     """The plateau study raises its cap: a run the old cap stopped resumes in its own directory
-    from its last checkpoint, keeps its validation history and best, and stops at the new cap."""
+    from the checkpoint of the step it stopped at (not the last periodic one), keeps its validation
+    history and best, stops at the new cap, and ends with the weights of a run that had the higher
+    cap from the start."""
     common = [*PLATEAU, f"model.name_or_path={policy_dir}", "trainer.max_steps=20",
               "callbacks.early_stop.patience=10"]  # fmt: skip
-    first = _run([*common, "callbacks.token_budget.max_generated_tokens=1000"], tmp_path)
+    d = tmp_path / "extended"
+    first = _run([*common, "callbacks.token_budget.max_generated_tokens=1500"], d)  # ~580 tokens a step
     gen1, step1 = int(first["compute/generated_tokens"]), first["global_step"]
     assert first["stop_reason"].startswith("token budget") and first["val_history"][-1]["step"] == step1
-    more = _run([*common, "callbacks.token_budget.max_generated_tokens=3000",
-                 f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"], tmp_path)  # fmt: skip
+    last = d / "checkpoints" / "last.ckpt"
+    # a step between two periodic checkpoints (every 2 steps here), saved at the stop
+    assert step1 % 2 and torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step1
+    more = _run([*common, "callbacks.token_budget.max_generated_tokens=3500", f"ckpt_path={last}"], d)
     gen2 = int(more["compute/generated_tokens"])
-    assert more["stop_reason"] == f"token budget: {gen2:,} generated tokens >= 3,000"
+    assert more["stop_reason"] == f"token budget: {gen2:,} generated tokens >= 3,500"
     assert gen2 > gen1 and more["global_step"] > step1
     steps = [r["step"] for r in more["val_history"]]
     assert steps[: len(first["val_history"])] == [r["step"] for r in first["val_history"]]  # kept
@@ -126,3 +131,9 @@ def test_a_run_stopped_by_the_budget_goes_on_from_its_checkpoint_under_a_higher_
         steps == sorted(set(steps)) and steps[-1] == more["global_step"]
     )  # none repeated, the last evaluated
     assert more["best"]["score"] >= first["best"]["score"]
+    straight = _run([*common, "callbacks.token_budget.max_generated_tokens=3500"], tmp_path / "straight")
+    assert (
+        straight["global_step"] == more["global_step"] and int(straight["compute/generated_tokens"]) == gen2
+    )
+    a, b = _weights(d / "policy"), _weights(tmp_path / "straight" / "policy")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -62,9 +62,15 @@ def test_resumed_log_reads_as_one_run_in_the_same_and_in_a_new_directory(policy_
     # a run checkpointed at step 2 (after its evaluation at 2) that went on to step 3 and then ended
     # with a final evaluation at 3: the rows after the checkpoint are not part of the resumed run
     run = tmp_path / "run"
-    _train([model, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=2"], run)
-    ckpt = run / "checkpoints" / "last.ckpt"
+    # (every periodic checkpoint kept: last.ckpt is saved again at the step the run ends)
+    _train([model, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.checkpoint.save_top_k=-1"], run)  # fmt: skip
+    (ckpt,) = (run / "checkpoints").glob("*step=2.ckpt")
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+    assert (
+        torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+        == 3
+    )
     assert (3, "eval") in [(s, k) for s, k, _ in _rows(run)]
     saved = tmp_path / "step2.ckpt"
     shutil.copy(ckpt, saved)

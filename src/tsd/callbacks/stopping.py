@@ -18,6 +18,10 @@ Three Lightning callbacks, each the stock one where it fits:
   (``policy_best/``).
 - :class:`TokenBudget` stops once the run has generated ``max_generated_tokens`` (the compute
   axis methods are compared on).
+- :class:`LastCheckpoint` is the run's periodic ``ModelCheckpoint(save_last=True)`` (every run
+  has it: ``callbacks.checkpoint``), which also saves ``last.ckpt`` at the step a stop rule or
+  the step cap ends the run: a stopped run goes on exactly from where it stopped when a later
+  command raises its budget (the plateau study raising its cap), not from up to N-1 steps before.
 
 Every state they keep (best score, patience left, best checkpoint) is in Lightning's checkpoint,
 so a resumed run stops where an uninterrupted one would. Why a run stopped is its
@@ -209,6 +213,18 @@ class TokenBudget(L.Callback):
             trainer.should_stop = True
             self.stop_reason = f"token budget: {gen:,} generated tokens >= {self.max_tokens:,}"
             log.info("stopping at step %d: %s", trainer.global_step, self.stop_reason)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``last.ckpt`` every ``every_n_train_steps``), plus a
+    ``last.ckpt`` at the step the run ends by a stop rule (``trainer.should_stop``) or the step cap.
+    Saved from the same hook as the periodic one, so it resumes the same way."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        ending = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if ending and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def stop_reason(trainer: Any) -> str:
