@@ -210,3 +210,20 @@ def test_a_run_a_lower_cap_stopped_goes_on_and_its_evaluations_are_redone(tmp_pa
     (d / "results.json").write_text(json.dumps({
         "stop_reason": "token budget: x", "compute/generated_tokens": plateau.MAX_TOKENS + 5}))  # fmt: skip
     assert jobs()[f"train {d.name}"].done()
+
+
+def test_a_runs_wall_time_adds_up_all_its_processes(tmp_path):
+    """A run cut off and resumed: its wall time is both processes' (from train.py's "output dir:"
+    line to the process's last line), not the last process's ``wall_seconds`` alone."""
+    log = [
+        "[2026-12-06 09:50:32,376][tsd.train][INFO] loading policy tiny",
+        "[2026-12-06 09:50:33,000][tsd.train][INFO] output dir: /x/runs/cispo8_s0, run id: e0",
+        "[2026-12-06 10:20:33,000][tsd.callbacks.log_line][INFO] step 5 | loss 0.1",  # cut off here: 30 min
+        "a line without a time",
+        "[2026-12-06 16:10:37,501][tsd.callbacks.resume_log][INFO] resume: the log keeps 10 rows",
+        "[2026-12-06 16:10:37,780][tsd.train][INFO] output dir: /x/runs/cispo8_s0, run id: e0, resuming",
+        "[2026-12-06 16:19:37,780][tsd.train][INFO]   results: /x/runs/cispo8_s0/results.json",  # 9 min
+    ]
+    (tmp_path / "train.log").write_text("\n".join(log) + "\n")
+    assert plateau._wall_minutes(tmp_path, {"wall_seconds": 540}) == pytest.approx(39.0)
+    assert plateau._wall_minutes(tmp_path / "none", {"wall_seconds": 540}) == 9.0  # no log: results.json's

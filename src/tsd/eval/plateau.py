@@ -33,6 +33,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from tsd.eval.paired import paired_by_id
@@ -201,6 +202,30 @@ def _ms(xs: Sequence[float], scale: float = 100.0, fmt: str = ".2f") -> str:
     return f"{m:{fmt}} ± {statistics.stdev(xs) * scale:{fmt}}" if len(xs) > 1 else f"{m:{fmt}}"
 
 
+def _wall_minutes(d: Path, res: dict) -> float:
+    """The run's wall minutes over all its processes: a run cut off, resumed or taken on past a
+    raised cap has several, each from its start (train.py's "output dir:" line) to its last line in
+    ``train.log`` (work a cut-off process lost included); results.json's ``wall_seconds`` is the
+    last process's only, and the answer when there is no log."""
+    log = d / "train.log"
+    if not log.exists():
+        return res.get("wall_seconds", math.nan) / 60
+    total, start, seen = 0.0, None, []  # seen: the timestamps since the last process's start
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            t = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        if "[tsd.train][INFO] output dir:" in line[:80]:
+            if start is not None:  # the last one ended at its last line before the new one's startup
+                total += max([x for x in seen if x < t - 60] or [start]) - start
+            start, seen = t, []
+        seen.append(t)
+    if start is not None:
+        total += max(seen) - start
+    return total / 60
+
+
 def _runs(out: Path, arm: str, lr: str | None = None, seeds: Sequence[int] = SEEDS) -> list[tuple[int, Path]]:
     return [
         (s, run_dir(out, arm, s, lr)) for s in seeds if (run_dir(out, arm, s, lr) / "results.json").exists()
@@ -230,7 +255,7 @@ def report(out: Path) -> dict:
         row["tokens_to_90"] = [_tokens_to(c, 0.9 * b) if b is not None else None
                                for c, b in zip(curves, row["val_best"])]  # fmt: skip
         row["stop_reasons"] = [r.get("stop_reason", "?").split(":")[0] for r in res]
-        row["train_minutes"] = [r.get("wall_seconds", math.nan) / 60 for r in res]
+        row["train_minutes"] = [_wall_minutes(d, r) for (_, d), r in zip(runs, res)]
         for t in TEMPERATURES:
             found = [_json(out / "eval" / f"{d.name}_T{t}" / "results.json") for _, d in runs]
             evals = [e for e in found if e is not None]
@@ -339,8 +364,8 @@ def markdown(summary: dict) -> str:
         f" {EVAL_EVERY_TOKENS // 1000}k generated tokens); test: the validation-best policy on all 820 test"
         " problems, 16 samples each; tokens to the best: generated tokens at the best evaluation; to 90% of"
         " it: at the first evaluation scoring at least 0.9 x the run's best; tokens trained: generated"
-        f" tokens when the run stopped (cap {MAX_TOKENS / 1e6:g}M); train min: wall minutes, runs sharing"
-        " the 2 cores.",
+        f" tokens when the run stopped (cap {MAX_TOKENS / 1e6:g}M); train min: wall minutes of all the run's"
+        " processes (a resumed run has several; work lost to a cut-off included), runs sharing the 2 cores.",
         "",
         "Paired differences of the validation-best policies' test mean@16 (seed-averaged per problem, 820"
         " problems, 95% CI):",
