@@ -210,7 +210,8 @@ def _wall_minutes(d: Path, res: dict) -> float:
     log = d / "train.log"
     if not log.exists():
         return res.get("wall_seconds", math.nan) / 60
-    total, start, seen = 0.0, None, []  # seen: the timestamps since the last process's start
+    total, start = 0.0, None
+    seen: list[float] = []  # the timestamps since the last process's start
     for line in log.read_text(errors="replace").splitlines():
         try:
             t = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
