@@ -158,21 +158,51 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_a_restarted_one_keeps_onl
     assert plateau._curve(d) == [(0, 0.03), (100, 0.04), (200, 0.071)]
 
 
-def test_the_plan_holds_every_run_once_rate_checks_then_the_headline_seeds_before_the_rest(tmp_path):
-    trains = [j.name.removeprefix("train ") for j in plateau.plan(tmp_path) if j.name.startswith("train ")]
-    want = {f"{a}_s{s}" for a in plateau.ARMS for s in plateau.SEEDS}
-    want |= {f"{a}_lr{lr}_s0" for a, lr in plateau.RATE_CHECKS}
-    assert sorted(trains) == sorted(want)  # each once, none missing
-    # a study cut short compares every arm
+def _trains(out: Path) -> list[str]:
+    return [j.name.removeprefix("train ") for j in plateau.plan(out) if j.name.startswith("train ")]
+
+
+def _best(out: Path, arm: str, lr: str | None, score: float) -> None:
+    d = plateau.run_dir(out, arm, 0, lr)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps({"stop_reason": "plateau: x", "best": {"score": score}}))
+
+
+def test_the_plan_runs_seeds_1_and_2_at_the_rate_seed_0_picked_on_validation(tmp_path):
+    out = tmp_path / "plateau"
+    checked = {a for a, _ in plateau.RATE_CHECKS}
+    assert checked == set(plateau.HEADLINE) == {"cispo16", "cispo8", "cispo4", "tree44", "tree42"}
+    trains = _trains(out)
+    # nothing has run: every arm's seed 0 first (a study cut short compares every arm), then the
+    # rate checks; seeds 1 and 2 only of the arms without a check (their rate is the study's)
     assert trains[: len(plateau.ARMS)] == [f"{a}_s0" for a in plateau.ARMS]
-    last_headline = max(trains.index(f"{a}_s{s}") for a in plateau.HEADLINE for s in plateau.SEEDS)
-    others = [a for a in plateau.ARMS if a not in plateau.HEADLINE]
-    first_other = min(trains.index(f"{a}_s{s}") for a in others for s in (1, 2))
-    assert last_headline < first_other
-    # the rate checks before any seed 1 or 2: they say at which rate those should run
-    last_check = max(trains.index(f"{a}_lr{lr}_s0") for a, lr in plateau.RATE_CHECKS)
-    assert last_check < min(trains.index(f"{a}_s{s}") for a in plateau.ARMS for s in (1, 2))
-    evals = [j for j in plateau.plan(tmp_path) if j.name.startswith("eval ") and j.after]
+    checks = [f"{a}_lr{lr}_s0" for a, lr in plateau.RATE_CHECKS]
+    assert trains[len(plateau.ARMS) : len(plateau.ARMS) + len(checks)] == checks
+    rest = [a for a in plateau.ARMS if a not in checked]
+    assert sorted(trains[len(plateau.ARMS) + len(checks) :]) == sorted(
+        f"{a}_s{s}" for a in rest for s in (1, 2)
+    )
+    assert len(set(trains)) == len(trains)
+
+    # CISPO-16: the lower rate's seed 0 reached the higher validation best -> seeds 1, 2 at 1e-4
+    _best(out, "cispo16", None, 0.0876)
+    assert plateau.picked_lr(out, "cispo16") is None  # the lower rate's run not done yet
+    _best(out, "cispo16", "1e-4", 0.0947)
+    # the tree at 4 x 4: a tie keeps the study rate
+    _best(out, "tree44", None, 0.08)
+    _best(out, "tree44", "1e-4", 0.08)
+    assert plateau.picked_lr(out, "cispo16") == "1e-4" and plateau.picked_lr(out, "tree44") == "3e-4"
+    assert plateau.arm_lr(out, "cispo8") == "3e-4"  # undecided: reported at the study rate
+    trains = _trains(out)
+    assert {"cispo16_lr1e-4_s1", "cispo16_lr1e-4_s2", "tree44_s1", "tree44_s2"} <= set(trains)
+    assert "cispo16_s1" not in trains and not any(
+        t.startswith("cispo8_") and t.endswith(("_s1", "_s2")) for t in trains
+    )
+    # the headline arms' seeds before the other arms'
+    assert max(trains.index(t) for t in ("cispo16_lr1e-4_s2", "tree44_s2")) < min(
+        trains.index(f"{a}_s1") for a in rest
+    )
+    evals = [j for j in plateau.plan(out) if j.name.startswith("eval ") and j.after]
     assert all(len(j.after) == 1 and j.after[0].removeprefix("train ") in trains for j in evals)
 
 

@@ -19,7 +19,8 @@ Design (docs/study.md says why):
   step, lag 0), each arm at its learning rate from the 150-step study's grid (``LRS``);
 - arms: CISPO at groups 16, 8 and 4 (fewer tokens per step, the same 8 problems), best-of-16,
   the article's one-path MCTS (4 workers x 6 waves), the whole tree (TreeRL) at 4 x 4 and 4 x 2;
-  3 seeds each; a check at a lower rate for the two leading families (seed 0);
+  3 seeds each; every tree and CISPO shape also at 1e-4 (seed 0), its seeds 1 and 2 at the rate
+  with the higher seed-0 validation best (``picked_lr``);
 - evaluation: the validation-best policy of every run on all 820 test problems at T=1.0 and 0.2
   (mean@16), paired per problem on seed-averaged scores; the generated tokens to the best and to
   90% of it; validation curves against generated tokens with seed bands; the frontier of each
@@ -81,11 +82,14 @@ ARMS: dict[str, tuple[str, str, str, list[str]]] = {
     "tree42": ("tree", "the whole tree, 4 x 2", "3e-4",
                ["experiment=tree_countdown", "data.batch_size=1", "rollout.workers=4", "rollout.iterations=2"]),
 }  # fmt: skip
-#: the rate check at plateau: (arm, rate), seed 0 only
-RATE_CHECKS: tuple[tuple[str, str], ...] = (("cispo16", "1e-4"), ("tree44", "1e-4"))
 #: the families the README's question rests on (the tree against CISPO): their shapes' seeds 1 and 2
 #: run before the other arms'
 HEADLINE = tuple(a for a, (family, *_rest) in ARMS.items() if family in ("tree", "cispo"))
+#: the rate grid at plateau: every tree and CISPO shape also at 1e-4, seed 0 (CISPO-16 at 1e-4
+#: trained to the cap beat its 3e-4 plateau on test: the 150-step pick does not carry over); seeds 1
+#: and 2 run at the rate whose seed-0 run reached the higher validation best (``picked_lr``)
+LOWER_RATE = "1e-4"
+RATE_CHECKS: tuple[tuple[str, str], ...] = tuple((a, LOWER_RATE) for a in HEADLINE)
 FAMILIES = {"cispo": "CISPO", "bon": "best-of-N", "mcts_article": "MCTS, one path", "tree": "the whole tree"}
 
 
@@ -123,16 +127,42 @@ def _newer_than(results: Path) -> Callable[[Path], bool]:
     return lambda f: not results.exists() or f.stat().st_mtime >= results.stat().st_mtime
 
 
+def picked_lr(out: Path, arm: str) -> str | None:
+    """The arm's rate for seeds 1 and 2: its study rate when it has no rate check, else the rate
+    whose seed-0 run reached the higher validation best (a tie keeps the study rate); None until
+    those seed-0 runs are done. Chosen on validation, never on test."""
+    study = ARMS[arm][2]
+    checks = [lr for a, lr in RATE_CHECKS if a == arm]
+    if not checks:
+        return study
+    scores = {}
+    for lr in (study, *checks):
+        job = train_job(out, arm, 0, lr)
+        if not job.done():
+            return None
+        best = (json.loads(job.done_file.read_text()).get("best") or {}).get("score")
+        if best is None:
+            return None
+        scores[lr] = best
+    return max(scores, key=lambda lr: (scores[lr], lr == study))
+
+
+def arm_lr(out: Path, arm: str) -> str:
+    """The rate the arm is reported at: the picked one, or its study rate while that is undecided."""
+    return picked_lr(out, arm) or ARMS[arm][2]
+
+
 def plan(out: Path) -> list[Job]:
     """Seed 0 of every arm first (a study cut short compares every arm), then the rate checks (they
-    say whether the other seeds should run at another rate), then seeds 1 and 2 of the ``HEADLINE``
-    arms, then the other arms' seeds 1 and 2; each run's evaluations right after it."""
+    pick the rate of the other seeds: ``picked_lr``), then seeds 1 and 2 of the ``HEADLINE`` arms
+    whose rate is picked, then the other arms' seeds 1 and 2; each run's evaluations right after
+    it. The runner plans again after each job, so seeds appear once their rate is picked."""
     jobs = [eval_job(out, "base", "tiny", t) for t in TEMPERATURES]
     rest = [a for a in ARMS if a not in HEADLINE]
-    order = [(a, 0, None) for a in ARMS] + [(a, 0, lr) for a, lr in RATE_CHECKS]
-    order += [(a, s, None) for s in SEEDS[1:] for a in HEADLINE] + [
-        (a, s, None) for s in SEEDS[1:] for a in rest
-    ]
+    order: list[tuple[str, int, str | None]] = [(a, 0, None) for a in ARMS]
+    order += [(a, 0, lr) for a, lr in RATE_CHECKS]
+    for arms in (HEADLINE, rest):
+        order += [(a, s, lr) for s in SEEDS[1:] for a in arms if (lr := picked_lr(out, a)) is not None]
     for arm, seed, lr in order:
         job = train_job(out, arm, seed, lr)
         jobs.append(job)
@@ -242,11 +272,13 @@ def report(out: Path) -> dict:
         summary["arms"]["base"] = {"label": "base (bundled policy)", "family": "base",
                                    **{f"T{t}": {"mean@16": [r["mean@16"]], "pass@16": [r["pass@16"]]}
                                       for t, r in base.items() if r}}  # fmt: skip
-    for arm, (family, label, lr, _) in ARMS.items():
-        runs = _runs(out, arm)
+    for arm, (family, label, _, _) in ARMS.items():
+        lr = arm_lr(out, arm)
+        runs = _runs(out, arm, lr)
         if not runs:
             continue
-        row: dict = {"label": label, "family": family, "lr": lr, "seeds": [s for s, _ in runs]}
+        row: dict = {"label": label, "family": family, "lr": lr, "seeds": [s for s, _ in runs],
+                     "rate_picked": picked_lr(out, arm) is not None}  # fmt: skip
         res = [json.loads((d / "results.json").read_text()) for _, d in runs]
         curves = [_curve(d) for _, d in runs]
         row["curves"] = [{"seed": s, "points": c} for (s, _), c in zip(runs, curves)]
@@ -283,11 +315,19 @@ def report(out: Path) -> dict:
         if at and ref:
             ra, rr = (json.loads((d / "results.json").read_text()) for _, d in (at[0], ref[0]))
             summary["rate_checks"].append({
-                "arm": arm, "lr": lr, "study_lr": ARMS[arm][2],
+                "arm": arm, "lr": lr, "study_lr": ARMS[arm][2], "picked": picked_lr(out, arm),
                 "val_best": (ra.get("best") or {}).get("score"), "study_val_best": (rr.get("best") or {}).get("score"),
                 "tokens_to_best": (ra.get("best") or {}).get("generated_tokens"),
                 "study_tokens_to_best": (rr.get("best") or {}).get("generated_tokens"),
             })  # fmt: skip
+            for t in TEMPERATURES:  # the two validation-best policies on test, paired (lower - study rate)
+                ea, er = (_json(out / "eval" / f"{d.name}_T{t}" / "results.json") for _, d in (at[0], ref[0]))
+                if ea and er:
+                    d = paired_by_id(_per_problem(er), _per_problem(ea))
+                    summary["rate_checks"][-1][f"T{t}"] = {
+                        "mean@16": ea["mean@16"], "study_mean@16": er["mean@16"], "diff": d["diff"],
+                        "ci95": d["ci95"], "verdict": _verdict(d, "study rate", "lower rate"),
+                    }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "plateau.json", json.dumps(summary, indent=1))
     write_text_atomic(out / "plateau.md", markdown(summary))
@@ -304,7 +344,7 @@ def _family_at(out: Path, family: str, tokens: float) -> tuple[str, float, dict[
     for arm, (fam, *_rest) in ARMS.items():
         if fam != family:
             continue
-        runs = _runs(out, arm)
+        runs = _runs(out, arm, arm_lr(out, arm))
         if not runs:
             continue
         journals = [_journal(d) for _, d in runs]
@@ -338,6 +378,23 @@ def frontier(out: Path) -> list[dict]:
     return rows
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _ktok(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e3:,.0f}k"
+
+
+def _rate_test(x: dict | None) -> str:
+    """A rate check's test cell: the study rate's mean@16 -> the lower rate's, the paired difference."""
+    if not x:
+        return "-"
+    lo, hi = x["ci95"]
+    return (f"{_pct(x['study_mean@16'])} -> {_pct(x['mean@16'])}: {100 * x['diff']:+.2f} [{100 * lo:+.2f},"
+            f" {100 * hi:+.2f}], {x['verdict']}")  # fmt: skip
+
+
 def markdown(summary: dict) -> str:
     lines = [
         "| arm | lr | seeds | validation best | test mean@16, T=1.0 | test mean@16, T=0.2 | pass@16, T=1.0 "
@@ -365,7 +422,9 @@ def markdown(summary: dict) -> str:
         f" {EVAL_EVERY_TOKENS // 1000}k generated tokens); test: the validation-best policy on all 820 test"
         " problems, 16 samples each; tokens to the best: generated tokens at the best evaluation; to 90% of"
         " it: at the first evaluation scoring at least 0.9 x the run's best; tokens trained: generated"
-        f" tokens when the run stopped (cap {MAX_TOKENS / 1e6:g}M); train min: wall minutes of all the run's"
+        f" tokens when the run stopped (cap {MAX_TOKENS / 1e6:g}M); lr: the tree's and CISPO's shapes at the"
+        " rate of the two (3e-4, 1e-4) whose seed-0 run reached the higher validation best (the rate table"
+        " below), the study's 150-step pick until both have run; train min: wall minutes of all the run's"
         " processes (a resumed run has several; work lost to a cut-off included), runs sharing the 2 cores.",
         "",
         "Paired differences of the validation-best policies' test mean@16 (seed-averaged per problem, 820"
@@ -404,13 +463,15 @@ def markdown(summary: dict) -> str:
                          + f" | {diff} | {'-' if v is None else v['verdict']} |")  # fmt: skip
     if summary["rate_checks"]:
         lines += ["", "The rate at plateau (seed 0): validation best and the tokens to it, at the study's rate"
-                  " and a lower one:", "", "| arm | study rate | best | tokens | lower rate | best | tokens |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  " and a lower one, and the two validation-best policies on the 820 test problems (mean@16 at"
+                  " the study's rate -> the lower one; the lower one's difference, paired per problem, 95% CI):",
+                  "", "| arm | study rate | best | tokens | lower rate | best | tokens | test, T=1.0 | test, T=0.2 "
+                  "| seeds 1-2 at |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in summary["rate_checks"]:
-            f = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-            t = lambda v: "-" if v is None else f"{v / 1e3:,.0f}k"  # noqa: E731
+            f, t, test = _pct, _ktok, _rate_test
             lines.append(f"| {c['arm']} | {c['study_lr']} | {f(c['study_val_best'])} | {t(c['study_tokens_to_best'])} "
-                         f"| {c['lr']} | {f(c['val_best'])} | {t(c['tokens_to_best'])} |")  # fmt: skip
+                         f"| {c['lr']} | {f(c['val_best'])} | {t(c['tokens_to_best'])} | {test(c.get('T1.0'))} "
+                         f"| {test(c.get('T0.2'))} | {c.get('picked') or '-'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
