@@ -559,7 +559,7 @@ def plot(summary: dict, path: Path) -> None:
             hi.append(100 * max(ys))
         dashed = r["family"] == "cispo" and arm != "cispo16" or arm == "tree42"
         (line,) = ax.plot(xs, mean, "--" if dashed else "-", marker="o", ms=3,
-                          label=f"{r['label']} (lr {r['lr']}, {len(curves)} seeds)")  # fmt: skip
+                          label=f"{r['label']} (lr {r['lr']}, {len(curves)} seed{'s' * (len(curves) != 1)})")  # fmt: skip
         colors[arm] = line.get_color()
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("generated tokens (millions)")
