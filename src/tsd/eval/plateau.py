@@ -510,13 +510,13 @@ def readme_table(summary: dict) -> str:
         return f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]: {verdict}"
 
     lines = [
-        "| method (its best shape on validation) | seeds | test mean@16, T=1.0 | T=0.2 | tokens to the best "
+        "| method (its best shape on validation) | lr | seeds | test mean@16, T=1.0 | T=0.2 | tokens to the best "
         "| vs CISPO's best, T=1.0 (paired) | T=0.2 | the article's plateau (1.5B) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if "base" in summary["arms"]:
         r = summary["arms"]["base"]
-        lines.append(f"| {r['label']} | - | {_ms(r['T1.0']['mean@16'])} | {_ms(r['T0.2']['mean@16'])} | - "
+        lines.append(f"| {r['label']} | - | - | {_ms(r['T1.0']['mean@16'])} | {_ms(r['T0.2']['mean@16'])} | - "
                      f"| {vs_cispo('base', '1.0')} | {vs_cispo('base', '0.2')} | {ARTICLE['base']} |")  # fmt: skip
     for fam in FAMILIES:
         arm = best.get(fam)
@@ -525,7 +525,7 @@ def readme_table(summary: dict) -> str:
         r = summary["arms"][arm]
         tok = [x for x in r["tokens_to_best"] if x is not None]
         art = ARTICLE.get(fam, "- (not in the article)")
-        lines.append(f"| {r['label']} | {len(r['seeds'])} | {_ms(r.get('T1.0', {}).get('mean@16', []))} "
+        lines.append(f"| {r['label']} | {r['lr']} | {len(r['seeds'])} | {_ms(r.get('T1.0', {}).get('mean@16', []))} "
                      f"| {_ms(r.get('T0.2', {}).get('mean@16', []))} "
                      f"| {_ms(tok, 1e-6, '.2f') + 'M' if tok else '-'} | {vs_cispo(arm, '1.0')} "
                      f"| {vs_cispo(arm, '0.2')} | {art} |")  # fmt: skip
