@@ -45,15 +45,13 @@ from tsd.rollouts.base import (
     RolloutOutput,
     decode_completion,
     encode_prompt,
-    problem_means,
-    problem_stats,
 )
 from tsd.rollouts.fork_gates import ForkAll, ForkGate
 from tsd.rollouts.forks import ForkRule, SampledPath, SurpriseForks
 from tsd.rollouts.path_tree import tree_from_paths
 from tsd.rollouts.tree import SearchTree
-from tsd.rollouts.tree_stats import nonzero_advantage_fraction, shape_stats
-from tsd.rollouts.tree_targets import TreePaths, TreeRLAdvantage, graded_terminals, tree_trajectories
+from tsd.rollouts.tree_stats import nonzero_advantage_fraction, shape_stats, whole_tree_stats
+from tsd.rollouts.tree_targets import TreePaths, TreeRLAdvantage, tree_trajectories
 from tsd.samplers.base import Continuation, Sampler
 
 
@@ -285,23 +283,9 @@ class EPTreeRollout(Rollout):
         paths: Sequence[Sequence[SampledPath]],
     ) -> dict[str, float]:
         n = len(problems)
-        ends = [graded_terminals(t) for t in trees]
-        advs = [a for t in trajectories for a in (t.token_advantages or [])]
         tokens = sum(t.generated_tokens for t in trees)
         return {
-            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories) if trajectories else 0.0,
-            "rollout/correct_mean": (
-                statistics.fmean(float(t.correct) for t in trajectories) if trajectories else 0.0
-            ),
-            **problem_means(
-                [
-                    problem_stats(t.generated_tokens, any(x.correct for x in e), len(e))
-                    for t, e in zip(trees, ends)
-                ]
-            ),
-            "rollout/paths_per_problem": len(trajectories) / n,
-            "rollout/path_tokens_per_problem": sum(t.num_tokens for t in trajectories) / n,
-            "rollout/token_advantage_abs_mean": statistics.fmean(abs(a) for a in advs) if advs else 0.0,
+            **whole_tree_stats(trees, trajectories, n),
             "rollout/nonzero_advantage_token_fraction": nonzero_advantage_fraction(trajectories),
             **shape_stats(trees),
             "search/forked_problem_fraction": sum(forked) / n,

@@ -68,11 +68,11 @@ from tsd.rollouts.base import (
     encode_prompt,
     grade,
     mean_problem_stats,
-    problem_means,
     problem_stats,
 )
 from tsd.rollouts.selection import MaxVisit
 from tsd.rollouts.tree import Node, SearchTree
+from tsd.rollouts.tree_stats import whole_tree_stats
 from tsd.rollouts.tree_targets import TreePaths, graded_terminals, tree_trajectories
 from tsd.samplers.base import Continuation, Sampler
 
@@ -670,23 +670,9 @@ class MCTSRollout(Rollout):
             }
         # the whole tree: per problem from the trees, per path from what is emitted
         ends = [graded_terminals(t) for t in trees]
-        advs = [a for t in trajectories for a in (t.token_advantages or [])]
         return {
-            "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories) if trajectories else 0.0,
-            "rollout/correct_mean": (
-                statistics.fmean(float(t.correct) for t in trajectories) if trajectories else 0.0
-            ),
-            **problem_means(
-                [
-                    problem_stats(t.generated_tokens, any(x.correct for x in e), len(e))
-                    for t, e in zip(trees, ends)
-                ]
-            ),
+            **whole_tree_stats(trees, trajectories, n),
             **out,
-            "rollout/paths_per_problem": len(trajectories) / n,
-            # completion tokens the trainer will see (a shared step once per path through it)
-            "rollout/path_tokens_per_problem": sum(t.num_tokens for t in trajectories) / n,
-            "rollout/token_advantage_abs_mean": statistics.fmean(abs(a) for a in advs) if advs else 0.0,
             # paths that carry no policy gradient (every step's advantage 0: e.g. all answers equal)
             "rollout/zero_advantage_path_fraction": (
                 statistics.fmean(float(not any(t.token_advantages or [])) for t in trajectories)

@@ -20,7 +20,9 @@ import statistics
 from collections.abc import Sequence
 
 from tsd.rl.trajectory import Trajectory
+from tsd.rollouts.base import problem_means, problem_stats
 from tsd.rollouts.tree import SearchTree
+from tsd.rollouts.tree_targets import graded_terminals
 
 
 def shape_stats(trees: Sequence[SearchTree]) -> dict[str, float]:
@@ -55,3 +57,29 @@ def nonzero_advantage_fraction(trajectories: Sequence[Trajectory], eps: float = 
         else:
             nonzero += n
     return nonzero / total if total else 0.0
+
+
+def whole_tree_stats(
+    trees: Sequence[SearchTree], trajectories: Sequence[Trajectory], n: int
+) -> dict[str, float]:
+    """The ``rollout/*`` figures of a rollout that trains on whole trees (MCTS's tree emission,
+    EPTree): per problem from the ``trees`` (each with ``generated_tokens`` set), per path from the
+    emitted ``trajectories``, over ``n`` problems."""
+    ends = [graded_terminals(t) for t in trees]
+    advs = [a for t in trajectories for a in (t.token_advantages or [])]
+    return {
+        "rollout/reward_mean": statistics.fmean(t.reward for t in trajectories) if trajectories else 0.0,
+        "rollout/correct_mean": statistics.fmean(float(t.correct) for t in trajectories)
+        if trajectories
+        else 0.0,
+        **problem_means(
+            [
+                problem_stats(t.generated_tokens, any(x.correct for x in e), len(e))
+                for t, e in zip(trees, ends)
+            ]
+        ),
+        "rollout/paths_per_problem": len(trajectories) / n,
+        # completion tokens the trainer will see (a shared step once per path through it)
+        "rollout/path_tokens_per_problem": sum(t.num_tokens for t in trajectories) / n,
+        "rollout/token_advantage_abs_mean": statistics.fmean(abs(a) for a in advs) if advs else 0.0,
+    }
