@@ -108,7 +108,9 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     assert v2["diff"] == pytest.approx(-8 / (8 * K)) and v2["verdict"] == "cispo > tree"
     v3 = fr[3 * e]["tree_vs_cispo"]
     assert v3["diff"] == pytest.approx(12 / (8 * K)) and v3["verdict"] == "tree > cispo"
-    assert 4 * e not in fr or not fr[4 * e]["best"]  # no run reached 4e: no figure there
+    # past 3e every run had been stopped by the plateau rule: each counts with its last evaluation
+    assert fr[4 * e]["carried"] == ["cispo16", "tree44"] and fr[3 * e]["carried"] == []
+    assert fr[4 * e]["tree_vs_cispo"]["diff"] == pytest.approx(v3["diff"])
     md = (out / "plateau.md").read_text()
     assert "| CISPO, group 16 | 3e-4 | 3 |" in md and "tree > cispo" in md
     assert plateau.family_best(summary) == {"cispo": "cispo16", "tree": "tree44"}
@@ -125,16 +127,32 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     assert (out / "plateau.png").stat().st_size > 10_000
 
 
-def test_a_frontier_shape_counts_only_where_every_seed_reached_the_budget(tmp_path):
+def test_a_frontier_shape_counts_past_a_seed_the_plateau_rule_stopped_and_nowhere_past_any_other_end(
+    tmp_path,
+):
+    """A seed stopped by the plateau rule before a budget counts there with its last evaluation (its
+    curve went flat); a seed that ended there any other way takes its shape off the frontier."""
     out = tmp_path / "plateau"
     e = plateau.EVAL_EVERY_TOKENS
-    low, high = _scores([1] * 8, VAL), _scores([5] * 8, VAL)
-    for s in plateau.SEEDS:  # group 4: higher, but seed 2 stopped at e
-        _run(out, "cispo4", s, [(0, low), (e, high)] + ([(2 * e, high)] if s < 2 else []))
-        _run(out, "cispo16", s, [(0, low), (e, low), (2 * e, low)])
+    low, high, mid = _scores([1] * 8, VAL), _scores([5] * 8, VAL), _scores([3] * 8, VAL)
+    for s in plateau.SEEDS:
+        # group 4: higher; seed 2 was stopped by the plateau rule at e, on its last evaluation (mid)
+        # after its best (high)
+        tail = [(2 * e, high), (3 * e, high)] if s < 2 else [(e / 2, high), (e, mid)]
+        _run(out, "cispo4", s, [(0, low)] + tail)
+        # group 8: highest of all, but seed 0 ended at 2e without reaching its plateau (the cap)
+        _run(out, "cispo8", s, [(0, low), (e, high), (2 * e, high)] + ([(3 * e, high)] if s else []),
+             stop="token budget: x" if s == 0 else "plateau: x")  # fmt: skip
+        _run(out, "cispo16", s, [(0, low), (e, low), (2 * e, low), (3 * e, low)])
     fr = {r["tokens"]: r for r in plateau.frontier(out)}
-    assert fr[e]["best"]["cispo"][0] == "cispo4"
-    assert fr[2 * e]["best"]["cispo"][0] == "cispo16"  # cispo4 has no figure at 2e
+    # at 2e: cispo8 (every seed reached it) is best; at 3e cispo8 has no figure (seed 0 was cut off)
+    assert fr[2 * e]["best"]["cispo"] == ("cispo8", pytest.approx(5 / K))
+    best3, score3 = fr[3 * e]["best"]["cispo"]
+    # at 3e cispo4 counts, its seed 2 with its last evaluation (3 per problem), not its best (5)
+    assert best3 == "cispo4" and score3 == pytest.approx((5 + 5 + 3) / 3 / K)
+    assert fr[3 * e]["carried"] == ["cispo4"] and fr[e]["carried"] == []
+    md = plateau.markdown({"arms": {}, "pairs": [], "frontier": list(fr.values()), "rate_checks": []})
+    assert "(cispo4*)" in md and "(cispo8)" in md
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint_and_a_restarted_one_keeps_only_its_own_history(tmp_path):

@@ -336,10 +336,15 @@ def report(out: Path) -> dict:
     return summary
 
 
-def _family_at(out: Path, family: str, tokens: float) -> tuple[str, float, dict[str, float]] | None:
+def _family_at(out: Path, family: str, tokens: float) -> tuple[str, float, dict[str, float], bool] | None:
     """The family's best shape at ``tokens`` generated: (arm, seed-mean validation mean@16, its
-    seed-mean per-problem scores at the evaluation nearest ``tokens``); None if no shape of the
-    family reached ``tokens`` with every one of its seeds."""
+    seed-mean per-problem scores at the evaluation nearest ``tokens``, whether a seed's figure is
+    carried); None if no shape of the family has a figure there.
+
+    A seed the plateau rule stopped before ``tokens`` counts there with its last evaluation: the
+    rule stopped it because its curve had gone flat, and leaving the shape out would compare the
+    other family against only the shapes still running. A seed that ended before ``tokens`` any
+    other way (not yet finished, the cap, a crash) has no figure there, nor has its shape."""
     best = None
     for arm, (fam, *_rest) in ARMS.items():
         if fam != family:
@@ -348,16 +353,22 @@ def _family_at(out: Path, family: str, tokens: float) -> tuple[str, float, dict[
         if not runs:
             continue
         journals = [_journal(d) for _, d in runs]
-        if any(not j or j[-1]["compute/generated_tokens"] < tokens * 0.999 for j in journals):
-            continue  # a seed stopped before this budget: no figure there
-        rows = [min(j, key=lambda r: abs(r["compute/generated_tokens"] - tokens)) for j in journals]
-        if any(abs(r["compute/generated_tokens"] - tokens) > 0.1 * tokens for r in rows):
+        plateaued = [str((_json(d / "results.json") or {}).get("stop_reason", "")).startswith("plateau")
+                     for _, d in runs]  # fmt: skip
+        short = [not j or j[-1]["compute/generated_tokens"] < tokens * 0.999 for j in journals]
+        if any(s and not (p and j) for s, p, j in zip(short, plateaued, journals)):
+            continue  # a seed ended before this budget without reaching its plateau: no figure there
+        rows = [j[-1] if s else min(j, key=lambda r: abs(r["compute/generated_tokens"] - tokens))
+                for j, s in zip(journals, short)]  # fmt: skip
+        if any(
+            not s and abs(r["compute/generated_tokens"] - tokens) > 0.1 * tokens for r, s in zip(rows, short)
+        ):
             continue  # no evaluation within 10% of these tokens
         score = statistics.fmean(r["val/mean@16"] for r in rows)
         per = [{p: c / r["samples_per_problem"] for p, c in r["per_problem_correct"].items()} for r in rows]
         mean = {p: statistics.fmean(x[p] for x in per) for p in per[0]}
         if best is None or score > best[1]:
-            best = (arm, score, mean)
+            best = (arm, score, mean, any(short))
     return best
 
 
@@ -368,7 +379,8 @@ def frontier(out: Path) -> list[dict]:
     for i in range(1, MAX_TOKENS // EVAL_EVERY_TOKENS + 1):
         tokens = i * EVAL_EVERY_TOKENS
         at = {f: _family_at(out, f, tokens) for f in FAMILIES}
-        row: dict = {"tokens": tokens, "best": {f: (v[0], v[1]) for f, v in at.items() if v}}
+        row: dict = {"tokens": tokens, "best": {f: (v[0], v[1]) for f, v in at.items() if v},
+                     "carried": sorted(v[0] for v in at.values() if v and v[3])}  # fmt: skip
         tree, cispo = at.get("tree"), at.get("cispo")
         if tree and cispo:
             d = paired_by_id(cispo[2], tree[2])
@@ -443,15 +455,19 @@ def markdown(summary: dict) -> str:
         lines += [
             "",
             "The frontier: at each budget of generated tokens, each family's best shape on validation"
-            " (seed mean, mean@16 %; the shape in brackets), and the whole tree's best against CISPO's"
-            " best, paired per validation problem (256, seed-averaged, 95% CI):",
+            " (seed mean, mean@16 %; the shape in brackets; * where a seed the plateau rule stopped earlier"
+            " counts with its last evaluation), and the whole tree's best against CISPO's best, paired per"
+            " validation problem (256, seed-averaged, 95% CI):",
             "",
             "| generated tokens | " + " | ".join(FAMILIES[f] for f in fams) + " | tree - CISPO | verdict |",
             "|---|" + "---|" * len(fams) + "---|---|",
         ]
         for r in fr:
             cells = [
-                f"{100 * r['best'][f][1]:.2f} ({r['best'][f][0]})" if f in r["best"] else "-" for f in fams
+                f"{100 * r['best'][f][1]:.2f} ({r['best'][f][0]}{'*' if r['best'][f][0] in r.get('carried', ()) else ''})"
+                if f in r["best"]
+                else "-"
+                for f in fams
             ]
             v = r.get("tree_vs_cispo")
             diff = (
@@ -571,7 +587,13 @@ def plot(summary: dict, path: Path) -> None:
     fr = [r for r in summary["frontier"] if r["best"]]
     for fam, name in FAMILIES.items():
         pts = [
-            (r["tokens"] / 1e6, 100 * r["best"][fam][1], r["best"][fam][0]) for r in fr if fam in r["best"]
+            (
+                r["tokens"] / 1e6,
+                100 * r["best"][fam][1],
+                r["best"][fam][0] + "*" * (r["best"][fam][0] in r.get("carried", ())),
+            )
+            for r in fr
+            if fam in r["best"]
         ]
         if not pts:
             continue
@@ -582,7 +604,10 @@ def plot(summary: dict, path: Path) -> None:
             )
     fx.set_xlabel("generated tokens (millions)")
     fx.set_ylabel("validation mean@16 of the family's best shape (%)")
-    fx.set_title("the frontier: each family's best shape at equal generated tokens", fontsize=10)
+    fx.set_title(
+        "the frontier: each family's best shape at equal generated tokens (* a seed held at its plateau)",
+        fontsize=10,
+    )
     fx.grid(True, alpha=0.3)
     if fx.get_legend_handles_labels()[0]:
         fx.legend(fontsize=8)
