@@ -24,7 +24,8 @@ Design (docs/study.md says why):
 - evaluation: the validation-best policy of every run on all 820 test problems at T=1.0 and 0.2
   (mean@16), paired per problem on seed-averaged scores; the generated tokens to the best and to
   90% of it; validation curves against generated tokens with seed bands; the frontier of each
-  family's best shape at equal tokens, paired per validation problem at each budget.
+  family's best shape at equal tokens, paired per validation problem at each budget (a seed the
+  plateau rule stopped counts at later budgets with its last evaluation).
 """
 
 from __future__ import annotations
