@@ -113,6 +113,10 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     assert fr[4 * e]["tree_vs_cispo"]["diff"] == pytest.approx(v3["diff"])
     md = (out / "plateau.md").read_text()
     assert "| CISPO, group 16 | 3e-4 | 3 |" in md and "tree > cispo" in md
+    # every tree shape against every CISPO shape on test: level with CISPO-16, 4 points per problem
+    # below CISPO-8 on every problem (a zero-width interval, marked)
+    assert "| 1.0 | the whole tree, 4 x 4 (3) | +0.00 [" in md
+    assert "| -25.00 [-25.00, -25.00] * |" in md
     assert plateau.family_best(summary) == {"cispo": "cispo16", "tree": "tree44"}
     rows = {r.split(" | ")[0].lstrip("| "): r for r in plateau.readme_table(summary).splitlines()}
     assert "CISPO, group 8" not in rows

@@ -408,6 +408,34 @@ def _rate_test(x: dict | None) -> str:
             f" {100 * hi:+.2f}], {x['verdict']}")  # fmt: skip
 
 
+def _shape_grid(summary: dict) -> list[str]:
+    """Every tree shape against every CISPO shape on test (tree - CISPO, paired): the answer that
+    does not lean on validation's pick of each family's best shape."""
+    arms = summary["arms"]
+    trees = [a for a in arms if arms[a].get("family") == "tree"]
+    cispos = [a for a in arms if arms[a].get("family") == "cispo"]
+    pairs = {(p["T"], p["a"], p["b"]): p for p in summary["pairs"]}
+    cells = {(t, tr, c): pairs.get((t, c, tr)) for t in TEMPERATURES for tr in trees for c in cispos}
+    if not any(cells.values()):
+        return []
+    lines = ["", "Every tree shape against every CISPO shape, test mean@16 (tree - CISPO, points, paired per"
+             " problem on seed means, 95% CI; the seeds in brackets):", "",
+             "| T | tree shape | " + " | ".join(f"{arms[c]['label']} ({len(arms[c]['seeds'])})" for c in cispos) + " |",
+             "|---|---|" + "---|" * len(cispos)]  # fmt: skip
+    for t in TEMPERATURES:
+        for tr in trees:
+            row = []
+            for c in cispos:
+                p = cells[(t, tr, c)]
+                row.append("-" if p is None else f"{100 * p['diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
+                           f"{100 * p['ci95'][1]:+.2f}]{'' if p['verdict'] == 'no difference' else ' *'}")  # fmt: skip
+            lines.append(
+                f"| {t} | {arms[tr]['label']} ({len(arms[tr]['seeds'])}) | " + " | ".join(row) + " |"
+            )
+    lines += ["", "(* the interval excludes zero)"]
+    return lines
+
+
 def markdown(summary: dict) -> str:
     lines = [
         "| arm | lr | seeds | validation best | test mean@16, T=1.0 | test mean@16, T=0.2 | pass@16, T=1.0 "
@@ -450,6 +478,7 @@ def markdown(summary: dict) -> str:
         lo, hi = p["ci95"]
         lines.append(f"| {p['T']} | {p['b']} - {p['a']} | {100 * p['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
                      f"| {p['verdict']} |")  # fmt: skip
+    lines += _shape_grid(summary)
     fr = [r for r in summary["frontier"] if r["best"]]
     if fr:
         fams = [f for f in FAMILIES if any(f in r["best"] for r in fr)]
