@@ -76,12 +76,14 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     # picks a family's shape on validation, never on test
     for s in plateau.SEEDS:
         _run(out, "cispo8", s, [(0, base_val), (e, base_val), (2 * e, base_val)])
+    # the tree's seeds differ (1, 0 and 2 more per problem: 1 on average), CISPO's are alike
     for arm, plus in (("cispo16", [2, 0] * 5), ("tree44", [1] * 10), ("cispo8", [5] * 10)):
         for s in plateau.SEEDS:
             for t in plateau.TEMPERATURES:
                 name = plateau.run_dir(out, arm, s).name
+                shift = (0, -1, 1)[s] if arm == "tree44" else 0
                 _eval(out / "eval" / f"{name}_T{t}" / "results.json",
-                      _scores([b + p for b, p in zip(base_t, plus)], TEST))  # fmt: skip
+                      _scores([b + p + shift for b, p in zip(base_t, plus)], TEST))  # fmt: skip
     summary = plateau.report(out)
 
     cispo = summary["arms"]["cispo16"]
@@ -101,6 +103,15 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     assert tree_vs_base["diff"] == pytest.approx(1 / 16)
     assert tree_vs_base["ci95"] == (pytest.approx(1 / 16), pytest.approx(1 / 16))
     assert pairs[("1.0", "cispo16", "tree44")]["diff"] == pytest.approx(0.0)
+    # with seed noise: the tree's seed means differ by 1/16 per seed, so its interval is wider than
+    # the per-problem one; CISPO's alike seeds add nothing (its interval against the base is the
+    # per-problem one at a t quantile)
+    t_c = pairs[("1.0", "cispo16", "tree44")]
+    assert t_c["seeds_ci95"][0] < t_c["ci95"][0] - 0.05 and t_c["seeds_ci95"][1] > t_c["ci95"][1] + 0.05
+    b_c = pairs[("1.0", "base", "cispo16")]
+    assert b_c["seeds_df"] == pytest.approx(9) and b_c["seeds_ci95"][1] - b_c["seeds_ci95"][
+        0
+    ] == pytest.approx((b_c["ci95"][1] - b_c["ci95"][0]) * 2.262157 / 1.96, rel=1e-5)
     # the frontier: at 2e CISPO's curve is at its best, the tree's at its base; at 3e the reverse
     fr = {r["tokens"]: r for r in summary["frontier"]}
     assert fr[2 * e]["best"]["cispo"] == ("cispo16", pytest.approx(best))
@@ -116,18 +127,16 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     # every tree shape against every CISPO shape on test: level with CISPO-16, 4 points per problem
     # below CISPO-8 on every problem (a zero-width interval, marked)
     assert "| 1.0 | the whole tree, 4 x 4 (3) | +0.00 [" in md
-    assert "| -25.00 [-25.00, -25.00] * |" in md
+    assert "| -25.00 [-25.00, -25.00] *; seeds [" in md
     assert plateau.family_best(summary) == {"cispo": "cispo16", "tree": "tree44"}
     rows = {r.split(" | ")[0].lstrip("| "): r for r in plateau.readme_table(summary).splitlines()}
     assert "CISPO, group 8" not in rows
     assert rows["CISPO, group 16"].endswith("| - | - | 8.4 |")  # the reference row; the article's CISPO
     # the tree against CISPO-16, paired: -1/16 and +1/16 alternately, so 0 and no difference
-    assert (
-        "| +0.00 [" in rows["the whole tree, 4 x 4"] and ": no difference |" in rows["the whole tree, 4 x 4"]
-    )
-    assert (
-        "| -6.25 [-10.33, -2.17]: behind |" in rows["base (bundled policy)"]
-    )  # -2/16 on every other problem
+    tree_row = rows["the whole tree, 4 x 4"]
+    assert "| +0.00 [" in tree_row and "; seeds [" in tree_row and ": level |" in tree_row
+    # -2/16 on every other problem; the base has no seeds, CISPO's are alike: a t interval, 9 df
+    assert "| -6.25 [-10.33, -2.17]; seeds [-10.96, -1.54]: behind |" in rows["base (bundled policy)"]
     assert (out / "plateau.png").stat().st_size > 10_000
 
 

@@ -51,3 +51,73 @@ def paired_by_id(base: Mapping[str, float], run: Mapping[str, float]) -> dict:
         )
     ids = sorted(base)
     return paired_difference([base[i] for i in ids], [run[i] for i in ids])
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Student's t quantile (``0.5 < p < 1``, ``df >= 1``): bisection on the CDF, the density
+    integrated by Simpson's rule (the standard library has no incomplete beta function; accurate to
+    about 1e-6 here, plenty for an interval's width)."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile: p must be in (0.5, 1) and df >= 1, got p={p}, df={df}")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 400) -> float:
+        f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
+        h = x / n
+        s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+        return 0.5 + s * h / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def with_seed_noise(
+    base: Sequence[Mapping[str, float]],
+    run: Sequence[Mapping[str, float]],
+    base_fixed: bool = False,
+    run_fixed: bool = False,
+) -> dict | None:
+    """``run - base`` for two methods each trained with several seeds (one per-problem evaluation
+    per seed, problem id -> score), with an interval that counts both what :func:`paired_by_id`
+    counts (which problems were drawn) and how much another training seed would move each method.
+
+    The difference is that of the seed-averaged scores. Its variance is the paired one over problems
+    plus each side's between-seed variance of its mean score over a seed count (``s^2 / n``); the
+    interval is a t interval at the Welch-Satterthwaite degrees of freedom, so 2-3 seeds give a wide
+    one. The between-seed variance also holds each seed's sampling noise, which the problem term
+    counts too: the interval is a little conservative. A side marked ``fixed`` (the untrained base)
+    has no seed term; None when a trained side has fewer than 2 seeds (its seed noise is unknown)."""
+    sides = []
+    for evals, fixed in ((base, base_fixed), (run, run_fixed)):
+        if not evals or (len(evals) < 2 and not fixed):
+            return None
+        means = [statistics.fmean(e.values()) for e in evals]
+        sides.append(
+            (0.0, 1) if fixed or len(evals) < 2 else (statistics.variance(means) / len(evals), len(evals) - 1)
+        )
+    avg = [{i: statistics.fmean(e[i] for e in evals) for i in evals[0]} for evals in (base, run)]
+    d = paired_by_id(avg[0], avg[1])
+    parts = [(d["se"] ** 2, d["problems"] - 1), *sides]
+    var = sum(v for v, _ in parts)
+    if var == 0:
+        return {
+            **d,
+            "se": 0.0,
+            "df": math.inf,
+            "ci95": (d["diff"], d["diff"]),
+            "seeds": (len(base), len(run)),
+        }
+    df = var**2 / sum(v * v / k for v, k in parts if v > 0)
+    half = t_quantile(0.975, max(df, 1.0)) * math.sqrt(var)
+    return {
+        **d,
+        "se": math.sqrt(var),
+        "df": df,
+        "ci95": (d["diff"] - half, d["diff"] + half),
+        "seeds": (len(base), len(run)),
+    }

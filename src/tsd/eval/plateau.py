@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from tsd.eval.paired import paired_by_id
+from tsd.eval.paired import paired_by_id, with_seed_noise
 from tsd.eval.search_efficiency import ARTICLE_SEARCH
 from tsd.eval.study import ROOT, TEMPERATURES, Job, eval_job
 from tsd.fileio import write_text_atomic
@@ -267,9 +267,11 @@ def _runs(out: Path, arm: str, lr: str | None = None, seeds: Sequence[int] = SEE
 def report(out: Path) -> dict:
     summary: dict = {"arms": {}, "pairs": [], "frontier": [], "rate_checks": []}
     per_arm: dict[str, dict[str, dict[str, float]]] = {}  # arm -> T -> seed-mean per test problem
+    per_seed: dict[str, dict[str, list[dict[str, float]]]] = {}  # arm -> T -> per seed, per test problem
     base = {t: _json(out / "eval" / f"base_T{t}" / "results.json") for t in TEMPERATURES}
     if all(base.values()):
         per_arm["base"] = {t: _per_problem(r) for t, r in base.items() if r}
+        per_seed["base"] = {t: [v] for t, v in per_arm["base"].items()}
         summary["arms"]["base"] = {"label": "base (bundled policy)", "family": "base",
                                    **{f"T{t}": {"mean@16": [r["mean@16"]], "pass@16": [r["pass@16"]]}
                                       for t, r in base.items() if r}}  # fmt: skip
@@ -300,6 +302,7 @@ def report(out: Path) -> dict:
                 }
                 per = [_per_problem(e) for e in evals]
                 per_arm.setdefault(arm, {})[t] = {p: statistics.fmean(x[p] for x in per) for p in per[0]}
+                per_seed.setdefault(arm, {})[t] = per
         summary["arms"][arm] = row
     # paired differences of the validation-best policies (820 test problems, seed-averaged)
     names = [a for a in ["base", *ARMS] if a in per_arm]
@@ -308,8 +311,11 @@ def report(out: Path) -> dict:
             for b in names[i + 1 :]:
                 if t in per_arm[a] and t in per_arm[b]:
                     d = paired_by_id(per_arm[a][t], per_arm[b][t])
+                    w = with_seed_noise(per_seed[a][t], per_seed[b][t], base_fixed=a == "base")
                     summary["pairs"].append({"T": t, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
-                                             "verdict": _verdict(d, a, b)})  # fmt: skip
+                                             "verdict": _verdict(d, a, b),
+                                             "seeds_ci95": w and w["ci95"], "seeds_df": w and w["df"],
+                                             "seeds_verdict": w and _verdict(w, a, b)})  # fmt: skip
     summary["frontier"] = frontier(out)
     for arm, lr in RATE_CHECKS:
         at, ref = _runs(out, arm, lr, (0,)), _runs(out, arm, None, (0,))
@@ -408,6 +414,19 @@ def _rate_test(x: dict | None) -> str:
             f" {100 * hi:+.2f}], {x['verdict']}")  # fmt: skip
 
 
+SEED_NOISE = (
+    "With seed noise: the interval also counts how much another training seed would move each method"
+    " (the between-seed variance of each side's mean score, a t interval at Welch-Satterthwaite degrees"
+    " of freedom; src/tsd/eval/paired.py `with_seed_noise`); '-' where a trained side has one seed. The"
+    " per-problem interval alone says how sure the measurement on these 820 problems is, not how sure"
+    " the difference between the methods is."
+)
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    return "-" if not ci else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+
+
 def _shape_grid(summary: dict) -> list[str]:
     """Every tree shape against every CISPO shape on test (tree - CISPO, paired): the answer that
     does not lean on validation's pick of each family's best shape."""
@@ -419,7 +438,7 @@ def _shape_grid(summary: dict) -> list[str]:
     if not any(cells.values()):
         return []
     lines = ["", "Every tree shape against every CISPO shape, test mean@16 (tree - CISPO, points, paired per"
-             " problem on seed means, 95% CI; the seeds in brackets):", "",
+             " problem on seed means, 95% CI; then the interval with seed noise; the seeds in brackets):", "",
              "| T | tree shape | " + " | ".join(f"{arms[c]['label']} ({len(arms[c]['seeds'])})" for c in cispos) + " |",
              "|---|---|" + "---|" * len(cispos)]  # fmt: skip
     for t in TEMPERATURES:
@@ -428,7 +447,9 @@ def _shape_grid(summary: dict) -> list[str]:
             for c in cispos:
                 p = cells[(t, tr, c)]
                 row.append("-" if p is None else f"{100 * p['diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
-                           f"{100 * p['ci95'][1]:+.2f}]{'' if p['verdict'] == 'no difference' else ' *'}")  # fmt: skip
+                           f"{100 * p['ci95'][1]:+.2f}]{'' if p['verdict'] == 'no difference' else ' *'}; "
+                           f"seeds {_interval(p.get('seeds_ci95'))}"
+                           f"{' *' if p.get('seeds_verdict') not in (None, 'no difference') else ''}")  # fmt: skip
             lines.append(
                 f"| {t} | {arms[tr]['label']} ({len(arms[tr]['seeds'])}) | " + " | ".join(row) + " |"
             )
@@ -471,13 +492,14 @@ def markdown(summary: dict) -> str:
         "Paired differences of the validation-best policies' test mean@16 (seed-averaged per problem, 820"
         " problems, 95% CI):",
         "",
-        "| T | b - a | difference (points) | verdict |",
-        "|---|---|---|---|",
+        "| T | b - a | difference (points) | verdict | with seed noise | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for p in summary["pairs"]:
         lo, hi = p["ci95"]
         lines.append(f"| {p['T']} | {p['b']} - {p['a']} | {100 * p['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
-                     f"| {p['verdict']} |")  # fmt: skip
+                     f"| {p['verdict']} | {_interval(p.get('seeds_ci95'))} | {p.get('seeds_verdict') or '-'} |")  # fmt: skip
+    lines += ["", SEED_NOISE]
     lines += _shape_grid(summary)
     fr = [r for r in summary["frontier"] if r["best"]]
     if fr:
@@ -552,12 +574,18 @@ def readme_table(summary: dict) -> str:
         sign = 1 if p["b"] == arm else -1
         lo, hi = sorted((sign * p["ci95"][0], sign * p["ci95"][1]))
         d = sign * p["diff"]
-        verdict = "no difference" if lo <= 0 <= hi else ("ahead" if lo > 0 else "behind")
-        return f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]: {verdict}"
+        if p.get("seeds_ci95"):  # the verdict counts the seeds' noise where it can be estimated
+            slo, shi = sorted((sign * p["seeds_ci95"][0], sign * p["seeds_ci95"][1]))
+            verdict = "level" if slo <= 0 <= shi else ("ahead" if slo > 0 else "behind")
+            return f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]; seeds [{100 * slo:+.2f}, {100 * shi:+.2f}]: {verdict}"
+        verdict = "level" if lo <= 0 <= hi else ("ahead" if lo > 0 else "behind")
+        return (
+            f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]: {verdict} (one seed: seed noise not counted)"
+        )
 
     lines = [
         "| method (its best shape on validation) | lr | seeds | test mean@16, T=1.0 | T=0.2 | tokens to the best "
-        "| vs CISPO's best, T=1.0 (paired) | T=0.2 | the article's plateau (1.5B) |",
+        "| vs CISPO's best, T=1.0 (paired; with seed noise) | T=0.2 | the article's plateau (1.5B) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     if "base" in summary["arms"]:
