@@ -3,8 +3,9 @@
 Problem difficulty is shared by both methods, so the standard error of the per-problem
 *differences* is much tighter than two independent error bars. The interval is the normal
 approximation ``mean(d) +- 1.96 * sd(d) / sqrt(n)``: it says how sure the measurement on these
-problems is, not how much another seed of a whole training run would vary. A difference whose
-interval contains 0 is reported as no difference.
+problems is, not how much another seed of a whole training run would vary; :func:`with_seed_noise`
+adds that where each method has several seeds. A difference whose interval contains 0 is reported
+as no difference.
 """
 
 from __future__ import annotations
