@@ -117,6 +117,8 @@ def test_the_report_pairs_by_problem_and_reads_tokens_off_the_curves(tmp_path):
     assert fr[2 * e]["best"]["cispo"] == ("cispo16", pytest.approx(best))
     v2 = fr[2 * e]["tree_vs_cispo"]
     assert v2["diff"] == pytest.approx(-8 / (8 * K)) and v2["verdict"] == "cispo > tree"
+    # alike seeds: the interval with seed noise is the per-problem one at t(7) instead of 1.96
+    assert v2["seeds_ci95"][0] < v2["ci95"][0] and v2["seeds_verdict"] == "cispo > tree"
     v3 = fr[3 * e]["tree_vs_cispo"]
     assert v3["diff"] == pytest.approx(12 / (8 * K)) and v3["verdict"] == "tree > cispo"
     # past 3e every run had been stopped by the plateau rule: each counts with its last evaluation

@@ -343,7 +343,9 @@ def report(out: Path) -> dict:
     return summary
 
 
-def _family_at(out: Path, family: str, tokens: float) -> tuple[str, float, dict[str, float], bool] | None:
+def _family_at(
+    out: Path, family: str, tokens: float
+) -> tuple[str, float, dict[str, float], bool, list[dict[str, float]]] | None:
     """The family's best shape at ``tokens`` generated: (arm, seed-mean validation mean@16, its
     seed-mean per-problem scores at the evaluation nearest ``tokens``, whether a seed's figure is
     carried); None if no shape of the family has a figure there.
@@ -375,7 +377,7 @@ def _family_at(out: Path, family: str, tokens: float) -> tuple[str, float, dict[
         per = [{p: c / r["samples_per_problem"] for p, c in r["per_problem_correct"].items()} for r in rows]
         mean = {p: statistics.fmean(x[p] for x in per) for p in per[0]}
         if best is None or score > best[1]:
-            best = (arm, score, mean, any(short))
+            best = (arm, score, mean, any(short), per)
     return best
 
 
@@ -391,8 +393,10 @@ def frontier(out: Path) -> list[dict]:
         tree, cispo = at.get("tree"), at.get("cispo")
         if tree and cispo:
             d = paired_by_id(cispo[2], tree[2])
+            w = with_seed_noise(cispo[4], tree[4])
             row["tree_vs_cispo"] = {"tree": tree[0], "cispo": cispo[0], "diff": d["diff"], "ci95": d["ci95"],
-                                    "verdict": _verdict(d, "cispo", "tree")}  # fmt: skip
+                                    "verdict": _verdict(d, "cispo", "tree"), "seeds_ci95": w and w["ci95"],
+                                    "seeds_verdict": w and _verdict(w, "cispo", "tree")}  # fmt: skip
         rows.append(row)
     return rows
 
@@ -511,8 +515,10 @@ def markdown(summary: dict) -> str:
             " counts with its last evaluation), and the whole tree's best against CISPO's best, paired per"
             " validation problem (256, seed-averaged, 95% CI):",
             "",
-            "| generated tokens | " + " | ".join(FAMILIES[f] for f in fams) + " | tree - CISPO | verdict |",
-            "|---|" + "---|" * len(fams) + "---|---|",
+            "| generated tokens | "
+            + " | ".join(FAMILIES[f] for f in fams)
+            + " | tree - CISPO | verdict | with seed noise | verdict |",
+            "|---|" + "---|" * len(fams) + "---|---|---|---|",
         ]
         for r in fr:
             cells = [
@@ -528,7 +534,8 @@ def markdown(summary: dict) -> str:
                 else f"{100 * v['diff']:+.2f} [{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}]"
             )
             lines.append(f"| {r['tokens'] / 1e3:,.0f}k | " + " | ".join(cells)
-                         + f" | {diff} | {'-' if v is None else v['verdict']} |")  # fmt: skip
+                         + f" | {diff} | {'-' if v is None else v['verdict']} "
+                         + f"| {_interval(v and v.get('seeds_ci95'))} | {(v and v.get('seeds_verdict')) or '-'} |")  # fmt: skip
     if summary["rate_checks"]:
         lines += ["", "The rate at plateau (seed 0): validation best and the tokens to it, at the study's rate"
                   " and a lower one, and the two validation-best policies on the 820 test problems (mean@16 at"
