@@ -580,15 +580,13 @@ def readme_table(summary: dict) -> str:
             return "-"
         sign = 1 if p["b"] == arm else -1
         lo, hi = sorted((sign * p["ci95"][0], sign * p["ci95"][1]))
-        d = sign * p["diff"]
-        if p.get("seeds_ci95"):  # the verdict counts the seeds' noise where it can be estimated
-            slo, shi = sorted((sign * p["seeds_ci95"][0], sign * p["seeds_ci95"][1]))
-            verdict = "level" if slo <= 0 <= shi else ("ahead" if slo > 0 else "behind")
-            return f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]; seeds [{100 * slo:+.2f}, {100 * shi:+.2f}]: {verdict}"
+        text = f"{100 * sign * p['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        seeds = p.get("seeds_ci95")
+        if seeds:  # the verdict counts the seeds' noise where it can be estimated
+            lo, hi = sorted((sign * seeds[0], sign * seeds[1]))
+            text += f"; seeds [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         verdict = "level" if lo <= 0 <= hi else ("ahead" if lo > 0 else "behind")
-        return (
-            f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]: {verdict} (one seed: seed noise not counted)"
-        )
+        return f"{text}: {verdict}" + ("" if seeds else " (one seed: seed noise not counted)")
 
     lines = [
         "| method (its best shape on validation) | lr | seeds | test mean@16, T=1.0 | T=0.2 | tokens to the best "
